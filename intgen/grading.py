@@ -1,0 +1,255 @@
+"""Answer extraction and grading: is a model's final answer equivalent to the gold answer?
+
+Public API (pure functions, safe with any text):
+
+- `extract_answer(response)`: the content of the last complete `\\boxed{...}` / `\\fbox{...}`.
+- `is_equivalent(gold, answer)`: two bare answers; True / False, or None when it cannot be decided.
+- `grade(gold, response)`: a `Verdict` for one response, with a hard time limit.
+- `grade_many(golds, responses, workers=, timeout=)`: the same for many, in worker processes.
+
+Equivalence is math-verify's (sympy-based, via latex2sympy's ANTLR parser). Model text is never
+handed to `eval`, `sympify` or a shell: math-verify's only `parse_expr` call sees text that its own
+regex restricts to digits and arithmetic operators. Answers made of words ("odd $n$", "All powers
+of 2"), which math-verify would read as products of one-letter symbols, are compared as normalised
+text instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from intgen.workers import TIMEOUT, WORKER_DIED, Failure, shared_pool
+
+DEFAULT_TIMEOUT_S = 5.0
+# Longer "answers" are not answers (real ones are a few hundred characters; whole solutions a few
+# thousand) and would only feed the parser a denial of service.
+MAX_ANSWER_CHARS = 16_384
+
+# Reasons a verdict carries. Graded: the method that decided. Ungradable: why not.
+DECIDED_BY_MATH = "math"
+DECIDED_BY_TEXT = "text"
+NO_ANSWER = "no_answer"
+EMPTY_GOLD = "no_gold"
+PARSE_ERROR = "parse_error"
+TOO_LONG = "too_long"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """`correct` is None when the response could not be graded; `reason` says why (or how it was decided)."""
+
+    correct: bool | None
+    predicted: str | None
+    reason: str
+
+
+# --- extraction -------------------------------------------------------------------------------
+
+# One pass over the text: double backslashes and escaped braces are skipped, `\boxed{` / `\fbox{`
+# open a box, other braces only nest. `\boxed 5` (no braces) is a box too.
+_BOX_TOKENS = re.compile(
+    r"\\\\|\\[{}]|\\(?:boxed|fbox)\s*(?:(\{)|\s([^\s{}$\\][^\s{}$]*))|[{}]"
+)
+
+
+def extract_answer(response: str | None) -> str | None:
+    """The content of the last complete `\\boxed{...}` or `\\fbox{...}`, brace-matched; None if there is none.
+
+    "Last" is the box that closes last, so in `\\boxed{\\boxed{5}}` the outer one wins and the
+    inner box is unwrapped. An unclosed box (a truncated response) does not count. One pass, linear
+    in the length of the response.
+    """
+    if not response:
+        return None
+    stack: list[tuple[int, int] | None] = []  # (token start, content start) of an open box, None for a brace
+    closed: dict[int, tuple[int, int]] = {}  # token start -> content span, for every box closed so far
+    open_boxes = 0
+    last: tuple[int, int] | None = None
+    for match in _BOX_TOKENS.finditer(response):
+        token = match.group(0)
+        if match.group(1):  # `\boxed{`
+            stack.append((match.start(), match.end()))
+            open_boxes += 1
+        elif match.group(2) is not None:  # `\boxed 5`
+            if not open_boxes:
+                last = match.span(2)
+        elif token == "{":
+            stack.append(None)
+        elif token == "}" and stack:
+            box = stack.pop()
+            if box is not None:
+                open_boxes -= 1
+                closed[box[0]] = (box[1], match.start())
+                if not open_boxes:  # an outermost box closed
+                    last = (box[1], match.start())
+    if last is None:
+        return None
+    start, end = last
+    while True:  # `\boxed{\boxed{5}}`: unwrap a box that holds exactly one box
+        while start < end and response[start].isspace():
+            start += 1
+        while end > start and response[end - 1].isspace():
+            end -= 1
+        inner = closed.get(start)
+        if inner is None or inner[1] != end - 1:
+            return response[start:end]
+        start, end = inner
+
+
+# --- normalised text --------------------------------------------------------------------------
+
+_TEXT_COMMANDS = re.compile(
+    r"\\(?:text|textbf|textit|textrm|textsf|texttt|mathrm|mathbf|mathit|mathsf|mbox|operatorname)\s*\{([^{}]*)\}"
+)
+_SPACING = re.compile(r"\\[,;:! ]|\\q?quad|~|\\displaystyle|\\left|\\right")
+_MATH_DELIMITERS = re.compile(r"\\[()\[\]]|(?<!\\)\$")
+# Words that may appear in a pure math answer; anything else of three letters or more is prose.
+_MATH_WORDS = frozenset(
+    "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln lg exp max min gcd lcm mod"
+    " deg det lim sup inf sqrt frac dfrac tfrac cdot times div pmod pi infty infinity le ge leq geq neq"
+    " cup cap emptyset varnothing mathbb binom choose text begin end pmatrix bmatrix matrix cases dots"
+    " ldots cdots circ angle triangle sim approx over floor ceil lfloor rfloor lceil rceil vert mid"
+    " and".split()
+)
+
+
+def _strip_text_commands(text: str) -> str:
+    previous = None
+    while previous != text:
+        previous, text = text, _TEXT_COMMANDS.sub(r"\1", text)
+    return text
+
+
+def normalize_text(answer: str) -> str:
+    """A canonical form for comparing answers as text: no markup, spacing, case or final full stop."""
+    text = unicodedata.normalize("NFKC", answer)
+    text = _strip_text_commands(text)
+    text = _SPACING.sub(" ", text)
+    text = _MATH_DELIMITERS.sub(" ", text)
+    text = re.sub(r"\\[dt]frac", r"\\frac", text)
+    text = re.sub(r"\s+", "", text).casefold()
+    return text.rstrip(".\\")
+
+
+def is_prose(answer: str) -> bool:
+    """True when the answer has words outside `\\text{...}` that are not math vocabulary."""
+    bare = re.sub(r"\\[A-Za-z]+", " ", _TEXT_COMMANDS.sub(" ", answer))
+    return any(w.casefold() not in _MATH_WORDS for w in re.findall(r"[A-Za-z]{3,}", bare))
+
+
+# --- math-verify ------------------------------------------------------------------------------
+
+# math-verify logs every parse failure and a warning when its (SIGALRM) timeouts are off; we time
+# out ourselves, by process, so both are noise.
+logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+
+
+_MARKED_MATH = re.compile(r"(?<!\\)\$|\\[(\[]|\\boxed|\\fbox")
+
+
+# Digits, one comma, digits other than a group of three: either reading may be meant.
+_DECIMAL_COMMA = re.compile(r"^-?\d+,(?!\d{3}$)\d+$")
+
+
+def _parse_bare(answer: str) -> list:
+    """math-verify's parse of an answer."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    # Text that marks its own math (`$..$`, `\\(..\\)`, a box) is left to math-verify's extraction;
+    # plain text is boxed so that the whole string is the target.
+    target = answer if _MARKED_MATH.search(answer) else "\\boxed{" + answer + "}"
+    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    parsed = parse(target, extraction_config=config, parsing_timeout=None)  # type: ignore[arg-type]
+    if _DECIMAL_COMMA.match(answer):  # "1,22": a pair, or 1.22 written the European way
+        parsed = parsed + parse(answer, extraction_config=[ExprExtractionConfig()], parsing_timeout=None)  # type: ignore[arg-type]
+    return parsed
+
+
+def compare(gold: object, answer: object) -> tuple[bool | None, str]:
+    """Compare two bare answers in this process (no time limit): (equivalent or None, reason)."""
+    if gold is None or not str(gold).strip():
+        return None, EMPTY_GOLD
+    if answer is None or not str(answer).strip():
+        return None, NO_ANSWER
+    gold, answer = str(gold).strip(), str(answer).strip()
+    if len(answer) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return None, TOO_LONG
+    if normalize_text(gold) == normalize_text(answer):
+        return True, DECIDED_BY_TEXT
+    # Words read by math-verify become products of one-letter symbols ("no solutions" equals
+    # "solutions no"), so a gold answer in plain words is decided as text.
+    if is_prose(gold) and not _MARKED_MATH.search(gold):
+        return False, DECIDED_BY_TEXT
+    from math_verify import verify
+
+    parsed_gold, parsed_answer = _parse_bare(gold), _parse_bare(answer)
+    if not parsed_gold or not parsed_answer:
+        return None, PARSE_ERROR
+    return bool(verify(parsed_gold, parsed_answer, timeout_seconds=None)), DECIDED_BY_MATH  # type: ignore[arg-type]
+
+
+def _grade_now(item: tuple[object, str | None, bool]) -> Verdict:
+    """Worker body. `item` is (gold, text, text_is_bare_answer)."""
+    gold, text, bare = item
+    predicted = text if bare else extract_answer(text)
+    if predicted is None:
+        return Verdict(None, None, NO_ANSWER)
+    try:
+        correct, reason = compare(gold, predicted)
+    except Exception:  # a parser bug on odd input (deep recursion, ANTLR errors) is not our crash
+        correct, reason = None, PARSE_ERROR
+    return Verdict(correct, predicted, reason)
+
+
+def _grade_json(item: list) -> list:
+    """The worker's entry point: JSON in, JSON out."""
+    verdict = _grade_now((item[0], item[1], item[2]))
+    return [verdict.correct, verdict.predicted, verdict.reason]
+
+
+def _grade_in_workers(
+    items: list[tuple[object, str | None, bool]], workers: int | None, timeout: float
+) -> list[Verdict]:
+    pool = shared_pool("intgen.grading:_grade_json", workers)
+    verdicts = []
+    for (_, text, bare), result in zip(items, pool.map(items, timeout)):
+        if isinstance(result, Failure):
+            reason = result.reason if result.reason in (TIMEOUT, WORKER_DIED) else PARSE_ERROR
+            verdicts.append(Verdict(None, text if bare else extract_answer(text), reason))
+        else:
+            verdicts.append(Verdict(*result))
+    return verdicts
+
+
+# --- the public, time-limited API ---------------------------------------------------------------
+
+
+def grade_many(
+    golds: Sequence[object],
+    responses: Sequence[str | None],
+    workers: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> list[Verdict]:
+    """Grade each response against its gold answer in worker processes, `timeout` seconds per item at most.
+
+    Results are in input order. A stuck item is killed with its worker and comes back with
+    reason `timeout`; nothing the text does can hang, crash or outlive the call.
+    """
+    if len(golds) != len(responses):
+        raise ValueError(f"{len(golds)} gold answers but {len(responses)} responses")
+    return _grade_in_workers([(g, r, False) for g, r in zip(golds, responses)], workers, timeout)
+
+
+def grade(gold: object, response: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> Verdict:
+    """Grade one response against the gold answer (in a worker process, with a hard time limit)."""
+    return _grade_in_workers([(gold, response, False)], 1, timeout)[0]
+
+
+def is_equivalent(gold: object, answer: object, timeout: float = DEFAULT_TIMEOUT_S) -> bool | None:
+    """Are two bare answers equivalent? None when either cannot be parsed or the check timed out."""
+    text = None if answer is None else str(answer)
+    return _grade_in_workers([(gold, text, True)], 1, timeout)[0].correct

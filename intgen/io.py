@@ -1,0 +1,294 @@
+"""Problem loading: local files (.jsonl, .json, .parquet, .csv), dataset folders and Hub datasets.
+
+Every source comes out as one polars frame with the columns of `PROBLEM_COLUMNS`. Bad input gets
+an error naming the file, the line or row, and the column at fault (with the columns present); a
+bad row is never dropped silently — `on_bad_row="skip"` drops it and reports it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+
+log = logging.getLogger(__name__)
+
+PROBLEM_COLUMNS = ("problem_id", "problem", "answer", "solution", "source", "source_id")
+PROBLEM_SCHEMA = {name: pl.String for name in PROBLEM_COLUMNS}
+
+# Column names tried in order when no mapping is given (the conventions of common benchmarks).
+PROBLEM_NAMES = ("problem", "question", "Problem", "Question")
+ANSWER_NAMES = ("answer", "Short Answer", "final_answer", "expected_answer", "Answer")
+SOLUTION_NAMES = ("solution", "reference_solution", "Solution")
+ID_NAMES = ("id", "unique_id", "Problem ID", "problem_id")
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+_GSM8K_ANSWER = re.compile(r"\n####\s*(.+?)\s*$", re.DOTALL)
+_GSM8K_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+class BadInputError(ValueError):
+    """The problem source cannot be read as asked; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class BadRow:
+    where: str  # "file.jsonl:12" or "file.csv row 37"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass
+class LoadResult:
+    frame: pl.DataFrame
+    skipped: list[BadRow] = field(default_factory=list)
+    duplicates: int = 0  # rows whose problem_id was already loaded (same source, same text)
+
+
+def problem_id(source: str, problem: str) -> str:
+    """Stable id of a problem: a hash of where it comes from and its text."""
+    return hashlib.sha256(f"{source}\n{problem}".encode()).hexdigest()[:16]
+
+
+def _source_label(source: str | Path) -> str:
+    path = Path(source)
+    if path.exists():
+        return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    return str(source)
+
+
+# --- raw records ------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path.name}:{number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield where, BadRow(where, f"not valid JSON ({exc.msg}, column {exc.colno})")
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    if isinstance(data, dict):  # {"data": [...]} or similar: the one list-valued key
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise BadInputError(f"{path}: expected a list of records, or an object holding one list")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise BadInputError(f"{path}: expected a list of records, got {type(data).__name__}")
+    for index, record in enumerate(data):
+        yield f"{path.name}[{index}]", record
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return
+        for number, fields in enumerate(reader, start=1):
+            where = f"{path.name} row {number}"
+            if len(fields) != len(header):
+                label = f" ({fields[0]})" if fields else ""
+                yield where, BadRow(
+                    where + label, f"{len(fields)} fields where the header has {len(header)} (broken quoting?)"
+                )
+                continue
+            yield where, dict(zip(header, fields))
+
+
+def _read_frame(frame: pl.DataFrame, name: str) -> Iterator[tuple[str, Any]]:
+    for index, record in enumerate(frame.iter_rows(named=True)):
+        yield f"{name} row {index}", record
+
+
+def _records(source: str | Path, split: str, config: str | None) -> Iterator[tuple[str, Any]]:
+    path = Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            return _read_json(path)
+        if suffix == ".csv":
+            return _read_csv(path)
+        if suffix == ".parquet":
+            return _read_frame(pl.read_parquet(path), path.name)
+        raise BadInputError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+    if path.suffix.lower() in FILE_SUFFIXES and not path.exists():
+        raise BadInputError(f"{path}: no such file")
+    return _read_frame(_load_dataset(str(source), split, config), str(source))
+
+
+def _load_dataset(source: str, split: str, config: str | None) -> pl.DataFrame:
+    """A dataset folder (save_to_disk or data files) or a Hub id, through `datasets`."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(source)
+        else:
+            loaded = datasets.load_dataset(source, config, split=split)
+    except FileNotFoundError as exc:
+        raise BadInputError(f"{source}: no such file, folder or Hub dataset ({exc})") from exc
+    except ValueError as exc:  # unknown split or config
+        raise BadInputError(f"{source}: {exc}") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise BadInputError(f"{source}: no split {split!r}; splits: {', '.join(loaded)}")
+        loaded = loaded[split]
+    return pl.from_arrow(loaded.data.table)  # type: ignore[return-value]
+
+
+# --- column conventions -----------------------------------------------------------------------
+
+
+def _pick(columns: Sequence[str], asked: str | None, defaults: Sequence[str], role: str, where: str) -> str | None:
+    if asked is not None:
+        if asked not in columns:
+            raise BadInputError(
+                f"{where}: no {role} column {asked!r}; columns present: {', '.join(columns) or '(none)'}"
+            )
+        return asked
+    return next((name for name in defaults if name in columns), None)
+
+
+def _text(value: Any) -> str | None:
+    """A cell as text: numbers lose a useless `.0` (AMC's answer 27.0), blanks become None."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return str(int(value))
+    text = value if isinstance(value, str) else str(value)
+    return text if text.strip() else None
+
+
+def _gsm8k(answer: str) -> tuple[str, str] | None:
+    """GSM8K's answer field is a worked solution ending in `#### 18`: split off the final answer."""
+    match = _GSM8K_ANSWER.search(answer)
+    if not match:
+        return None
+    solution = _GSM8K_CALCULATOR.sub("", answer[: match.start()]).strip()
+    return match.group(1).strip(), solution
+
+
+def read_problems(
+    source: str | Path,
+    *,
+    problem_column: str | None = None,
+    answer_column: str | None = None,
+    solution_column: str | None = None,
+    id_column: str | None = None,
+    source_name: str | None = None,
+    split: str = "test",
+    config: str | None = None,
+    on_bad_row: Literal["error", "skip"] = "error",
+    limit: int | None = None,
+) -> LoadResult:
+    """Load problems and report what was skipped. See `load_problems`."""
+    label = source_name or _source_label(source)
+    rows: list[dict[str, str | None]] = []
+    skipped: list[BadRow] = []
+    seen: set[str] = set()
+    duplicates = 0
+    names: dict[str, str | None] | None = None
+
+    def bad(row: BadRow) -> None:
+        if on_bad_row == "error":
+            raise BadInputError(f"{row} (pass on_bad_row='skip' / --skip-bad-rows to skip and count such rows)")
+        skipped.append(row)
+
+    for where, record in _records(source, split, config):
+        if isinstance(record, BadRow):
+            bad(record)
+            continue
+        if not isinstance(record, dict):
+            bad(BadRow(where, f"expected an object with named fields, got {type(record).__name__}"))
+            continue
+        if names is None:  # columns are resolved once, from the first good record
+            columns = list(record)
+            names = {
+                "problem": _pick(columns, problem_column, PROBLEM_NAMES, "problem", where),
+                "answer": _pick(columns, answer_column, ANSWER_NAMES, "answer", where),
+                "solution": _pick(columns, solution_column, SOLUTION_NAMES, "solution", where),
+                "id": _pick(columns, id_column, ID_NAMES, "id", where),
+            }
+            if names["problem"] is None:
+                raise BadInputError(
+                    f"{where}: no problem column (tried {', '.join(PROBLEM_NAMES)}; pass --problem-column); "
+                    f"columns present: {', '.join(columns)}"
+                )
+            if names["answer"] is None and names["solution"] is None:
+                raise BadInputError(
+                    f"{where}: no answer column (tried {', '.join(ANSWER_NAMES)}; pass --answer-column) and no "
+                    f"solution to take a boxed answer from; columns present: {', '.join(columns)}"
+                )
+        problem = _text(record.get(names["problem"]))  # type: ignore[arg-type]
+        answer = _text(record.get(names["answer"])) if names["answer"] else None
+        solution = _text(record.get(names["solution"])) if names["solution"] else None
+        if problem is None:
+            bad(BadRow(where, f"empty or missing problem (column {names['problem']!r})"))
+            continue
+        if answer is not None and solution is None and (gsm8k := _gsm8k(answer)):
+            answer, solution = gsm8k
+        if answer is None and solution is not None:  # MATH's convention: the answer is boxed in the solution
+            from intgen.grading import extract_answer
+
+            answer = extract_answer(solution)
+        if answer is None:
+            bad(BadRow(where, f"empty or missing answer (column {names['answer'] or names['solution']!r})"))
+            continue
+        pid = problem_id(label, problem)
+        if pid in seen:
+            duplicates += 1
+            continue
+        seen.add(pid)
+        source_id = _text(record.get(names["id"])) if names["id"] else None
+        rows.append(
+            {"problem_id": pid, "problem": problem, "answer": answer.strip(), "solution": solution,
+             "source": label, "source_id": source_id}
+        )
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        detail = f"; all {len(skipped)} row(s) were bad, first: {skipped[0]}" if skipped else ""
+        raise BadInputError(f"{label}: no problems found{detail}")
+    if skipped:
+        log.warning("%s: skipped %d bad row(s): %s", label, len(skipped), "; ".join(map(str, skipped[:5])))
+    if duplicates:
+        log.warning("%s: dropped %d duplicate problem(s)", label, duplicates)
+    return LoadResult(pl.DataFrame(rows, schema=PROBLEM_SCHEMA), skipped, duplicates)
+
+
+def load_problems(source: str | Path, **options: Any) -> pl.DataFrame:
+    """Problems from a file, a dataset folder or a Hub dataset id, as a polars frame.
+
+    Columns: `problem_id` (stable hash of source and text), `problem`, `answer`, `solution`
+    (null when the source has none), `source`, `source_id` (the source's own id, if any).
+    Options: `problem_column`, `answer_column`, `solution_column`, `id_column` (defaults follow
+    common benchmarks), `source_name`, `split`, `config`, `on_bad_row` ("error" or "skip"), `limit`.
+    """
+    return read_problems(source, **options).frame

@@ -1,0 +1,233 @@
+"""A small process pool whose items each get a hard time limit.
+
+`concurrent.futures` cannot stop one stuck task, and math-verify's own timeouts use SIGALRM, which
+neither works outside the main thread nor interrupts long C calls (a huge integer power, say). Here
+every worker is a separate Python process fed one item at a time; a worker that overruns its item's
+deadline is killed and replaced, and that item alone is reported as timed out.
+
+Workers are plain subprocesses (`python -m intgen.workers module:function`) that speak JSON lines on
+stdin/stdout: untrusted text travels as data, never as pickle, and the caller's `__main__` is never
+re-imported (multiprocessing's spawn and forkserver do that, which breaks scripts without a
+`if __name__ == "__main__"` guard).
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any
+
+# Address-space cap per worker: a memory bomb in model output becomes a MemoryError, not an OOM kill.
+DEFAULT_MEMORY_LIMIT_BYTES = 4 * 1024**3
+
+_START_TIMEOUT_S = 120.0
+TIMEOUT = "timeout"
+WORKER_DIED = "worker_died"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why an item produced no result: `timeout`, `worker_died` or `error:<ExceptionType>`."""
+
+    reason: str
+
+
+def serve(target: str, memory_limit: int | None) -> None:
+    """Worker loop: one JSON item per stdin line, one JSON result per stdout line."""
+    if memory_limit:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+    module, name = target.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    out = sys.stdout
+    sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the protocol
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        try:
+            result = {"ok": fn(json.loads(line))}
+        except BaseException as exc:  # the function's own errors are data for the caller
+            result = {"error": type(exc).__name__}
+        out.write(json.dumps(result) + "\n")
+        out.flush()
+
+
+def _worker_env() -> dict[str, str]:
+    # The worker imports intgen by name: make that work from a source checkout too.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+
+
+class _Worker:
+    def __init__(self, target: str, memory_limit: int | None) -> None:
+        self.target = target
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "intgen.workers", target, str(memory_limit or 0)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=_worker_env(),
+            text=True,
+            encoding="utf-8",
+            errors="surrogatepass",
+        )
+        self.ready = False  # set once the worker has imported its function
+        self.index = -1  # the item being worked on
+        self.deadline = 0.0
+
+    def stream(self) -> Any:
+        return self.process.stdout
+
+    def confirm_ready(self) -> None:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.endswith("\n") or not json.loads(line).get("ready"):
+            raise RuntimeError(
+                f"a worker process for {self.target} failed to start (exit code {self.process.poll()})"
+            )
+        self.ready = True
+
+    def send(self, item: Any) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(item) + "\n")
+        self.process.stdin.flush()
+
+    def receive(self) -> Any:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.endswith("\n"):
+            return Failure(WORKER_DIED)
+        message = json.loads(line)
+        return message["ok"] if "ok" in message else Failure(f"error:{message['error']}")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+
+
+class HardTimeoutPool:
+    """Runs `module:function` on JSON-able items in `workers` processes, `timeout` seconds per item at most.
+
+    Results come back in input order; an item that timed out or whose worker died comes back as a
+    `Failure`. Workers are started on first use and kept for later calls. Thread-safe: calls from
+    several threads are served one after another.
+    """
+
+    def __init__(
+        self, target: str, workers: int | None = None, memory_limit: int | None = DEFAULT_MEMORY_LIMIT_BYTES
+    ) -> None:
+        self.target = target
+        self.size = max(1, workers or os.cpu_count() or 1)
+        self.memory_limit = memory_limit
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+        self.restarts = 0
+
+    def map(self, items: Sequence[Any], timeout: float) -> list[Any]:
+        with self._lock:
+            return self._map(items, timeout)
+
+    def _map(self, items: Sequence[Any], timeout: float) -> list[Any]:
+        results: list[Any] = [None] * len(items)
+        pending = deque(range(len(items)))
+        while len(self._workers) < min(self.size, len(items)):
+            self._workers.append(_Worker(self.target, self.memory_limit))
+        idle = [w for w in self._workers if w.ready]
+        starting = {w.stream(): w for w in self._workers if not w.ready}
+        busy: dict[Any, _Worker] = {}
+
+        def finish(worker: _Worker, result: Any) -> None:
+            results[worker.index] = result
+            if isinstance(result, Failure) and result.reason in (TIMEOUT, WORKER_DIED):
+                worker.kill()
+                fresh = _Worker(self.target, self.memory_limit)
+                self._workers[self._workers.index(worker)] = fresh
+                self.restarts += 1
+                starting[fresh.stream()] = fresh
+            else:
+                idle.append(worker)
+
+        while pending or busy:
+            while pending and idle:
+                worker = idle.pop()
+                worker.index = pending.popleft()
+                worker.deadline = time.monotonic() + timeout
+                try:
+                    worker.send(items[worker.index])
+                    busy[worker.stream()] = worker
+                except OSError:
+                    finish(worker, Failure(WORKER_DIED))
+            if not busy and not starting:
+                continue
+            now = time.monotonic()
+            wait_for = min((w.deadline - now for w in busy.values()), default=_START_TIMEOUT_S)
+            ready = wait(list(busy) + list(starting), timeout=max(0.0, wait_for))
+            if not ready and not busy:
+                raise RuntimeError(f"worker processes for {self.target} did not start in {_START_TIMEOUT_S} s")
+            for stream in ready:
+                if stream in starting:
+                    worker = starting.pop(stream)
+                    worker.confirm_ready()
+                    idle.append(worker)
+                else:
+                    worker = busy.pop(stream)
+                    finish(worker, worker.receive())
+            now = time.monotonic()
+            for stream, worker in list(busy.items()):
+                if now >= worker.deadline:
+                    del busy[stream]
+                    finish(worker, Failure(TIMEOUT))
+        return results
+
+    def close(self) -> None:
+        with self._lock:
+            for worker in self._workers:
+                worker.kill()
+            self._workers = []
+
+    def __enter__(self) -> HardTimeoutPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_shared: dict[tuple[str, int], HardTimeoutPool] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_pool(target: str, workers: int | None = None) -> HardTimeoutPool:
+    """One long-lived pool per (target, size), closed at interpreter exit."""
+    size = max(1, workers or os.cpu_count() or 1)
+    with _shared_lock:
+        pool = _shared.get((target, size))
+        if pool is None:
+            pool = _shared[(target, size)] = HardTimeoutPool(target, size)
+        return pool
+
+
+@atexit.register
+def _close_shared() -> None:
+    for pool in _shared.values():
+        pool.close()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]) or None)
