@@ -17,3 +17,23 @@ def shared_data() -> Path:
             pytest.fail(f"reference data not found at {SHARED_DATA} (set INTGEN_SHARED_DATA)")
         pytest.skip(f"reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real llama.cpp OpenAI-compatible server (SmolLM2-135M-Instruct) for the whole session."""
+    from servers import LlamaServer
+
+    server = LlamaServer(tmp_path_factory.mktemp("llama") / "server.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def proxy(llama_server):
+    """A fresh recording proxy in front of the session's llama.cpp server."""
+    from servers import Proxy
+
+    p = Proxy(llama_server.url)
+    yield p
+    p.stop()

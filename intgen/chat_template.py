@@ -1,0 +1,85 @@
+"""Render a chat on the client, so an assistant message can be continued through a plain completions endpoint.
+
+Servers other than vLLM cannot continue the last assistant message of a chat; a completions endpoint
+can, given the exact text the chat template would produce, cut right after the assistant's prefix
+(the same thing `continue_final_message` does inside vLLM and transformers). Templates come from a
+file, a GGUF file's metadata, or a Hugging Face tokenizer, and run in jinja2's sandbox: a template
+from a downloaded model file is not trusted code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    source: str
+    text: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def render(self, messages: list[dict[str, str]], continue_final: bool = False) -> str:
+        """The prompt text; with `continue_final`, it ends exactly with the last (assistant) message's content."""
+        if not continue_final:
+            return self._render(messages, add_generation_prompt=True)
+        prefix = messages[-1]["content"]
+        if not prefix.strip():  # nothing to continue: open the assistant turn
+            return self._render(messages[:-1], add_generation_prompt=True) + prefix
+        rendered = self._render(messages, add_generation_prompt=False)
+        for needle in (prefix, prefix.rstrip()):
+            at = rendered.rfind(needle)
+            if at >= 0:
+                return rendered[:at] + prefix
+        raise ValueError(f"the chat template {self.source} does not reproduce the assistant prefix verbatim")
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        return env.from_string(self.text).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def load_chat_template(source: str | Path) -> ChatTemplate:
+    """From a template file (.jinja, .j2, .txt), a .gguf model file, or a tokenizer (folder or Hub name)."""
+    path = Path(source)
+    if path.suffix == ".gguf":
+        return _from_gguf(path)
+    if path.is_file():
+        return ChatTemplate(str(path), path.read_text(encoding="utf-8"))
+    from transformers import AutoTokenizer  # optional: only for tokenizer sources
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if not tokenizer.chat_template:
+        raise ValueError(f"the tokenizer {source} has no chat template")
+    return ChatTemplate(str(source), tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "")
+
+
+def _from_gguf(path: Path) -> ChatTemplate:
+    from llama_cpp import Llama
+
+    model = Llama(str(path), vocab_only=True, verbose=False)
+    metadata = model.metadata
+    text = metadata.get("tokenizer.chat_template")
+    if not text:
+        raise ValueError(f"{path} has no tokenizer.chat_template in its metadata")
+
+    def token(name: str) -> str:
+        token_id = metadata.get(f"tokenizer.ggml.{name}_token_id")
+        return "" if token_id is None else model.detokenize([int(token_id)], special=True).decode("utf-8", "replace")
+
+    return ChatTemplate(str(path), text, token("bos"), token("eos"))

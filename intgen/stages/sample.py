@@ -1,0 +1,63 @@
+"""sample: K attempts per problem from the policy model.
+
+The prompt asks for the final answer in `\\boxed{}` (the InT release's rollouts did not, a defect).
+An attempt cut off by `max_tokens` is kept and marked `truncated`, never silently graded as wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from intgen.backends.base import ERROR, LENGTH, Completion, Request, Sampling, make_request
+from intgen.resources import fill
+
+ATTEMPT_SCHEMA = {
+    "problem_id": pl.String,
+    "attempt_id": pl.String,
+    "sample_index": pl.Int32,
+    "text": pl.String,
+    "finish_reason": pl.String,
+    "truncated": pl.Boolean,
+    "error": pl.String,
+    "prompt_tokens": pl.Int64,
+    "completion_tokens": pl.Int64,
+    "cached": pl.Boolean,
+}
+
+
+def attempt_id(problem_id: str, index: int) -> str:
+    return f"{problem_id}/a{index}"
+
+
+def solve_messages(problem: str, template: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": fill(template, problem=problem)}]
+
+
+def sample_requests(
+    problems: list[dict[str, Any]], template: str, sampling: Sampling, samples: int, system_prompt: str | None = None
+) -> list[Request]:
+    return [make_request(solve_messages(p["problem"], template, system_prompt), sampling, n=samples) for p in problems]
+
+
+def attempt_rows(problems: list[dict[str, Any]], completions: list[list[Completion]]) -> list[dict[str, Any]]:
+    rows = []
+    for problem, outs in zip(problems, completions):
+        for index, c in enumerate(outs):
+            rows.append(
+                {
+                    "problem_id": problem["problem_id"],
+                    "attempt_id": attempt_id(problem["problem_id"], index),
+                    "sample_index": index,
+                    "text": c.text if c.finish_reason != ERROR else None,
+                    "finish_reason": c.finish_reason,
+                    "truncated": c.finish_reason == LENGTH,
+                    "error": c.error,
+                    "prompt_tokens": c.prompt_tokens,
+                    "completion_tokens": c.completion_tokens,
+                    "cached": c.cached,
+                }
+            )
+    return rows

@@ -1,0 +1,179 @@
+"""Real local servers for the tests: llama.cpp's OpenAI-compatible server, a fault-injecting recording
+proxy in front of it, and a server speaking the Gemini REST shape (Google is out of reach here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smollm2_gguf() -> Path:
+    from intgen.backends.local import default_gguf
+
+    return default_gguf()
+
+
+def reply(handler: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
+    handler.send_response(status)
+    for name, value in {"content-type": "application/json", **(headers or {})}.items():
+        handler.send_header(name, value)
+    handler.send_header("content-length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+class LlamaServer:
+    """`python -m llama_cpp.server` with the SmolLM2 GGUF on a free loopback port; stopped by PID."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--host", "127.0.0.1",
+             "--port", str(self.port), "--n_ctx", "4096", "--model_alias", "smollm2"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.process.returncode}; see {log_path}")
+            try:
+                urllib.request.urlopen(self.url + "/models", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"llama_cpp.server did not start in 120 s; see {log_path}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+class Proxy:
+    """An HTTP proxy on a free loopback port that records every request it forwards upstream and can
+    answer some requests itself with faults: 429 with Retry-After, 503, or a dropped connection.
+
+    `faults` is consumed in order, one entry per incoming request ("429", "503", "drop", or None to
+    forward); `fault_every` answers every N-th request with a fault instead."""
+
+    def __init__(self, upstream: str, faults: list[str | None] | None = None, fault_every: int = 0) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.faults = list(faults or [])
+        self.fault_every = fault_every
+        self.forwarded: list[tuple[str, dict[str, Any]]] = []  # (path, body) that reached the server
+        self.received = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._handle(b"")
+
+            def do_POST(self) -> None:
+                self._handle(self.rfile.read(int(self.headers.get("content-length", 0))))
+
+            def _handle(self, body: bytes) -> None:
+                with proxy.lock:
+                    proxy.received += 1
+                    fault = proxy.faults.pop(0) if proxy.faults else None
+                    if proxy.fault_every and proxy.received % proxy.fault_every == 0:
+                        fault = "429" if (proxy.received // proxy.fault_every) % 2 else "503"
+                if fault == "drop":
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                if fault in ("429", "503"):
+                    payload = json.dumps({"error": {"message": f"injected {fault}", "type": "injected"}}).encode()
+                    reply(self, int(fault), payload, {"Retry-After": "1"} if fault == "429" else None)
+                    return
+                with proxy.lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                    if self.command == "POST":
+                        proxy.forwarded.append((self.path, json.loads(body or b"{}")))
+                try:
+                    request = urllib.request.Request(
+                        proxy.upstream + self.path.removeprefix("/v1"), data=body or None, method=self.command,
+                        headers={"content-type": "application/json"},
+                    )
+                    try:
+                        with urllib.request.urlopen(request, timeout=600) as upstream:
+                            status, data = upstream.status, upstream.read()
+                    except urllib.error.HTTPError as exc:
+                        status, data = exc.code, exc.read()
+                finally:
+                    with proxy.lock:
+                        proxy.in_flight -= 1
+                reply(self, status, data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def posts(self, suffix: str = "") -> list[dict[str, Any]]:
+        return [body for path, body in self.forwarded if path.endswith(suffix)]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class JsonServer:
+    """A tiny HTTP server whose POST answers come from `respond(path, body) -> (status, json)`; records requests."""
+
+    def __init__(self, respond: Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]) -> None:
+        self.requests: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                server.requests.append((self.path, body, dict(self.headers)))
+                status, answer = respond(self.path, body)
+                reply(self, status, json.dumps(answer).encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

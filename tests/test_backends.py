@@ -1,0 +1,211 @@
+"""Backends against real servers: llama.cpp's OpenAI-compatible server (through a recording, fault-injecting
+proxy), the in-process llama.cpp engine, and a local server speaking Gemini's REST shape."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from intgen.backends.base import ERROR, Sampling, make_request
+from intgen.backends.local import LocalBackend
+from intgen.backends.openai_http import OpenAIBackend
+from intgen.cache import CallCache
+from intgen.calls import CallStats, run_requests
+from intgen.chat_template import load_chat_template
+from servers import JsonServer, Proxy, smollm2_gguf
+
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+QUESTION = [{"role": "user", "content": "What is 2+3? Answer briefly."}]
+PREFIX = "First, I add the two numbers: 2 + 3 ="
+
+
+def backend_for(url: str, **options) -> OpenAIBackend:
+    settings = {
+        "chat_template": load_chat_template(smollm2_gguf()),
+        "structured_output": "json_object",
+        "continuation": "completions",
+        "backoff_initial_s": 0.05,
+    } | options
+    return OpenAIBackend("smollm2", base_url=url, **settings)
+
+
+def test_n_samples_are_all_returned_even_when_the_server_gives_one(proxy: Proxy, tmp_path: Path) -> None:
+    stats = CallStats()
+    request = make_request(QUESTION, Sampling(max_tokens=40, seed=7), n=3)
+    [completions] = run_requests(backend_for(proxy.url), [request], CallCache(tmp_path / "c.sqlite"), stats)
+    assert len(completions) == 3 and all(c.text.strip() for c in completions)
+    assert len({c.text for c in completions}) > 1  # distinct samples (the seed moves on)
+    chats = proxy.posts("/chat/completions")
+    assert chats[0]["n"] == 3  # n is sent natively first
+    assert len(chats) >= 2  # llama.cpp returned fewer choices: the missing ones were asked for again
+    assert stats.requests_sent == len(chats)
+
+
+def test_continuation_goes_through_completions_as_the_same_turn(proxy: Proxy) -> None:
+    messages = QUESTION + [{"role": "assistant", "content": PREFIX}]
+    [[completion]] = backend_for(proxy.url).generate([make_request(messages, Sampling(max_tokens=20, seed=1), continue_final=True)])
+    assert completion.text and completion.true_continuation
+    [sent] = proxy.posts("/completions")
+    prompt = sent["prompt"]
+    assert prompt.endswith(PREFIX)
+    assert prompt.count("<|im_start|>user") == 1  # no new user turn
+    assert prompt.rindex("<|im_start|>assistant\n") < prompt.rindex(PREFIX)
+    assert "<|im_end|>" not in prompt[prompt.rindex("<|im_start|>assistant"):]  # the assistant turn is left open
+
+
+def test_chat_continuation_sends_vllm_options(proxy: Proxy) -> None:
+    # vLLM-style servers continue through the chat endpoint; llama.cpp ignores the options, but the wire shape is checked.
+    messages = QUESTION + [{"role": "assistant", "content": PREFIX}]
+    backend = backend_for(proxy.url, continuation="chat")
+    backend.generate([make_request(messages, Sampling(max_tokens=5, seed=1), continue_final=True)])
+    [sent] = proxy.posts("/chat/completions")
+    assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+    assert sent["messages"][-1] == {"role": "assistant", "content": PREFIX}
+
+
+def test_structured_output_is_enforced_by_the_server(proxy: Proxy) -> None:
+    request = make_request([{"role": "user", "content": "Give 2+3 as JSON."}], Sampling(max_tokens=40, seed=3), json_schema=SCHEMA)
+    [[completion]] = backend_for(proxy.url).generate([request])
+    assert isinstance(json.loads(completion.text)["answer"], int)
+    assert proxy.posts("/chat/completions")[0]["response_format"] == {"type": "json_object", "schema": SCHEMA}
+
+
+def test_concurrency_is_bounded(proxy: Proxy) -> None:
+    requests = [make_request([{"role": "user", "content": f"Say the number {i}."}], Sampling(max_tokens=8, seed=i)) for i in range(8)]
+    results = backend_for(proxy.url, concurrency=3).generate(requests)
+    assert all(len(r) == 1 and r[0].error is None for r in results)
+    assert 1 <= proxy.max_in_flight <= 3
+
+
+def test_cache_hits_never_reach_the_server(proxy: Proxy, tmp_path: Path) -> None:
+    cache = CallCache(tmp_path / "cache.sqlite")
+    requests = [make_request(QUESTION, Sampling(max_tokens=16, seed=s), n=2) for s in (1, 2)]
+    first = run_requests(backend_for(proxy.url), requests, cache, CallStats())
+    sent = len(proxy.forwarded)
+    stats = CallStats()
+    second = run_requests(backend_for(proxy.url), requests, CallCache(tmp_path / "cache.sqlite"), stats)
+    assert len(proxy.forwarded) == sent
+    assert stats.requests_sent == 0 and stats.cache_hits == 4
+    assert [[c.text for c in r] for r in first] == [[c.text for c in r] for r in second]
+    assert all(c.cached for r in second for c in r)
+
+
+def test_retries_honour_retry_after_and_survive_503_and_dropped_connections(llama_server) -> None:
+    proxy = Proxy(llama_server.url, faults=["429", "503", "drop"])
+    try:
+        start = time.monotonic()
+        [[completion]] = backend_for(proxy.url).generate([make_request(QUESTION, Sampling(max_tokens=8, seed=1))])
+        elapsed = time.monotonic() - start
+    finally:
+        proxy.stop()
+    assert completion.error is None and completion.text
+    assert proxy.received == 4 and len(proxy.forwarded) == 1
+    assert elapsed >= 1.0  # the 429's Retry-After: 1 was waited out
+
+
+def test_a_request_that_keeps_failing_becomes_an_error_row_not_a_crash(llama_server, tmp_path: Path) -> None:
+    proxy = Proxy(llama_server.url, faults=["503"] * 3)
+    cache = CallCache(tmp_path / "cache.sqlite")
+    stats = CallStats()
+    try:
+        [[completion]] = run_requests(
+            backend_for(proxy.url, max_tries=3), [make_request(QUESTION, Sampling(max_tokens=8, seed=1))], cache, stats
+        )
+    finally:
+        proxy.stop()
+    assert completion.finish_reason == ERROR and completion.error.startswith("http_503")
+    assert stats.failures == {"http_503": 1}
+    assert len(cache) == 0  # failures are not cached: a rerun tries again
+
+
+def test_local_backend_samples_continues_and_follows_a_schema() -> None:
+    backend = LocalBackend()
+    try:
+        samples, [continued], [structured] = backend.generate([
+            make_request(QUESTION, Sampling(max_tokens=24, seed=5), n=2),
+            make_request(QUESTION + [{"role": "assistant", "content": PREFIX}], Sampling(max_tokens=10, seed=5), continue_final=True),
+            make_request([{"role": "user", "content": "2+3 as JSON"}], Sampling(max_tokens=30, seed=5), json_schema=SCHEMA),
+        ])
+    finally:
+        backend.close()
+    assert len(samples) == 2 and all(s.text for s in samples) and samples[0].text != samples[1].text
+    assert continued.text and continued.true_continuation
+    assert isinstance(json.loads(structured.text)["answer"], int)
+
+
+def test_local_backend_reproduces_with_a_seed() -> None:
+    backend = LocalBackend()
+    try:
+        request = make_request(QUESTION, Sampling(max_tokens=16, seed=11))
+        assert backend.generate([request])[0][0].text == backend.generate([request])[0][0].text
+    finally:
+        backend.close()
+
+
+# --- Gemini, against a local server speaking its REST shape -------------------------------------
+
+def gemini_reply(path: str, body: dict) -> tuple[int, dict]:
+    count = body.get("generationConfig", {}).get("candidateCount", 1)
+    return 200, {
+        "candidates": [
+            {"content": {"role": "model", "parts": [{"text": f"answer {i} \\boxed{{5}}"}]}, "finishReason": "STOP", "index": i}
+            for i in range(count)
+        ],
+        "usageMetadata": {"promptTokenCount": 11, "candidatesTokenCount": 6 * count, "totalTokenCount": 11 + 6 * count},
+    }
+
+
+def test_gemini_backend_speaks_the_rest_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    from intgen.backends.gemini import GeminiBackend
+
+    server = JsonServer(gemini_reply)
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key-not-secret")
+    try:
+        backend = GeminiBackend("gemini-test", base_url=server.url, thinking_budget=0)
+        sampled, continued, structured = backend.generate([
+            make_request([{"role": "system", "content": "Be brief."}] + QUESTION, Sampling(max_tokens=30, seed=2), n=2),
+            make_request(QUESTION + [{"role": "assistant", "content": PREFIX}], Sampling(max_tokens=10), continue_final=True),
+            make_request(QUESTION, Sampling(max_tokens=10), json_schema=SCHEMA),
+        ])
+    finally:
+        server.stop()
+    assert [c.text for c in sampled] == ["answer 0 \\boxed{5}", "answer 1 \\boxed{5}"]
+    assert sampled[0].prompt_tokens == 11 and sum(c.completion_tokens for c in sampled) == 12
+    assert continued[0].true_continuation is False  # Gemini cannot continue: said so on the row
+    paths = [p for p, _, _ in server.requests]
+    assert all(p.endswith("/models/gemini-test:generateContent") for p in paths)
+    bodies = [b for _, b, _ in server.requests]  # sent concurrently: find each by its content
+    first = next(b for b in bodies if "systemInstruction" in b)
+    second = next(b for b in bodies if PREFIX in json.dumps(b))
+    third = next(b for b in bodies if "responseMimeType" in b["generationConfig"])
+    assert first["systemInstruction"]["parts"][0]["text"] == "Be brief."
+    assert first["generationConfig"]["candidateCount"] == 2 and first["generationConfig"]["seed"] == 2
+    # the SDK writes this field in snake_case; the REST API takes both spellings
+    assert first["generationConfig"]["thinkingConfig"] in ({"thinkingBudget": 0}, {"thinking_budget": 0})
+    assert second["contents"][-1]["role"] == "user" and PREFIX in second["contents"][-1]["parts"][0]["text"]
+    assert third["generationConfig"]["responseMimeType"] == "application/json"
+    assert third["generationConfig"]["responseJsonSchema"] == SCHEMA
+
+
+def test_gemini_retries_on_429(monkeypatch: pytest.MonkeyPatch) -> None:
+    from intgen.backends.gemini import GeminiBackend
+
+    calls = {"n": 0}
+
+    def flaky(path: str, body: dict) -> tuple[int, dict]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return 429, {"error": {"code": 429, "message": "slow down", "status": "RESOURCE_EXHAUSTED"}}
+        return gemini_reply(path, body)
+
+    server = JsonServer(flaky)
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key-not-secret")
+    try:
+        backend = GeminiBackend("gemini-test", base_url=server.url, backoff_initial_s=0.05)
+        [[completion]] = backend.generate([make_request(QUESTION, Sampling(max_tokens=10))])
+    finally:
+        server.stop()
+    assert completion.error is None and calls["n"] == 2
