@@ -62,8 +62,13 @@ class CallStats:
 def run_requests(
     backend: Backend, requests: list[Request], cache: CallCache | None, stats: CallStats | None = None
 ) -> list[list[Completion]]:
-    """`request.n` completions for every request, in order; cached samples are not sent again."""
+    """`request.n` completions for every request, in order; cached samples are not sent again, and
+    identical requests in one batch are sent once."""
     stats = stats if stats is not None else CallStats()
+    unique = list(dict.fromkeys(requests))
+    if len(unique) < len(requests):
+        answers = dict(zip(unique, run_requests(backend, unique, cache, stats)))
+        return [answers[r] for r in requests]
     started = time.monotonic()
     keys = [[sample_key(backend.kind, backend.model, r, i) for i in range(r.n)] for r in requests]
     hits = cache.get_many([k for ks in keys for k in ks]) if cache is not None else {}

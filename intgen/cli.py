@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from intgen import __version__
-from intgen.backends import BackendConfig, BackendKind
+from intgen.backends import BackendKind
+
+if TYPE_CHECKING:
+    from intgen.config import RunConfig
 
 app = typer.Typer(
     help="Build intervention (InT) datasets for LLM math reasoning.",
@@ -36,39 +40,54 @@ def main(
     """Build intervention (InT) datasets for LLM math reasoning."""
 
 
-@app.command("build-dataset")
-def build_dataset() -> None:
-    """Run every stage (sample, grade, propose, verify, export). Not built yet."""
-    errors.print(
-        "intgen build-dataset: the pipeline is not built yet (see the README's status note). "
-        "Available today: `intgen problems` (problem loading) and the intgen.grading / intgen.steps APIs."
-    )
-    raise typer.Exit(code=2)
-
-
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     errors.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
     raise typer.Exit(code=2)
 
 
-def load_price(path: Path | None, model: str) -> "Price | None":
-    """A price table (TOML or JSON): {model: {input: USD per 1M tokens, output: USD per 1M tokens}}."""
-    from intgen.calls import Price
+def _explicit(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user actually gave (on the command line or through the environment)."""
+    given = {}
+    for name, value in values.items():
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given[name] = value
+    return given
 
-    if path is None:
-        return None
-    if path.suffix == ".json":
-        import json
 
-        table = json.loads(path.read_text())
-    else:
-        import tomllib
+def _saved_config(run_dir: Path, overrides: dict[str, Any]) -> "RunConfig":
+    from intgen.config import from_saved, resolve
+    from intgen.rundir import RunDir
 
-        table = tomllib.loads(path.read_text())
-    entry = table.get(model)
-    if entry is None:
-        _fail(f"{path}: no price for model {model!r}; models priced: {', '.join(table) or '(none)'}")
-    return Price(float(entry["input"]), float(entry["output"]))
+    saved = RunDir(run_dir).read_json("config.json")
+    if saved is None:
+        _fail(f"{run_dir}: no config.json; start the run with `intgen sample` or `intgen build-dataset`")
+    try:
+        return resolve(overrides, from_saved(saved).to_dict())
+    except (TypeError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    from intgen.pipeline import funnel_rows
+
+    table = Table(title=f"intgen: {run_dir}")
+    table.add_column("stage")
+    table.add_column("count", justify="right")
+    for name, value in funnel_rows(summary):
+        table.add_row(name, value)
+    console.print(table)
+    console.print(f"dataset: {run_dir / 'dataset'}  (datasets.load_dataset(\"{run_dir / 'dataset'}\", \"sft\"))")
+
+
+def _run_or_fail(action: Callable[[], Any]) -> Any:
+    from intgen.io import BadInputError
+    from intgen.runner import StageConfigChanged
+
+    try:
+        return action()
+    except (BadInputError, StageConfigChanged, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
 
 
 BackendOpt = Annotated[BackendKind, typer.Option("--backend", help="Model engine.")]
@@ -80,23 +99,94 @@ StructuredOpt = Annotated[str, typer.Option(help="openai: how to send a JSON sch
 ContinuationOpt = Annotated[str, typer.Option(help="openai: how to continue an assistant message: chat (vLLM continue_final_message) or completions (client-side chat template).")]
 ChatTemplateOpt = Annotated[Optional[str], typer.Option(help="openai + completions: chat template file, .gguf file or tokenizer name.")]
 ThinkingOpt = Annotated[Optional[int], typer.Option(help="gemini: thinking budget in tokens.")]
+RunDirOpt = Annotated[Path, typer.Option(help="Run directory (created if needed; rerunning resumes).")]
+ForceOpt = Annotated[bool, typer.Option(help="Recompute a stage whose settings changed (cached model calls are reused).")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 
-def backend_config(
-    backend: BackendKind, model: str | None, base_url: str | None, api_key_env: str | None, concurrency: int,
-    structured_output: str, continuation: str, chat_template: str | None, thinking_budget: int | None,
-) -> BackendConfig:
-    return BackendConfig(
-        kind=backend, model=model, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
-        structured_output=structured_output, continuation=continuation, chat_template=chat_template,
-        thinking_budget=thinking_budget,
-    )
+@app.command("build-dataset")
+def build_dataset(
+    ctx: typer.Context,
+    problems: Annotated[Optional[str], typer.Option(help="Problem set: a file, a dataset folder or a Hub id. Default: the 20 bundled examples (and the demo sizes).")] = None,
+    run_dir: RunDirOpt = Path("runs/default"),
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (RunConfig field names); options given here win.")] = None,
+    backend: BackendOpt = BackendKind.local,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 32,
+    structured_output: StructuredOpt = "json_schema",
+    continuation: ContinuationOpt = "chat",
+    chat_template: ChatTemplateOpt = None,
+    thinking_budget: ThinkingOpt = None,
+    proposer_backend: Annotated[Optional[BackendKind], typer.Option(help="Proposer engine (default: the policy's; self-proposed).")] = None,
+    proposer_model: Annotated[Optional[str], typer.Option(help="Proposer model (default: the policy model).")] = None,
+    proposer_base_url: Annotated[Optional[str], typer.Option(help="Proposer server URL.")] = None,
+    samples: Annotated[int, typer.Option(help="Attempts per problem (K).")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Token limit per attempt.")] = 16384,
+    temperature: Annotated[float, typer.Option()] = 0.7,
+    top_p: Annotated[float, typer.Option()] = 0.8,
+    top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 20,
+    seed: Annotated[int, typer.Option(help="Sampling seed: the same config and seed give the same dataset.")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N problems.")] = None,
+    hard_only: Annotated[bool, typer.Option(help="Propose only for problems whose pass rate is at most --hard-threshold.")] = False,
+    hard_threshold: Annotated[float, typer.Option(help="Pass-rate ceiling for --hard-only.")] = 0.0,
+    proposals: Annotated[int, typer.Option(help="Proposals per failed attempt (P).")] = 4,
+    propose_style: Annotated[str, typer.Option(help="two-turn (the paper's: solve with the reference, then critique) or single-turn.")] = "two-turn",
+    propose_max_tokens: Annotated[int, typer.Option(help="Token limit per proposal.")] = 8192,
+    propose_temperature: Annotated[float, typer.Option()] = 0.7,
+    structured: Annotated[bool, typer.Option(help="Constrain proposals by a JSON schema where the backend can.")] = True,
+    include_truncated: Annotated[bool, typer.Option(help="Also propose for attempts cut off by max tokens.")] = False,
+    continuations: Annotated[int, typer.Option(help="Continuations per intervention (M).")] = 32,
+    verify_max_tokens: Annotated[int, typer.Option(help="Token limit per continuation.")] = 16384,
+    verify_temperature: Annotated[float, typer.Option()] = 0.7,
+    min_success: Annotated[int, typer.Option(help="Keep an intervention with at least this many correct continuations.")] = 1,
+    condition: Annotated[Optional[list[str]], typer.Option("--condition", help="Verify conditions (repeatable): intervention, original-step, resample-step, problem-only.")] = None,
+    system_prompt: Annotated[Optional[str], typer.Option(help="System prompt for the policy (same in sampling, SFT and RL).")] = None,
+    grade_workers: Annotated[int, typer.Option(help="Grading worker processes.")] = 2,
+    lenient_answers: Annotated[bool, typer.Option(help="Grade a response without \\boxed{} by the answer it states (for small models).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Problems per batch (one parquet part each).")] = 64,
+    prices: Annotated[Optional[Path], typer.Option(help="Price table (TOML/JSON) to report cost.")] = None,
+    skip_bad_rows: Annotated[bool, typer.Option(help="Skip malformed problem rows (each is reported).")] = False,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Run every stage — sample, grade, propose, verify, export — resuming whatever is already done.
+
+    With no options: the embedded demo (20 bundled problems, the local SmolLM2 engine, no key, no GPU).
+    """
+    from intgen.config import read_config_file, resolve
+    from intgen.pipeline import build_dataset as build
+
+    values = dict(locals())
+    for name in ("ctx", "config", "run_dir", "force", "progress", "condition"):
+        values.pop(name)
+    explicit = _explicit(ctx, values)
+    if condition:
+        explicit["conditions"] = tuple(condition)
+    for key in ("backend", "proposer_backend"):
+        if isinstance(explicit.get(key), BackendKind):
+            explicit[key] = explicit[key].value
+    if "prices" in explicit:
+        explicit["prices"] = str(explicit["prices"])
+    try:
+        settings = resolve(explicit, read_config_file(config) if config else {})
+    except (TypeError, ValueError) as exc:
+        _fail(str(exc))
+    if settings.problems is None:
+        console.print(
+            "No --problems: running the embedded demo (20 bundled example problems on the local SmolLM2 engine, "
+            f"K={settings.samples}, P={settings.proposals}, M={settings.continuations}).", highlight=False,
+        )
+    summary = _run_or_fail(lambda: build(settings, run_dir, force=force, progress=progress))
+    _print_summary(summary, run_dir)
 
 
 @app.command("sample")
 def sample(
+    ctx: typer.Context,
     problems: Annotated[str, typer.Option(help="Problem set: a file, a dataset folder or a Hub dataset id.")],
-    run_dir: Annotated[Path, typer.Option(help="Run directory (created if needed; rerunning resumes).")],
+    run_dir: RunDirOpt,
     backend: BackendOpt = BackendKind.local,
     model: ModelOpt = None,
     base_url: BaseUrlOpt = None,
@@ -111,40 +201,42 @@ def sample(
     temperature: Annotated[float, typer.Option()] = 0.7,
     top_p: Annotated[float, typer.Option()] = 0.8,
     top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 20,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling seed (fixed seeds make runs repeatable).")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling seed (fixed seeds make runs repeatable).")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N problems.")] = None,
     batch_size: Annotated[int, typer.Option(help="Problems per batch (one parquet part each).")] = 64,
     prices: Annotated[Optional[Path], typer.Option(help="Price table (TOML/JSON) to report cost.")] = None,
     skip_bad_rows: Annotated[bool, typer.Option(help="Skip malformed problem rows (each is reported).")] = False,
-    force: Annotated[bool, typer.Option(help="Recompute a stage whose settings changed.")] = False,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Sample K attempts per problem into RUN_DIR/samples/ (resumable; cached calls are never sent twice)."""
     from intgen.backends import make_backend
-    from intgen.backends.base import Sampling
-    from intgen.io import BadInputError, read_problems
-    from intgen.runner import StageConfigChanged, run_sample
+    from intgen.config import RunConfig
+    from intgen.io import read_problems
+    from intgen.pipeline import load_price
     from intgen.rundir import RunDir
+    from intgen.runner import run_sample
 
-    try:
-        loaded = read_problems(problems, on_bad_row="skip" if skip_bad_rows else "error", limit=limit)
-    except BadInputError as exc:
-        _fail(str(exc))
-    config = backend_config(backend, model, base_url, api_key_env, concurrency, structured_output, continuation, chat_template, thinking_budget)
-    engine = make_backend(config)
+    settings = RunConfig(
+        problems=problems, backend=backend.value, model=model, base_url=base_url, api_key_env=api_key_env,
+        concurrency=concurrency, structured_output=structured_output, continuation=continuation,
+        chat_template=chat_template, thinking_budget=thinking_budget, samples=samples, max_tokens=max_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, limit=limit, batch_size=batch_size,
+        prices=None if prices is None else str(prices), skip_bad_rows=skip_bad_rows,
+    )
+    loaded = _run_or_fail(lambda: read_problems(problems, on_bad_row="skip" if skip_bad_rows else "error", limit=limit))
+    engine = make_backend(settings.policy_backend())
     run = RunDir(run_dir)
-    sampling = Sampling(temperature, top_p, top_k or None, max_tokens, (), seed)
     try:
-        entry = run_sample(
-            run, loaded.frame, engine, samples=samples, sampling=sampling, batch_size=batch_size,
-            price=load_price(prices, engine.model), force=force,
-        )
-    except StageConfigChanged as exc:
-        _fail(str(exc))
+        entry = _run_or_fail(lambda: run_sample(
+            run, loaded.frame, engine, samples=samples, sampling=settings.sampling(), batch_size=batch_size,
+            price=load_price(prices, engine.model), force=force, progress=progress,
+        ))
+        run.write_json("config.json", settings.to_dict())
     finally:
         engine.close()
         run.close()
-    calls = entry["calls"]
-    last = entry["last_run"]
+    calls, last = entry["calls"], entry["last_run"]
     console.print(
         f"samples: {entry['rows']} attempts ({entry['truncated']} truncated, failed: {entry['failed_rows'] or 'none'}); "
         f"this run sent {last['requests_sent']} requests, {last['cache_hits']} cache hits, "
@@ -153,6 +245,136 @@ def sample(
         + (f", cost ${calls['cost_usd']:.4f}" if calls["cost_usd"] is not None else ""),
         highlight=False,
     )
+
+
+@app.command("grade")
+def grade(
+    ctx: typer.Context,
+    run_dir: RunDirOpt,
+    hard_only: Annotated[bool, typer.Option(help="Propose only for problems whose pass rate is at most --hard-threshold.")] = False,
+    hard_threshold: Annotated[float, typer.Option(help="Pass-rate ceiling for --hard-only.")] = 0.0,
+    grade_workers: Annotated[int, typer.Option(help="Grading worker processes.")] = 2,
+    grade_timeout: Annotated[float, typer.Option(help="Seconds per answer at most.")] = 5.0,
+    lenient_answers: Annotated[bool, typer.Option(help="Grade a response without \\boxed{} by the answer it states.")] = False,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Grade every attempt in RUN_DIR/samples/ (verdicts into graded/, pass rates into pass_rates/)."""
+    from intgen.rundir import RunDir
+    from intgen.runner import run_grade
+
+    settings = _saved_config(run_dir, _explicit(ctx, {"hard_only": hard_only, "hard_threshold": hard_threshold,
+                                                      "grade_workers": grade_workers, "grade_timeout": grade_timeout,
+                                                      "lenient_answers": lenient_answers}))
+    run = RunDir(run_dir)
+    entry = _run_or_fail(lambda: run_grade(run, workers=settings.grade_workers, timeout=settings.grade_timeout,
+                                           lenient=settings.lenient_answers, hard_only=settings.hard_only, hard_threshold=settings.hard_threshold,
+                                           force=force, progress=progress))
+    run.write_json("config.json", settings.to_dict())
+    console.print(f"graded: {entry['correct']} correct, {entry['incorrect']} incorrect, {entry['ungradable']} "
+                  f"ungradable {entry['ungradable_by_reason'] or ''}; {entry['problems_selected']} problems selected",
+                  highlight=False)
+
+
+@app.command("propose")
+def propose(
+    ctx: typer.Context,
+    run_dir: RunDirOpt,
+    proposals: Annotated[int, typer.Option(help="Proposals per failed attempt (P).")] = 4,
+    proposer_backend: Annotated[Optional[BackendKind], typer.Option(help="Proposer engine (default: the policy's).")] = None,
+    proposer_model: Annotated[Optional[str], typer.Option(help="Proposer model (default: the policy model).")] = None,
+    proposer_base_url: Annotated[Optional[str], typer.Option(help="Proposer server URL.")] = None,
+    propose_style: Annotated[str, typer.Option(help="two-turn or single-turn.")] = "two-turn",
+    propose_max_tokens: Annotated[int, typer.Option(help="Token limit per proposal.")] = 8192,
+    propose_temperature: Annotated[float, typer.Option()] = 0.7,
+    structured: Annotated[bool, typer.Option(help="Constrain proposals by a JSON schema where the backend can.")] = True,
+    include_truncated: Annotated[bool, typer.Option(help="Also propose for truncated attempts.")] = False,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Propose interventions for the failed attempts (into RUN_DIR/proposals/)."""
+    from intgen.backends import make_backend
+    from intgen.pipeline import load_price
+    from intgen.rundir import RunDir
+    from intgen.runner import run_propose
+
+    given = _explicit(ctx, {k: v for k, v in locals().items() if k not in ("ctx", "run_dir", "force", "progress")})
+    if isinstance(given.get("proposer_backend"), BackendKind):
+        given["proposer_backend"] = given["proposer_backend"].value
+    settings = _saved_config(run_dir, given)
+    engine = make_backend(settings.proposer_config() or settings.policy_backend())
+    run = RunDir(run_dir)
+    try:
+        entry = _run_or_fail(lambda: run_propose(
+            run, engine, proposals=settings.proposals,
+            sampling=settings.sampling(settings.propose_max_tokens, settings.propose_temperature),
+            style=settings.propose_style, structured=settings.structured, include_truncated=settings.include_truncated,
+            grade_workers=settings.grade_workers, grade_timeout=settings.grade_timeout,
+            price=load_price(settings.prices, engine.model), force=force, progress=progress,
+        ))
+        run.write_json("config.json", settings.to_dict())
+    finally:
+        engine.close()
+        run.close()
+    console.print(f"proposals: {entry['rows']} for {entry['attempts']} failed attempts; accepted {entry['accepted']}; "
+                  f"rejected {entry['rejected_by_reason'] or 'none'}", highlight=False)
+
+
+@app.command("verify")
+def verify(
+    ctx: typer.Context,
+    run_dir: RunDirOpt,
+    continuations: Annotated[int, typer.Option(help="Continuations per intervention (M).")] = 32,
+    verify_max_tokens: Annotated[int, typer.Option(help="Token limit per continuation.")] = 16384,
+    verify_temperature: Annotated[float, typer.Option()] = 0.7,
+    min_success: Annotated[int, typer.Option(help="Keep an intervention with at least this many correct continuations.")] = 1,
+    condition: Annotated[Optional[list[str]], typer.Option("--condition", help="intervention, original-step, resample-step, problem-only (repeatable).")] = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Continue each accepted intervention M times and keep the ones that lead to the answer."""
+    from intgen.backends import make_backend
+    from intgen.pipeline import load_price
+    from intgen.rundir import RunDir
+    from intgen.runner import run_verify
+
+    given = _explicit(ctx, {"continuations": continuations, "verify_max_tokens": verify_max_tokens,
+                            "verify_temperature": verify_temperature, "min_success": min_success})
+    if condition:
+        given["conditions"] = tuple(condition)
+    settings = _saved_config(run_dir, given)
+    engine = make_backend(settings.policy_backend())
+    run = RunDir(run_dir)
+    try:
+        entry = _run_or_fail(lambda: run_verify(
+            run, engine, continuations=settings.continuations,
+            sampling=settings.sampling(settings.verify_max_tokens, settings.verify_temperature),
+            min_success=settings.min_success, conditions=settings.conditions, solve_prompt=settings.solve_prompt,
+            system_prompt=settings.system_prompt, grade_workers=settings.grade_workers,
+            grade_timeout=settings.grade_timeout, lenient=settings.lenient_answers,
+            price=load_price(settings.prices, engine.model), force=force, progress=progress,
+        ))
+        run.write_json("config.json", settings.to_dict())
+    finally:
+        engine.close()
+        run.close()
+    for name, row in entry["by_condition"].items():
+        console.print(f"{name}: {row['solved']}/{row['proposals']} solved at least once, "
+                      f"mean success rate {row['mean_success_rate']:.4f}", highlight=False)
+    console.print(f"kept: {entry['kept']}", highlight=False)
+
+
+@app.command("export")
+def export(run_dir: RunDirOpt) -> None:
+    """Write RUN_DIR/dataset/ (parquet per config and a README.md dataset card)."""
+    from intgen.pipeline import export as write
+    from intgen.rundir import RunDir
+
+    settings = _saved_config(run_dir, {})
+    run = RunDir(run_dir)
+    summary = _run_or_fail(lambda: write(run, settings))
+    run.close()
+    _print_summary(summary, run_dir)
 
 
 @app.command("problems")

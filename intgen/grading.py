@@ -38,6 +38,15 @@ PARSE_ERROR = "parse_error"
 TOO_LONG = "too_long"
 
 
+def grader_version() -> str:
+    """What decides equivalence, for manifests and dataset cards."""
+    from importlib.metadata import version
+
+    from intgen import __version__
+
+    return f"intgen {__version__} / math-verify {version('math-verify')}"
+
+
 @dataclass(frozen=True)
 class Verdict:
     """`correct` is None when the response could not be graded; `reason` says why (or how it was decided)."""
@@ -56,19 +65,18 @@ _BOX_TOKENS = re.compile(
 )
 
 
-def extract_answer(response: str | None) -> str | None:
-    """The content of the last complete `\\boxed{...}` or `\\fbox{...}`, brace-matched; None if there is none.
+def boxed_answers(response: str | None) -> list[str]:
+    """The contents of every complete outermost `\\boxed{...}` / `\\fbox{...}`, in order.
 
-    "Last" is the box that closes last, so in `\\boxed{\\boxed{5}}` the outer one wins and the
-    inner box is unwrapped. An unclosed box (a truncated response) does not count. One pass, linear
-    in the length of the response.
+    Brace-matched in one pass, linear in the length of the text; a box that holds exactly one box
+    is unwrapped; an unclosed box (a truncated response) does not count.
     """
     if not response:
-        return None
+        return []
     stack: list[tuple[int, int] | None] = []  # (token start, content start) of an open box, None for a brace
     closed: dict[int, tuple[int, int]] = {}  # token start -> content span, for every box closed so far
     open_boxes = 0
-    last: tuple[int, int] | None = None
+    outermost: list[tuple[int, int]] = []
     for match in _BOX_TOKENS.finditer(response):
         token = match.group(0)
         if match.group(1):  # `\boxed{`
@@ -76,7 +84,7 @@ def extract_answer(response: str | None) -> str | None:
             open_boxes += 1
         elif match.group(2) is not None:  # `\boxed 5`
             if not open_boxes:
-                last = match.span(2)
+                outermost.append(match.span(2))
         elif token == "{":
             stack.append(None)
         elif token == "}" and stack:
@@ -84,20 +92,30 @@ def extract_answer(response: str | None) -> str | None:
             if box is not None:
                 open_boxes -= 1
                 closed[box[0]] = (box[1], match.start())
-                if not open_boxes:  # an outermost box closed
-                    last = (box[1], match.start())
-    if last is None:
-        return None
-    start, end = last
+                if not open_boxes:
+                    outermost.append((box[1], match.start()))
+    return [_unwrap(response, start, end, closed) for start, end in outermost]
+
+
+def _unwrap(text: str, start: int, end: int, closed: dict[int, tuple[int, int]]) -> str:
     while True:  # `\boxed{\boxed{5}}`: unwrap a box that holds exactly one box
-        while start < end and response[start].isspace():
+        while start < end and text[start].isspace():
             start += 1
-        while end > start and response[end - 1].isspace():
+        while end > start and text[end - 1].isspace():
             end -= 1
         inner = closed.get(start)
         if inner is None or inner[1] != end - 1:
-            return response[start:end]
+            return text[start:end]
         start, end = inner
+
+
+def extract_answer(response: str | None) -> str | None:
+    """The content of the last complete `\\boxed{...}` or `\\fbox{...}` (see `boxed_answers`); None if none.
+
+    "Last" is the box that closes last, so in `\\boxed{\\boxed{5}}` the outer one wins.
+    """
+    boxes = boxed_answers(response)
+    return boxes[-1] if boxes else None
 
 
 # --- normalised text --------------------------------------------------------------------------
@@ -192,10 +210,27 @@ def compare(gold: object, answer: object) -> tuple[bool | None, str]:
     return bool(verify(parsed_gold, parsed_answer, timeout_seconds=None)), DECIDED_BY_MATH  # type: ignore[arg-type]
 
 
-def _grade_now(item: tuple[object, str | None, bool]) -> Verdict:
-    """Worker body. `item` is (gold, text, text_is_bare_answer)."""
-    gold, text, bare = item
-    predicted = text if bare else extract_answer(text)
+BARE, BOXED, LENIENT = "bare", "boxed", "lenient"
+
+
+def find_answer(text: str | None, mode: str) -> str | None:
+    """The answer a text gives: itself (`bare`), its last box (`boxed`), or — `lenient`, for models
+    that do not box — its last box, else the answer math-verify finds stated in the text."""
+    if mode == BARE or text is None:
+        return text
+    boxed = extract_answer(text)
+    if boxed is not None or mode == BOXED or len(text) > 4 * MAX_ANSWER_CHARS:
+        return boxed
+    from math_verify import parse
+
+    found = parse(text, parsing_timeout=None)  # type: ignore[arg-type]  # the pool enforces time limits
+    return found[-1] if len(found) == 2 and isinstance(found[-1], str) else None
+
+
+def _grade_now(item: tuple[object, str | None, str]) -> Verdict:
+    """Worker body. `item` is (gold, text, how to find the answer in the text)."""
+    gold, text, mode = item
+    predicted = find_answer(text, mode)
     if predicted is None:
         return Verdict(None, None, NO_ANSWER)
     try:
@@ -208,18 +243,19 @@ def _grade_now(item: tuple[object, str | None, bool]) -> Verdict:
 def _grade_json(item: list) -> list:
     """The worker's entry point: JSON in, JSON out."""
     verdict = _grade_now((item[0], item[1], item[2]))
+
     return [verdict.correct, verdict.predicted, verdict.reason]
 
 
 def _grade_in_workers(
-    items: list[tuple[object, str | None, bool]], workers: int | None, timeout: float
+    items: list[tuple[object, str | None, str]], workers: int | None, timeout: float
 ) -> list[Verdict]:
     pool = shared_pool("intgen.grading:_grade_json", workers)
     verdicts = []
-    for (_, text, bare), result in zip(items, pool.map(items, timeout)):
+    for (_, text, mode), result in zip(items, pool.map(items, timeout)):
         if isinstance(result, Failure):
             reason = result.reason if result.reason in (TIMEOUT, WORKER_DIED) else PARSE_ERROR
-            verdicts.append(Verdict(None, text if bare else extract_answer(text), reason))
+            verdicts.append(Verdict(None, text if mode == BARE else extract_answer(text), reason))
         else:
             verdicts.append(Verdict(*result))
     return verdicts
@@ -233,23 +269,35 @@ def grade_many(
     responses: Sequence[str | None],
     workers: int | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
+    lenient: bool = False,
 ) -> list[Verdict]:
     """Grade each response against its gold answer in worker processes, `timeout` seconds per item at most.
 
-    Results are in input order. A stuck item is killed with its worker and comes back with
-    reason `timeout`; nothing the text does can hang, crash or outlive the call.
+    The answer is the last `\\boxed{}`; with `lenient`, a response without one is read for a stated
+    answer instead (for small models that do not box). Results are in input order. A stuck item is
+    killed with its worker and comes back with reason `timeout`; nothing the text does can hang,
+    crash or outlive the call.
     """
     if len(golds) != len(responses):
         raise ValueError(f"{len(golds)} gold answers but {len(responses)} responses")
-    return _grade_in_workers([(g, r, False) for g, r in zip(golds, responses)], workers, timeout)
+    mode = LENIENT if lenient else BOXED
+    return _grade_in_workers([(g, r, mode) for g, r in zip(golds, responses)], workers, timeout)
 
 
-def grade(gold: object, response: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> Verdict:
+def grade(gold: object, response: str | None, timeout: float = DEFAULT_TIMEOUT_S, lenient: bool = False) -> Verdict:
     """Grade one response against the gold answer (in a worker process, with a hard time limit)."""
-    return _grade_in_workers([(gold, response, False)], 1, timeout)[0]
+    return _grade_in_workers([(gold, response, LENIENT if lenient else BOXED)], 1, timeout)[0]
+
+
+def are_equivalent(
+    pairs: Sequence[tuple[object, object]], workers: int | None = None, timeout: float = DEFAULT_TIMEOUT_S
+) -> list[bool | None]:
+    """`is_equivalent` for many (gold, answer) pairs, in worker processes."""
+    items = [(gold, None if answer is None else str(answer), BARE) for gold, answer in pairs]
+    return [v.correct for v in _grade_in_workers(items, workers, timeout)]
 
 
 def is_equivalent(gold: object, answer: object, timeout: float = DEFAULT_TIMEOUT_S) -> bool | None:
     """Are two bare answers equivalent? None when either cannot be parsed or the check timed out."""
     text = None if answer is None else str(answer)
-    return _grade_in_workers([(gold, text, True)], 1, timeout)[0].correct
+    return _grade_in_workers([(gold, text, BARE)], 1, timeout)[0].correct

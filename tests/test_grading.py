@@ -15,12 +15,12 @@ from intgen.grading import (
     TIMEOUT,
     TOO_LONG,
     Verdict,
+    are_equivalent,
     extract_answer,
     grade,
     grade_many,
     is_equivalent,
 )
-from intgen.grading import _grade_in_workers  # bare-answer batches, as is_equivalent does one by one
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -28,8 +28,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _equivalent_many(pairs: list[tuple[object, object]]) -> list[bool | None]:
-    items = [(g, None if a is None else str(a), True) for g, a in pairs]
-    return [v.correct for v in _grade_in_workers(items, 2, 5.0)]
+    return are_equivalent(pairs, workers=2, timeout=5.0)
 
 
 # --- extraction -------------------------------------------------------------------------------

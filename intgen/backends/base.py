@@ -59,7 +59,8 @@ def make_request(
     pairs = tuple((m["role"], m["content"]) if isinstance(m, dict) else (m[0], m[1]) for m in messages)
     if continue_final and (not pairs or pairs[-1][0] != "assistant"):
         raise ValueError("continue_final needs the last message to be the assistant's prefix")
-    schema = None if json_schema is None else json.dumps(json_schema, sort_keys=True, separators=(",", ":"))
+    # Not key-sorted: property order is generation order for constrained decoders.
+    schema = None if json_schema is None else json.dumps(json_schema, separators=(",", ":"))
     return Request(pairs, sampling or Sampling(), n, continue_final, schema)
 
 
