@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -72,14 +73,18 @@ def load_chat_template(source: str | Path) -> ChatTemplate:
 def _from_gguf(path: Path) -> ChatTemplate:
     from llama_cpp import Llama
 
-    model = Llama(str(path), vocab_only=True, verbose=False)
+    return template_from_llama(Llama(str(path), vocab_only=True, verbose=False), str(path))
+
+
+def template_from_llama(model: Any, source: str) -> ChatTemplate:
+    """The chat template (and BOS/EOS tokens) of a loaded llama-cpp-python model, from its GGUF metadata."""
     metadata = model.metadata
     text = metadata.get("tokenizer.chat_template")
     if not text:
-        raise ValueError(f"{path} has no tokenizer.chat_template in its metadata")
+        raise ValueError(f"{source} has no tokenizer.chat_template in its metadata")
 
     def token(name: str) -> str:
         token_id = metadata.get(f"tokenizer.ggml.{name}_token_id")
         return "" if token_id is None else model.detokenize([int(token_id)], special=True).decode("utf-8", "replace")
 
-    return ChatTemplate(str(path), text, token("bos"), token("eos"))
+    return ChatTemplate(source, text, token("bos"), token("eos"))

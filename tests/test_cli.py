@@ -35,7 +35,18 @@ def test_problems_command_reports_and_saves(tmp_path: Path) -> None:
     assert pl.read_parquet(out)["answer"].to_list() == ["2", "3"]
 
 
-def test_build_dataset_says_it_is_not_built_yet() -> None:
-    result = runner.invoke(app, ["build-dataset"])
-    assert result.exit_code == 2
-    assert "not built yet" in result.output
+def test_build_dataset_on_the_bundled_examples_with_the_local_engine(tmp_path: Path) -> None:
+    # The README's main command with its sizes cut down (the full demo is timed in the README).
+    run_dir = tmp_path / "demo"
+    args = ["build-dataset", "--run-dir", str(run_dir), "--limit", "3", "--samples", "2", "--max-tokens", "96",
+            "--proposals", "1", "--propose-max-tokens", "160", "--continuations", "2", "--verify-max-tokens", "64",
+            "--include-truncated", "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "embedded demo" in result.output and "kept" in result.output
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["problems"] is None and config["backend"] == "local" and config["lenient_answers"] is True
+    for name in ("sft", "rl", "interventions", "samples"):
+        assert (run_dir / "dataset" / name / "train-00000-of-00001.parquet").is_file()
+    assert pl.read_parquet(run_dir / "dataset/samples/train-00000-of-00001.parquet").height == 6
+    assert "configs:" in (run_dir / "dataset/README.md").read_text()

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from intgen.backends.base import LENGTH, STOP, Completion, Request, error_completion
-from intgen.chat_template import ChatTemplate, load_chat_template
+from intgen.chat_template import ChatTemplate, template_from_llama
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -39,7 +39,7 @@ class LocalBackend:
             raise FileNotFoundError(f"no GGUF model file at {self.path}")
         self.model = self.path.name
         self.llm = Llama(str(self.path), n_ctx=n_ctx, n_threads=threads, verbose=False)
-        self.template: ChatTemplate = load_chat_template(self.path)
+        self.template: ChatTemplate = template_from_llama(self.llm, str(self.path))
         self._lock = threading.Lock()  # one llama context: one sequence at a time
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:

@@ -165,7 +165,7 @@ def _judge(block: dict[str, Any], num_steps: int) -> Parsed:
         return Parsed(None, intervention, verification, NO_ERROR_FOUND)
     if not isinstance(step, int) or not 1 <= step <= num_steps:
         return Parsed(None, intervention, verification, BAD_LOCATION)
-    if not intervention or intervention.strip(" .<>[]").lower() in PLACEHOLDERS:
+    if not intervention or not re.search(r"\w", intervention) or intervention.strip(" .<>[]").lower() in PLACEHOLDERS:
         return Parsed(step, intervention, verification, EMPTY)
     return Parsed(step, intervention, verification, None)
 

@@ -1,0 +1,3 @@
+from intgen.cli import app
+
+app(prog_name="intgen")

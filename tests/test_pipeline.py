@@ -1,0 +1,167 @@
+"""The pipeline end to end against the real llama.cpp server: invariants, resume after SIGKILL, config handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from intgen.cli import app
+from intgen.steps import join_steps, split_steps
+from servers import Proxy, smollm2_gguf
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gsm8k(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rows = (shared_data / "gsm8k/test.jsonl").read_text().splitlines()[:4]
+    path = tmp_path_factory.mktemp("problems") / "gsm8k4.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def pipeline_args(problems: Path, run_dir: Path, url: str) -> list[str]:
+    return [
+        "build-dataset", "--problems", str(problems), "--run-dir", str(run_dir),
+        "--backend", "openai", "--model", "smollm2", "--base-url", url,
+        "--structured-output", "json_object", "--continuation", "completions", "--chat-template", str(smollm2_gguf()),
+        "--concurrency", "4", "--samples", "2", "--max-tokens", "256", "--include-truncated", "--proposals", "3",
+        "--propose-max-tokens", "200", "--continuations", "2", "--verify-max-tokens", "120", "--min-success", "0",
+        "--lenient-answers", "--seed", "3", "--no-progress",
+    ]
+
+
+def read_config(run_dir: Path, name: str) -> pl.DataFrame:
+    return pl.read_parquet(run_dir / "dataset" / name / "train-00000-of-00001.parquet")
+
+
+@pytest.fixture(scope="module")
+def finished_run(llama_server, gsm8k: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    proxy = Proxy(llama_server.url)
+    run_dir = tmp_path_factory.mktemp("run") / "uninterrupted"
+    try:
+        result = runner.invoke(app, pipeline_args(gsm8k, run_dir, proxy.url))
+        assert result.exit_code == 0, result.output
+        return run_dir, len(proxy.forwarded)
+    finally:
+        proxy.stop()
+
+
+def test_sft_rows_are_the_attempts_own_prefix_plus_the_intervention(finished_run: tuple[Path, int]) -> None:
+    run_dir, _ = finished_run
+    sft = read_config(run_dir, "sft")
+    assert sft.height > 0
+    attempts = dict(pl.read_parquet(run_dir / "samples").select("attempt_id", "text").iter_rows())
+    for row in sft.iter_rows(named=True):
+        steps = split_steps(attempts[row["attempt_id"]])
+        t = row["error_step"]
+        completion = row["completion"][0]["content"]
+        assert row["completion"][0]["role"] == "assistant" and row["prompt"][-1]["role"] == "user"
+        assert completion.startswith(join_steps(steps[: t - 1]))  # the attempt's own steps before the error
+        assert completion.endswith(row["intervention"])
+        assert completion == join_steps(steps[: t - 1]) + row["intervention"]  # and nothing after: no suffix
+
+
+def test_ids_chain_and_manifest_counts_match_the_tables(finished_run: tuple[Path, int]) -> None:
+    run_dir, _ = finished_run
+    problems = set(pl.read_parquet(run_dir / "problems")["problem_id"])
+    samples = pl.read_parquet(run_dir / "samples")
+    proposals = pl.read_parquet(run_dir / "proposals")
+    continuations = pl.read_parquet(run_dir / "continuations")
+    assert all(a.rsplit("/a", 1)[0] in problems for a in samples["attempt_id"])
+    attempt_ids = set(samples["attempt_id"])
+    assert all(p.rsplit("/p", 1)[0] in attempt_ids for p in proposals["proposal_id"])
+    proposal_ids = set(proposals["proposal_id"])
+    assert all(c.rsplit("/c", 1)[0] in proposal_ids for c in continuations["continuation_id"])
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    graded = pl.read_parquet(run_dir / "graded")
+    assert manifest["samples"]["rows"] == samples.height == 8
+    assert manifest["graded"]["incorrect"] == graded.filter(pl.col("correct") == False).height  # noqa: E712
+    failed = graded.filter((pl.col("correct") == False) | pl.col("truncated")).height  # noqa: E712 (--include-truncated)
+    assert manifest["proposals"]["rows"] == proposals.height == 3 * failed
+    assert manifest["proposals"]["accepted"] == proposals["accepted"].sum()
+    assert sum(manifest["proposals"]["rejected_by_reason"].values()) == proposals.height - proposals["accepted"].sum()
+    assert manifest["verify"]["rows"] == manifest["proposals"]["accepted"]
+    assert manifest["verify"]["continuation_rows"] == continuations.height == 2 * manifest["proposals"]["accepted"]
+    assert manifest["verify"]["kept"] == read_config(run_dir, "sft").height
+
+
+def test_dataset_loads_with_datasets(finished_run: tuple[Path, int]) -> None:
+    run_dir, _ = finished_run
+    for name in ("sft", "rl", "interventions", "samples"):
+        loaded = datasets.load_dataset(str(run_dir / "dataset"), name, split="train")
+        assert loaded.num_rows == read_config(run_dir, name).height
+    assert datasets.load_dataset(str(run_dir / "dataset"), "rl", split="train").num_rows == 4
+
+
+def test_rerun_sends_nothing(finished_run: tuple[Path, int], llama_server, gsm8k: Path) -> None:
+    run_dir, _ = finished_run
+    proxy = Proxy(llama_server.url)
+    try:
+        result = runner.invoke(app, pipeline_args(gsm8k, run_dir, proxy.url))
+        assert result.exit_code == 0, result.output
+        assert proxy.forwarded == []
+    finally:
+        proxy.stop()
+
+
+def test_changing_an_earlier_stage_setting_is_refused(finished_run: tuple[Path, int], gsm8k: Path) -> None:
+    run_dir, _ = finished_run
+    args = pipeline_args(gsm8k, run_dir, "http://127.0.0.1:9/v1")
+    args[args.index("--samples") + 1] = "3"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "stage 'samples' was computed with other settings" in result.output and "--force" in result.output
+
+
+def test_config_file_values_are_overridden_by_flags(gsm8k: Path, tmp_path: Path) -> None:
+    from intgen.config import read_config_file, resolve
+
+    config = tmp_path / "run.toml"
+    config.write_text('samples = 8\nproposals = 2\nmin-success = 3\nconditions = ["intervention", "problem-only"]\n')
+    settings = resolve({"samples": 5}, read_config_file(config))
+    assert (settings.samples, settings.proposals, settings.min_success) == (5, 2, 3)
+    assert settings.conditions == ("intervention", "problem-only")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("sample = 3\n")
+    result = runner.invoke(app, ["build-dataset", "--config", str(bad), "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "unknown setting(s) sample" in result.output
+
+
+def test_sigkill_in_verify_then_resume(finished_run: tuple[Path, int], llama_server, gsm8k: Path, tmp_path: Path) -> None:
+    reference_dir, reference_requests = finished_run
+    proxy = Proxy(llama_server.url)
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "intgen", *pipeline_args(gsm8k, run_dir, proxy.url)]
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None:
+            if len(proxy.posts("/completions")) - len(proxy.posts("/chat/completions")) >= 3:
+                break  # verify's continuations are raw completions: it is under way
+            time.sleep(0.05)
+        assert process.poll() is None, "the run finished before it could be killed"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+        assert manifest["verify"]["status"] == "running"
+        result = runner.invoke(app, pipeline_args(gsm8k, run_dir, proxy.url))
+        assert result.exit_code == 0, result.output
+        repeated = len(proxy.forwarded) - reference_requests
+    finally:
+        proxy.stop()
+    assert 0 <= repeated <= 4  # at most the requests in flight at the kill (--concurrency 4)
+    for name in ("interventions", "sft"):
+        assert read_config(run_dir, name).equals(read_config(reference_dir, name)), name
