@@ -149,7 +149,7 @@ def test_sigkill_in_verify_then_resume(finished_run: tuple[Path, int], llama_ser
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and process.poll() is None:
-            if len(proxy.posts("/completions")) - len(proxy.posts("/chat/completions")) >= 3:
+            if len(proxy.posts("/completions")) > len(proxy.posts("/chat/completions")):
                 break  # verify's continuations are raw completions: it is under way
             time.sleep(0.05)
         assert process.poll() is None, "the run finished before it could be killed"
@@ -162,6 +162,7 @@ def test_sigkill_in_verify_then_resume(finished_run: tuple[Path, int], llama_ser
         repeated = len(proxy.forwarded) - reference_requests
     finally:
         proxy.stop()
-    assert 0 <= repeated <= 4  # at most the requests in flight at the kill (--concurrency 4)
+    assert 0 <= repeated <= 4, repeated  # at most the requests in flight at the kill (--concurrency 4)
     for name in ("interventions", "sft"):
-        assert read_config(run_dir, name).equals(read_config(reference_dir, name)), name
+        resumed, reference = read_config(run_dir, name), read_config(reference_dir, name)
+        assert resumed.equals(reference), (name, resumed.height, reference.height)
