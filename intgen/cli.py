@@ -377,6 +377,31 @@ def export(run_dir: RunDirOpt) -> None:
     _print_summary(summary, run_dir)
 
 
+@app.command("push")
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with an exported dataset.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub dataset repo, e.g. me/my-int-data.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if needed).")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint (default: $HF_ENDPOINT or huggingface.co).")] = None,
+) -> None:
+    """Upload RUN_DIR/dataset to the Hub (token from $HF_TOKEN or `hf auth login`; never printed)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from intgen.hub import push_dataset
+    from intgen.pipeline import funnel, write_card
+    from intgen.rundir import RunDir
+
+    settings = _saved_config(run_dir, {})
+    run = RunDir(run_dir)
+    _run_or_fail(lambda: write_card(run, settings, funnel(run), repo_id))  # the card's examples load the repo
+    try:
+        url = push_dataset(run.path / "dataset", repo_id, private=private, revision=revision, endpoint=endpoint)
+    except (HfHubHTTPError, OSError) as exc:
+        _fail(f"push to {repo_id} failed: {exc}")
+    console.print(f"pushed {run.path / 'dataset'} to {repo_id}: {url}", highlight=False)
+
+
 @app.command("problems")
 def problems(
     source: Annotated[str, typer.Argument(help="A .jsonl/.json/.parquet/.csv file, a dataset folder or a Hub dataset id.")],

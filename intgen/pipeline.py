@@ -94,8 +94,7 @@ def export(run: RunDir, config: RunConfig, skipped_rows: int = 0) -> dict[str, A
         entry = run.manifest()["stages"].get(stage, {})
         if not str(entry.get("status", "")).startswith("done"):
             raise FileNotFoundError(f"{run.path}: the {stage!r} stage has not finished; run it first")
-    solve_file = resource_path("prompts", config.solve_prompt)
-    template = solve_file.read_text(encoding="utf-8")
+    template = resource_path("prompts", config.solve_prompt).read_text(encoding="utf-8")
     prompt = prompt_expr(template, config.system_prompt)
     problems = run.scan("problems")
     proposals = run.scan("proposals")
@@ -119,17 +118,36 @@ def export(run: RunDir, config: RunConfig, skipped_rows: int = 0) -> dict[str, A
     )
     tables = {"sft": sft, "rl": rl, "interventions": interventions.sort("proposal_id"), "samples": run.scan("graded")}
     out = run.path / "dataset"
-    rows = {}
     for name in CONFIGS:
-        path = out / name / "train-00000-of-00001.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / ".train.parquet.tmp"
         tables[name].sink_parquet(tmp)
+        # The file is named by its content: `datasets` caches a local folder under a hash of the card's
+        # data_files entries, so a fixed name would serve one run's rows for another run's folder.
+        path = folder / f"train-{file_sha256(tmp)[:16]}.parquet"
+        for old in folder.glob("train-*.parquet"):
+            if old != path:
+                old.unlink()
         tmp.replace(path)
-        rows[name] = pl.scan_parquet(path).select(pl.len()).collect().item()
     summary = funnel(run, skipped_rows)
-    atomic_write_text(out / "README.md", dataset_card(run, config, rows, summary, solve_file))
+    write_card(run, config, summary, str(out))
     return summary
+
+
+def write_card(run: RunDir, config: RunConfig, summary: dict[str, Any], load_path: str) -> None:
+    """RUN/dataset/README.md; `load_path` is what the card's examples load (a folder or a Hub repo id)."""
+    out = run.path / "dataset"
+    files = {name: export_file(out, name) for name in CONFIGS}
+    rows = {name: pl.scan_parquet(path).select(pl.len()).collect().item() for name, path in files.items()}
+    solve_file = resource_path("prompts", config.solve_prompt)
+    atomic_write_text(out / "README.md", dataset_card(run, config, rows, files, summary, solve_file, load_path))
+
+
+def export_file(dataset_dir: Path, config_name: str) -> Path:
+    """The parquet file of one config in an exported dataset folder."""
+    [path] = sorted((dataset_dir / config_name).glob("train-*.parquet"))
+    return path
 
 
 def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
@@ -177,7 +195,10 @@ def funnel_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def dataset_card(run: RunDir, config: RunConfig, rows: dict[str, int], summary: dict[str, Any], solve_file: Path) -> str:
+def dataset_card(
+    run: RunDir, config: RunConfig, rows: dict[str, int], files: dict[str, Path], summary: dict[str, Any],
+    solve_file: Path, load_path: str,
+) -> str:
     from intgen.grading import grader_version
     from intgen.resources import fill
 
@@ -185,7 +206,7 @@ def dataset_card(run: RunDir, config: RunConfig, rows: dict[str, int], summary: 
     category = "n<1K" if size < 1_000 else "1K<n<10K" if size < 10_000 else "10K<n<100K" if size < 100_000 else "100K<n<1M"
     front = {
         "configs": [
-            {"config_name": name, "data_files": [{"split": "train", "path": f"{name}/train-*.parquet"}],
+            {"config_name": name, "data_files": [{"split": "train", "path": f"{name}/{files[name].name}"}],
              **({"default": True} if name == "sft" else {})}
             for name in CONFIGS
         ],
@@ -213,11 +234,12 @@ def dataset_card(run: RunDir, config: RunConfig, rows: dict[str, int], summary: 
         continuations=str(config.continuations),
         rows_sft=str(rows["sft"]), rows_rl=str(rows["rl"]), rows_interventions=str(rows["interventions"]),
         rows_samples=str(rows["samples"]),
-        load_path="path/to/dataset",
+        load_path=load_path,
         problems=config.problems or "intgen's bundled example problems",
         n_problems=str(summary["problems"]),
-        policy=f"{config.backend}: {run.manifest()['stages']['samples']['fingerprint']['model']}",
-        proposer="the policy model (self-proposed)" if proposer is None else f"{proposer.kind.value}: {proposer.model}",
+        policy=f"{config.backend}: {run.manifest()['stages']['samples']['fingerprint']['model']} (sample and verify stages)",
+        proposer="the policy model (self-proposed)" if proposer is None
+        else f"{proposer.kind.value}: {run.manifest()['stages']['proposals']['fingerprint']['model']}",
         samples=str(config.samples), temperature=str(config.temperature), top_p=str(config.top_p),
         top_k=str(config.top_k), max_tokens=str(config.max_tokens), seed=str(config.seed),
         proposals=str(config.proposals), propose_style=config.propose_style, structured=str(config.structured).lower(),

@@ -177,3 +177,98 @@ class JsonServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class HubServer:
+    """A local server speaking the Hugging Face Hub API calls that `intgen push` makes: create a repo,
+    create a branch, preupload (every file "regular"), commit (ndjson with base64 files). Files land in
+    `self.repos[repo_id][revision][path]`. `fail_first` answers the first request to each named endpoint
+    with a 503, to exercise retries."""
+
+    def __init__(self, fail_first: tuple[str, ...] = ()) -> None:
+        import base64
+
+        self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
+        self.calls: list[tuple[str, str]] = []  # (endpoint name, path)
+        self.authorizations: list[str | None] = []
+        self.private: dict[str, bool] = {}
+        pending_failures = set(fail_first)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                path = self.path.split("?")[0]
+                server.authorizations.append(self.headers.get("authorization"))
+                if path == "/api/validate-yaml":
+                    server.calls.append(("validate-yaml", path))
+                    status, answer = server.validate_card(json.loads(body))
+                    reply(self, status, json.dumps(answer).encode())
+                    return
+                if path == "/api/repos/create":
+                    name = "create"
+                elif "/preupload/" in path:
+                    name = "preupload"
+                elif "/commit/" in path:
+                    name = "commit"
+                elif "/branch/" in path:
+                    name = "branch"
+                else:
+                    reply(self, 404, json.dumps({"error": f"unknown endpoint {path}"}).encode())
+                    return
+                server.calls.append((name, path))
+                if name in pending_failures:
+                    pending_failures.discard(name)
+                    reply(self, 503, json.dumps({"error": "injected 503"}).encode())
+                    return
+                if name == "create":
+                    data = json.loads(body)
+                    repo_id = f"{data['organization']}/{data['name']}" if data.get("organization") else data["name"]
+                    server.repos.setdefault(repo_id, {"main": {}})
+                    server.private[repo_id] = data.get("visibility") == "private" or data.get("private") is True
+                    reply(self, 200, json.dumps({"url": f"http://{self.headers['host']}/datasets/{repo_id}", "name": repo_id}).encode())
+                    return
+                prefix, _, revision = path.removeprefix("/api/datasets/").rpartition(f"/{name}/")
+                repo_id = prefix
+                if name == "branch":
+                    server.repos.setdefault(repo_id, {"main": {}}).setdefault(revision, {})
+                    reply(self, 200, b"{}")
+                elif name == "preupload":
+                    files = json.loads(body)["files"]
+                    answer = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                    reply(self, 200, json.dumps(answer).encode())
+                else:
+                    target = server.repos.setdefault(repo_id, {"main": {}}).setdefault(revision, {})
+                    for line in body.decode().splitlines():
+                        entry = json.loads(line)
+                        if entry["key"] == "file":
+                            target[entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
+                    answer = {"commitUrl": f"http://{self.headers['host']}/datasets/{repo_id}/commit/abc123", "commitOid": "abc123"}
+                    reply(self, 200, json.dumps(answer).encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def validate_card(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """What the Hub checks of a dataset card's YAML that this project relies on."""
+        import yaml
+
+        content = body.get("content", "")
+        if body.get("repoType") != "dataset" or not content.startswith("---\n"):
+            return 400, {"errors": [{"message": "expected a dataset card with YAML front matter"}]}
+        meta = yaml.safe_load(content.split("---\n")[1])
+        configs = meta.get("configs") if isinstance(meta, dict) else None
+        if not configs or not all("config_name" in c and c.get("data_files") for c in configs):
+            return 400, {"errors": [{"message": "configs must name each config and its data_files"}]}
+        return 200, {"warnings": []}

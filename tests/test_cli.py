@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from intgen import __version__
 from intgen.cli import app
+from intgen.pipeline import export_file
 
 runner = CliRunner()
 
@@ -47,6 +48,6 @@ def test_build_dataset_on_the_bundled_examples_with_the_local_engine(tmp_path: P
     config = json.loads((run_dir / "config.json").read_text())
     assert config["problems"] is None and config["backend"] == "local" and config["lenient_answers"] is True
     for name in ("sft", "rl", "interventions", "samples"):
-        assert (run_dir / "dataset" / name / "train-00000-of-00001.parquet").is_file()
-    assert pl.read_parquet(run_dir / "dataset/samples/train-00000-of-00001.parquet").height == 6
+        assert export_file(run_dir / "dataset", name).is_file()
+    assert pl.read_parquet(export_file(run_dir / "dataset", "samples")).height == 6
     assert "configs:" in (run_dir / "dataset/README.md").read_text()

@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from intgen.cli import app
+from intgen.pipeline import export_file
 from intgen.steps import join_steps, split_steps
 from servers import Proxy, smollm2_gguf
 
@@ -43,7 +44,7 @@ def pipeline_args(problems: Path, run_dir: Path, url: str) -> list[str]:
 
 
 def read_config(run_dir: Path, name: str) -> pl.DataFrame:
-    return pl.read_parquet(run_dir / "dataset" / name / "train-00000-of-00001.parquet")
+    return pl.read_parquet(export_file(run_dir / "dataset", name))
 
 
 @pytest.fixture(scope="module")
