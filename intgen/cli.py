@@ -402,6 +402,65 @@ def push(
     console.print(f"pushed {run.path / 'dataset'} to {repo_id}: {url}", highlight=False)
 
 
+train_app = typer.Typer(help="The bundled TRL recipe: SFT on the sft config, then GRPO on the rl config.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+DatasetArg = Annotated[str, typer.Option(help="Exported dataset: RUN_DIR/dataset or a Hub repo id.")]
+OutputOpt = Annotated[Path, typer.Option(help="Where the trained model is written.")]
+TrainModelOpt = Annotated[Optional[str], typer.Option(help="Model folder, Hub id or .gguf file (default: the bundled SmolLM2-135M-Instruct, dequantised).")]
+TrlConfigOpt = Annotated[Optional[Path], typer.Option(help="TRL settings file (YAML/JSON/TOML), passed to SFTConfig/GRPOConfig.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="One TRL setting, key=value (repeatable), e.g. --set learning_rate=1e-5.")]
+
+
+def _train(
+    kind: str, dataset: str, output_dir: Path, model: str | None, trl_config: Path | None, settings: list[str] | None,
+    lenient: bool = False,
+) -> None:
+    from intgen import train
+
+    try:
+        overrides = train.read_overrides(trl_config, settings or [])
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    if kind == "sft":
+        history = _run_or_fail(lambda: train.train_sft(dataset, output_dir, model, overrides))
+    else:
+        history = _run_or_fail(lambda: train.train_grpo(dataset, output_dir, model, overrides, lenient))
+    losses = [row["loss"] for row in history if isinstance(row.get("loss"), (int, float))]
+    rewards = [row["reward"] for row in history if isinstance(row.get("reward"), (int, float))]
+    summary = f"{kind}: {len(losses)} logged steps"
+    if losses:
+        summary += f", loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    if rewards:
+        summary += f", mean reward {sum(rewards) / len(rewards):.3f}"
+    console.print(f"{summary}; model saved to {output_dir}", highlight=False)
+
+
+@train_app.command("sft")
+def train_sft(
+    dataset: DatasetArg,
+    output_dir: OutputOpt = Path("runs/sft-model"),
+    model: TrainModelOpt = None,
+    trl_config: TrlConfigOpt = None,
+    settings: SetOpt = None,
+) -> None:
+    """TRL SFTTrainer on the sft config (loss on the completion only; paper defaults: lr 1e-6, 4 epochs, cosine, warm-up 0.1)."""
+    _train("sft", dataset, output_dir, model, trl_config, settings)
+
+
+@train_app.command("grpo")
+def train_grpo(
+    dataset: DatasetArg,
+    output_dir: OutputOpt = Path("runs/grpo-model"),
+    model: TrainModelOpt = None,
+    trl_config: TrlConfigOpt = None,
+    settings: SetOpt = None,
+    lenient_answers: Annotated[bool, typer.Option(help="Reward answers stated without \\boxed{} too (small models).")] = False,
+) -> None:
+    """TRL GRPOTrainer on the rl config with the math-verify reward (paper defaults: 8 generations, no KL, lr 1e-6)."""
+    _train("grpo", dataset, output_dir, model, trl_config, settings, lenient_answers)
+
+
 @app.command("problems")
 def problems(
     source: Annotated[str, typer.Argument(help="A .jsonl/.json/.parquet/.csv file, a dataset folder or a Hub dataset id.")],
