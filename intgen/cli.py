@@ -184,7 +184,6 @@ def build_dataset(
 
 @app.command("sample")
 def sample(
-    ctx: typer.Context,
     problems: Annotated[str, typer.Option(help="Problem set: a file, a dataset folder or a Hub dataset id.")],
     run_dir: RunDirOpt,
     backend: BackendOpt = BackendKind.local,
@@ -212,10 +211,8 @@ def sample(
     """Sample K attempts per problem into RUN_DIR/samples/ (resumable; cached calls are never sent twice)."""
     from intgen.backends import make_backend
     from intgen.config import RunConfig
-    from intgen.io import read_problems
-    from intgen.pipeline import load_price
+    from intgen.pipeline import load_config_problems, sample_with
     from intgen.rundir import RunDir
-    from intgen.runner import run_sample
 
     settings = RunConfig(
         problems=problems, backend=backend.value, model=model, base_url=base_url, api_key_env=api_key_env,
@@ -224,14 +221,11 @@ def sample(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, limit=limit, batch_size=batch_size,
         prices=None if prices is None else str(prices), skip_bad_rows=skip_bad_rows,
     )
-    loaded = _run_or_fail(lambda: read_problems(problems, on_bad_row="skip" if skip_bad_rows else "error", limit=limit))
+    loaded = _run_or_fail(lambda: load_config_problems(settings))
     engine = make_backend(settings.policy_backend())
     run = RunDir(run_dir)
     try:
-        entry = _run_or_fail(lambda: run_sample(
-            run, loaded.frame, engine, samples=samples, sampling=settings.sampling(), batch_size=batch_size,
-            price=load_price(prices, engine.model), force=force, progress=progress,
-        ))
+        entry = _run_or_fail(lambda: sample_with(run, settings, engine, loaded.frame, force, progress))
         run.write_json("config.json", settings.to_dict())
     finally:
         engine.close()
@@ -260,16 +254,14 @@ def grade(
     progress: ProgressOpt = True,
 ) -> None:
     """Grade every attempt in RUN_DIR/samples/ (verdicts into graded/, pass rates into pass_rates/)."""
+    from intgen.pipeline import grade_with
     from intgen.rundir import RunDir
-    from intgen.runner import run_grade
 
     settings = _saved_config(run_dir, _explicit(ctx, {"hard_only": hard_only, "hard_threshold": hard_threshold,
                                                       "grade_workers": grade_workers, "grade_timeout": grade_timeout,
                                                       "lenient_answers": lenient_answers}))
     run = RunDir(run_dir)
-    entry = _run_or_fail(lambda: run_grade(run, workers=settings.grade_workers, timeout=settings.grade_timeout,
-                                           lenient=settings.lenient_answers, hard_only=settings.hard_only, hard_threshold=settings.hard_threshold,
-                                           force=force, progress=progress))
+    entry = _run_or_fail(lambda: grade_with(run, settings, force, progress))
     run.write_json("config.json", settings.to_dict())
     console.print(f"graded: {entry['correct']} correct, {entry['incorrect']} incorrect, {entry['ungradable']} "
                   f"ungradable {entry['ungradable_by_reason'] or ''}; {entry['problems_selected']} problems selected",
@@ -294,9 +286,8 @@ def propose(
 ) -> None:
     """Propose interventions for the failed attempts (into RUN_DIR/proposals/)."""
     from intgen.backends import make_backend
-    from intgen.pipeline import load_price
+    from intgen.pipeline import propose_with
     from intgen.rundir import RunDir
-    from intgen.runner import run_propose
 
     given = _explicit(ctx, {k: v for k, v in locals().items() if k not in ("ctx", "run_dir", "force", "progress")})
     if isinstance(given.get("proposer_backend"), BackendKind):
@@ -305,13 +296,7 @@ def propose(
     engine = make_backend(settings.proposer_config() or settings.policy_backend())
     run = RunDir(run_dir)
     try:
-        entry = _run_or_fail(lambda: run_propose(
-            run, engine, proposals=settings.proposals,
-            sampling=settings.sampling(settings.propose_max_tokens, settings.propose_temperature),
-            style=settings.propose_style, structured=settings.structured, include_truncated=settings.include_truncated,
-            grade_workers=settings.grade_workers, grade_timeout=settings.grade_timeout,
-            price=load_price(settings.prices, engine.model), force=force, progress=progress,
-        ))
+        entry = _run_or_fail(lambda: propose_with(run, settings, engine, force, progress))
         run.write_json("config.json", settings.to_dict())
     finally:
         engine.close()
@@ -334,9 +319,8 @@ def verify(
 ) -> None:
     """Continue each accepted intervention M times and keep the ones that lead to the answer."""
     from intgen.backends import make_backend
-    from intgen.pipeline import load_price
+    from intgen.pipeline import verify_with
     from intgen.rundir import RunDir
-    from intgen.runner import run_verify
 
     given = _explicit(ctx, {"continuations": continuations, "verify_max_tokens": verify_max_tokens,
                             "verify_temperature": verify_temperature, "min_success": min_success})
@@ -346,14 +330,7 @@ def verify(
     engine = make_backend(settings.policy_backend())
     run = RunDir(run_dir)
     try:
-        entry = _run_or_fail(lambda: run_verify(
-            run, engine, continuations=settings.continuations,
-            sampling=settings.sampling(settings.verify_max_tokens, settings.verify_temperature),
-            min_success=settings.min_success, conditions=settings.conditions, solve_prompt=settings.solve_prompt,
-            system_prompt=settings.system_prompt, grade_workers=settings.grade_workers,
-            grade_timeout=settings.grade_timeout, lenient=settings.lenient_answers,
-            price=load_price(settings.prices, engine.model), force=force, progress=progress,
-        ))
+        entry = _run_or_fail(lambda: verify_with(run, settings, engine, force, progress))
         run.write_json("config.json", settings.to_dict())
     finally:
         engine.close()

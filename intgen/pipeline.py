@@ -13,7 +13,8 @@ from intgen import __version__
 from intgen.backends import make_backend
 from intgen.calls import Price
 from intgen.config import RunConfig
-from intgen.io import read_problems
+from intgen.backends.base import Backend
+from intgen.io import LoadResult, read_problems
 from intgen.resources import file_sha256, resource_path
 from intgen.rundir import RunDir, atomic_write_text
 from intgen.runner import run_grade, run_propose, run_sample, run_verify
@@ -41,40 +42,61 @@ def load_price(path: str | Path | None, model: str) -> Price | None:
     return Price(float(entry["input"]), float(entry["output"]))
 
 
+def sample_with(run: RunDir, config: RunConfig, backend: Backend, problems: pl.DataFrame, force: bool = False,
+                progress: bool = True) -> dict[str, Any]:
+    return run_sample(run, problems, backend, samples=config.samples, sampling=config.sampling(),
+                      prompt=config.solve_prompt, system_prompt=config.system_prompt, batch_size=config.batch_size,
+                      price=load_price(config.prices, backend.model), force=force, progress=progress)
+
+
+def grade_with(run: RunDir, config: RunConfig, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    return run_grade(run, workers=config.grade_workers, timeout=config.grade_timeout, lenient=config.lenient_answers,
+                     hard_only=config.hard_only, hard_threshold=config.hard_threshold, force=force, progress=progress)
+
+
+def propose_with(run: RunDir, config: RunConfig, backend: Backend, force: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    return run_propose(run, backend, proposals=config.proposals,
+                       sampling=config.sampling(config.propose_max_tokens, config.propose_temperature),
+                       style=config.propose_style, structured=config.structured,
+                       include_truncated=config.include_truncated, grade_workers=config.grade_workers,
+                       grade_timeout=config.grade_timeout, price=load_price(config.prices, backend.model),
+                       force=force, progress=progress)
+
+
+def verify_with(run: RunDir, config: RunConfig, backend: Backend, force: bool = False,
+                progress: bool = True) -> dict[str, Any]:
+    return run_verify(run, backend, continuations=config.continuations,
+                      sampling=config.sampling(config.verify_max_tokens, config.verify_temperature),
+                      min_success=config.min_success, conditions=config.conditions, solve_prompt=config.solve_prompt,
+                      system_prompt=config.system_prompt, grade_workers=config.grade_workers,
+                      grade_timeout=config.grade_timeout, lenient=config.lenient_answers,
+                      price=load_price(config.prices, backend.model), force=force, progress=progress)
+
+
+def load_config_problems(config: RunConfig) -> LoadResult:
+    return read_problems(
+        config.problem_source(), problem_column=config.problem_column, answer_column=config.answer_column,
+        solution_column=config.solution_column, split=config.split, config=config.subset,
+        on_bad_row="skip" if config.skip_bad_rows else "error", limit=config.limit,
+    )
+
+
 def build_dataset(config: RunConfig, run_dir: Path, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run every stage (resuming what is done) and export the dataset; returns the funnel summary."""
     started = time.monotonic()
     run = RunDir(run_dir)
     if run.read_json("config.json") is None:
         run.write_json("config.json", config.to_dict())
-    loaded = read_problems(
-        config.problem_source(), problem_column=config.problem_column, answer_column=config.answer_column,
-        solution_column=config.solution_column, split=config.split, config=config.subset,
-        on_bad_row="skip" if config.skip_bad_rows else "error", limit=config.limit,
-    )
+    loaded = load_config_problems(config)
     policy = make_backend(config.policy_backend())
     proposer_config = config.proposer_config()
     proposer = make_backend(proposer_config) if proposer_config else policy
     try:
-        price = load_price(config.prices, policy.model)
-        proposer_price = load_price(config.prices, proposer.model) if proposer is not policy else price
-        run_sample(run, loaded.frame, policy, samples=config.samples, sampling=config.sampling(),
-                   prompt=config.solve_prompt, system_prompt=config.system_prompt, batch_size=config.batch_size,
-                   price=price, force=force, progress=progress)
-        run_grade(run, workers=config.grade_workers, timeout=config.grade_timeout, lenient=config.lenient_answers,
-                  hard_only=config.hard_only,
-                  hard_threshold=config.hard_threshold, force=force, progress=progress)
-        run_propose(run, proposer, proposals=config.proposals,
-                    sampling=config.sampling(config.propose_max_tokens, config.propose_temperature),
-                    style=config.propose_style, structured=config.structured,
-                    include_truncated=config.include_truncated, grade_workers=config.grade_workers,
-                    grade_timeout=config.grade_timeout, price=proposer_price, force=force, progress=progress)
-        run_verify(run, policy, continuations=config.continuations,
-                   sampling=config.sampling(config.verify_max_tokens, config.verify_temperature),
-                   min_success=config.min_success, conditions=config.conditions, solve_prompt=config.solve_prompt,
-                   system_prompt=config.system_prompt, grade_workers=config.grade_workers,
-                   grade_timeout=config.grade_timeout, lenient=config.lenient_answers, price=price, force=force,
-                   progress=progress)
+        sample_with(run, config, policy, loaded.frame, force, progress)
+        grade_with(run, config, force, progress)
+        propose_with(run, config, proposer, force, progress)
+        verify_with(run, config, policy, force, progress)
     finally:
         if proposer is not policy:
             proposer.close()

@@ -51,3 +51,34 @@ def test_build_dataset_on_the_bundled_examples_with_the_local_engine(tmp_path: P
         assert export_file(run_dir / "dataset", name).is_file()
     assert pl.read_parquet(export_file(run_dir / "dataset", "samples")).height == 6
     assert "configs:" in (run_dir / "dataset/README.md").read_text()
+
+
+def test_stage_commands_one_by_one(tmp_path: Path) -> None:
+    from intgen.config import EXAMPLE_PROBLEMS
+
+    run_dir = str(tmp_path / "stages")
+    steps = [
+        ["sample", "--problems", str(EXAMPLE_PROBLEMS), "--run-dir", run_dir, "--limit", "2", "--samples", "2",
+         "--max-tokens", "80", "--no-progress"],
+        ["grade", "--run-dir", run_dir, "--lenient-answers", "--no-progress"],
+        ["propose", "--run-dir", run_dir, "--proposals", "1", "--propose-max-tokens", "120", "--include-truncated",
+         "--no-progress"],
+        ["verify", "--run-dir", run_dir, "--continuations", "1", "--verify-max-tokens", "48", "--min-success", "0",
+         "--condition", "intervention", "--condition", "problem-only", "--no-progress"],
+        ["export", "--run-dir", run_dir],
+    ]
+    outputs = []
+    for args in steps:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args[0], result.output)
+        outputs.append(result.output)
+    assert "graded:" in outputs[1] and "proposals:" in outputs[2] and "kept:" in outputs[3]
+    config = json.loads((tmp_path / "stages" / "config.json").read_text())
+    assert config["lenient_answers"] is True and config["conditions"] == ["intervention", "problem-only"]
+    verify = pl.read_parquet(tmp_path / "stages" / "verify")
+    assert set(verify["condition"]) <= {"intervention", "problem-only"}
+    assert export_file(tmp_path / "stages" / "dataset", "sft").is_file()
+    result = runner.invoke(app, ["verify", "--run-dir", run_dir])  # the saved settings: a finished stage, no work
+    assert result.exit_code == 0 and "kept:" in result.output
+    result = runner.invoke(app, ["verify", "--run-dir", run_dir, "--continuations", "3"])
+    assert result.exit_code == 2 and "stage 'verify' was computed with other settings" in result.output
