@@ -56,12 +56,14 @@ def _explicit(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _saved_config(run_dir: Path, overrides: dict[str, Any]) -> "RunConfig":
-    from intgen.config import from_saved, resolve
-    from intgen.rundir import RunDir
+    import json
 
-    saved = RunDir(run_dir).read_json("config.json")
-    if saved is None:
+    from intgen.config import from_saved, resolve
+
+    path = run_dir / "config.json"
+    if not path.is_file():
         _fail(f"{run_dir}: no config.json; start the run with `intgen sample` or `intgen build-dataset`")
+    saved = json.loads(path.read_text())
     try:
         return resolve(overrides, from_saved(saved).to_dict())
     except (TypeError, ValueError) as exc:
