@@ -41,14 +41,17 @@ def digest(value: Any) -> str:
 
 
 def check_fingerprint(
-    run: RunDir, stage: str, fingerprint: dict[str, Any], force: bool, companions: tuple[str, ...] = ()
+    run: RunDir, stage: str, fingerprint: dict[str, Any], force: bool, companions: tuple[str, ...] = (),
+    inputs: str | None = None,
 ) -> dict[str, Any]:
     """Start (or resume) a stage. Returns its previous manifest entry when its finished parts may be
-    kept; otherwise clears the stage (and its companion tables) and returns {}. The fingerprint is
-    recorded before any work, so a killed stage resumes with its parts."""
+    kept; otherwise clears the stage (and its companion tables) and returns {}. The fingerprint (the
+    settings) is recorded before any work, so a killed stage resumes with its parts. `inputs` stands for
+    the content of the stage's input table: when only it changed (an upstream failure was retried), the
+    stage is recomputed without asking."""
     entry = run.manifest()["stages"].get(stage, {})
     old = entry.get("fingerprint")
-    if old == fingerprint:
+    if old == fingerprint and entry.get("inputs") == inputs:
         return entry
     if old is not None and not force:
         changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
@@ -59,15 +62,26 @@ def check_fingerprint(
         )
     for name in (stage, *companions):  # parts without a matching fingerprint are of unknown origin
         run.clear_stage(name)
-    run.record_stage(stage, {"status": "running", "fingerprint": fingerprint})
+    run.record_stage(stage, {"status": "running", "fingerprint": fingerprint, "inputs": inputs})
     return {}
 
 
 def stage_fingerprint(run: RunDir, stage: str) -> str:
+    """A digest of a finished stage's settings (they chain: a stage's settings include its input's)."""
+    return digest(_finished(run, stage)["fingerprint"])
+
+
+def stage_content(run: RunDir, stage: str) -> str:
+    """A digest standing for a finished stage's output: its settings, row count and failures."""
+    entry = _finished(run, stage)
+    return digest([entry["fingerprint"], entry.get("inputs"), entry["rows"], entry.get("failed_rows")])
+
+
+def _finished(run: RunDir, stage: str) -> dict[str, Any]:
     entry = run.manifest()["stages"].get(stage)
     if entry is None or not str(entry.get("status", "")).startswith("done"):
         raise FileNotFoundError(f"{run.path}: the {stage!r} stage has not finished; run it first")
-    return digest(entry["fingerprint"])
+    return entry
 
 
 @contextmanager
@@ -101,7 +115,8 @@ def _entry(
     table = run.scan(stage)
     names = table.collect_schema().names()
     rows = table.select(pl.len()).collect().item()
-    entry: dict[str, Any] = {"status": "done", "fingerprint": fingerprint, "rows": rows, **extra}
+    inputs = run.manifest()["stages"][stage].get("inputs")  # recorded by check_fingerprint
+    entry: dict[str, Any] = {"status": "done", "fingerprint": fingerprint, "inputs": inputs, "rows": rows, **extra}
     if "error" in names:
         failures = (
             table.filter(pl.col("error").is_not_null())
@@ -185,7 +200,8 @@ def run_grade(
         "hard_only": hard_only,
         "hard_threshold": hard_threshold,
     }
-    previous = check_fingerprint(run, "graded", fingerprint, force, companions=("pass_rates",))
+    previous = check_fingerprint(run, "graded", fingerprint, force, companions=("pass_rates",),
+                                 inputs=stage_content(run, "samples"))
     answers = dict(run.table("problems").select("problem_id", "answer").iter_rows())
     parts = run.parts("samples")
     total = run.scan("samples").select(pl.len()).collect().item()
@@ -265,7 +281,7 @@ def run_propose(
         "include_truncated": include_truncated,
         "prompts_sha256": [file_sha256(p) for p in prompt_files],
     }
-    previous = check_fingerprint(run, "proposals", fingerprint, force)
+    previous = check_fingerprint(run, "proposals", fingerprint, force, inputs=stage_content(run, "graded"))
     problems = {row["problem_id"]: row for row in run.table("problems").iter_rows(named=True)}
     selected = set(run.table("pass_rates").filter("selected")["problem_id"].to_list())
     templates = [p.read_text(encoding="utf-8") for p in prompt_files]
@@ -427,7 +443,8 @@ def run_verify(
         "system_prompt": system_prompt,
         "lenient": lenient,
     }
-    previous = check_fingerprint(run, "verify", fingerprint, force, companions=("continuations",))
+    previous = check_fingerprint(run, "verify", fingerprint, force, companions=("continuations",),
+                                 inputs=stage_content(run, "proposals"))
     problems = {row["problem_id"]: row for row in run.table("problems").iter_rows(named=True)}
     texts = dict(run.scan("samples").select("attempt_id", "text").collect().iter_rows())
     stats = CallStats()

@@ -82,3 +82,26 @@ def test_stage_commands_one_by_one(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "kept:" in result.output
     result = runner.invoke(app, ["verify", "--run-dir", run_dir, "--continuations", "3"])
     assert result.exit_code == 2 and "stage 'verify' was computed with other settings" in result.output
+
+
+def test_a_retried_upstream_failure_recomputes_the_stages_after_it(tmp_path: Path) -> None:
+    from intgen.config import EXAMPLE_PROBLEMS
+    from intgen.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    sample = ["sample", "--problems", str(EXAMPLE_PROBLEMS), "--run-dir", str(run_dir), "--limit", "2", "--samples", "1",
+              "--max-tokens", "40", "--no-progress"]
+    assert runner.invoke(app, sample).exit_code == 0
+    assert runner.invoke(app, ["grade", "--run-dir", str(run_dir), "--no-progress"]).exit_code == 0
+    # Pretend the first attempt's call had failed: the part now holds an error row, as after a dropped request.
+    run = RunDir(run_dir)
+    part = pl.read_parquet(run.part_path("samples", 0))
+    run.write_part("samples", 0, part.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("http_503: injected")).otherwise(pl.col("error")).alias("error")
+    ))
+    run.record_stage("samples", run.manifest()["stages"]["samples"] | {"failed_rows": {"http_503": 1}})
+    assert runner.invoke(app, sample).exit_code == 0  # retried: the good sample comes from the cache
+    assert pl.read_parquet(run_dir / "samples")["error"].null_count() == 2
+    result = runner.invoke(app, ["grade", "--run-dir", str(run_dir), "--no-progress"])
+    assert result.exit_code == 0, result.output  # not refused: only its input changed
+    assert pl.read_parquet(run_dir / "graded")["error"].null_count() == 2
