@@ -31,6 +31,8 @@ from typing import Any
 DEFAULT_MEMORY_LIMIT_BYTES = 4 * 1024**3
 
 _START_TIMEOUT_S = 120.0
+# Each worker imports sympy (~100 MB); more than this rarely pays off for grading.
+MAX_DEFAULT_WORKERS = 8
 TIMEOUT = "timeout"
 WORKER_DIED = "worker_died"
 
@@ -134,7 +136,7 @@ class HardTimeoutPool:
         self, target: str, workers: int | None = None, memory_limit: int | None = DEFAULT_MEMORY_LIMIT_BYTES
     ) -> None:
         self.target = target
-        self.size = max(1, workers or os.cpu_count() or 1)
+        self.size = default_size(workers)
         self.memory_limit = memory_limit
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
@@ -209,13 +211,18 @@ class HardTimeoutPool:
         self.close()
 
 
+def default_size(workers: int | None) -> int:
+    """`workers`, or one per CPU core up to MAX_DEFAULT_WORKERS."""
+    return max(1, workers or min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS))
+
+
 _shared: dict[tuple[str, int], HardTimeoutPool] = {}
 _shared_lock = threading.Lock()
 
 
 def shared_pool(target: str, workers: int | None = None) -> HardTimeoutPool:
     """One long-lived pool per (target, size), closed at interpreter exit."""
-    size = max(1, workers or os.cpu_count() or 1)
+    size = default_size(workers)
     with _shared_lock:
         pool = _shared.get((target, size))
         if pool is None:
