@@ -446,13 +446,15 @@ def run_verify(
     previous = check_fingerprint(run, "verify", fingerprint, force, companions=("continuations",),
                                  inputs=stage_content(run, "proposals"))
     problems = {row["problem_id"]: row for row in run.table("problems").iter_rows(named=True)}
-    texts = dict(run.scan("samples").select("attempt_id", "text").collect().iter_rows())
     stats = CallStats()
     parts = run.parts("proposals")
     with stage_progress("verify", len(parts), progress) as advance:
         for index, part in enumerate(parts):
             if not (_part_is_finished(run, "verify", index) and run.has_part("continuations", index)):
                 accepted = pl.read_parquet(part).filter("accepted").to_dicts()
+                ids = [p["attempt_id"] for p in accepted]  # only this part's attempts: memory stays flat
+                texts = dict(run.scan("samples").filter(pl.col("attempt_id").is_in(ids))
+                             .select("attempt_id", "text").collect().iter_rows())
                 jobs = []
                 for proposal in accepted:
                     steps = split_steps(texts[proposal["attempt_id"]])
