@@ -30,6 +30,22 @@ def smollm2_gguf() -> Path:
     return default_gguf()
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive (as real servers speak it), no access log on stderr."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """Start `handler` on a free loopback port in a daemon thread; returns the server and its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def reply(handler: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
     handler.send_response(status)
     for name, value in {"content-type": "application/json", **(headers or {})}.items():
@@ -92,12 +108,7 @@ class Proxy:
         self.lock = threading.Lock()
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 self._handle(b"")
 
@@ -138,10 +149,8 @@ class Proxy:
                         proxy.in_flight -= 1
                 reply(self, status, data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, url = serve(Handler)
+        self.url = url + "/v1"
 
     def posts(self, suffix: str = "") -> list[dict[str, Any]]:
         return [body for path, body in self.forwarded if path.endswith(suffix)]
@@ -158,21 +167,14 @@ class JsonServer:
         self.requests: list[tuple[str, dict[str, Any], dict[str, str]]] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 server.requests.append((self.path, body, dict(self.headers)))
                 status, answer = respond(self.path, body)
                 reply(self, status, json.dumps(answer).encode())
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve(Handler)
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -195,12 +197,7 @@ class HubServer:
         pending_failures = set(fail_first)
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 path = self.path.split("?")[0]
@@ -251,9 +248,7 @@ class HubServer:
                     answer = {"commitUrl": f"http://{self.headers['host']}/datasets/{repo_id}/commit/abc123", "commitOid": "abc123"}
                     reply(self, 200, json.dumps(answer).encode())
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve(Handler)
 
     def stop(self) -> None:
         self.server.shutdown()
