@@ -89,3 +89,22 @@ class Backend(Protocol):
 
 def error_completion(message: str) -> Completion:
     return Completion("", ERROR, error=message)
+
+
+def share_usage(
+    texts: list[tuple[str, str | None]], prompt_tokens: int, completion_tokens: int, true_continuation: bool = True
+) -> list[Completion]:
+    """Completions from one call's (text, finish reason) choices. The call's usage is shared out so that
+    the parts add up to what the engine billed: the prompt to the first choice, completion tokens in
+    proportion to length."""
+    total_chars = sum(len(t) for t, _ in texts) or 1
+    completions = []
+    given = 0
+    for index, (text, finish) in enumerate(texts):
+        share = completion_tokens - given if index == len(texts) - 1 else round(completion_tokens * len(text) / total_chars)
+        given += share
+        reason = LENGTH if finish == "length" else STOP if finish in ("stop", "eos", None, "end_turn") else finish
+        completions.append(
+            Completion(text, reason or ERROR, prompt_tokens if index == 0 else 0, share, true_continuation)
+        )
+    return completions

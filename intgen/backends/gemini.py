@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from intgen.backends.base import LENGTH, STOP, Completion, Request, error_completion
+from intgen.backends.base import Completion, Request, error_completion, share_usage
 from intgen.backends.retry import BackoffWait, bounded_gather, retrying, run_sync
 
 CONTINUE_INSTRUCTION = (
@@ -118,23 +118,13 @@ class GeminiBackend:
         usage = response.usage_metadata
         prompt_tokens = (usage.prompt_token_count or 0) if usage else 0
         completion_tokens = ((usage.candidates_token_count or 0) + (usage.thoughts_token_count or 0)) if usage else 0
-        completions = []
-        candidates = response.candidates or []
-        for index, candidate in enumerate(candidates):
+        texts = []
+        for candidate in response.candidates or []:
             parts = candidate.content.parts if candidate.content and candidate.content.parts else []
             text = "".join(p.text or "" for p in parts if not getattr(p, "thought", False))
             finish = str(candidate.finish_reason.value if candidate.finish_reason else "STOP")
-            share = completion_tokens // len(candidates) + (completion_tokens % len(candidates) if index == 0 else 0)
-            completions.append(
-                Completion(
-                    text,
-                    LENGTH if finish == "MAX_TOKENS" else STOP,
-                    prompt_tokens if index == 0 else 0,
-                    share,
-                    true_continuation=not request.continue_final,
-                )
-            )
-        return completions
+            texts.append((text, "length" if finish == "MAX_TOKENS" else "stop"))
+        return share_usage(texts, prompt_tokens, completion_tokens, true_continuation=not request.continue_final)
 
     def close(self) -> None:
         pass

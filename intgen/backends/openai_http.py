@@ -22,7 +22,7 @@ import os
 from typing import Any, Literal
 
 import openai
-from intgen.backends.base import ERROR, LENGTH, STOP, Completion, Request, error_completion
+from intgen.backends.base import Completion, Request, error_completion, share_usage
 from intgen.backends.retry import BackoffWait, bounded_gather, retrying, run_sync
 from intgen.chat_template import ChatTemplate
 
@@ -139,18 +139,4 @@ class OpenAIBackend:
             )
             texts = [(c.message.content or "", c.finish_reason) for c in response.choices]
         usage = response.usage
-        return split_usage(texts, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
-
-
-def split_usage(texts: list[tuple[str, str | None]], prompt_tokens: int, completion_tokens: int) -> list[Completion]:
-    """Completions from one call's choices. The call's usage is shared out so that the parts add up to
-    what the engine billed: the prompt to the first choice, completion tokens in proportion to length."""
-    total_chars = sum(len(t) for t, _ in texts) or 1
-    completions = []
-    given = 0
-    for index, (text, finish) in enumerate(texts):
-        share = completion_tokens - given if index == len(texts) - 1 else round(completion_tokens * len(text) / total_chars)
-        given += share
-        reason = LENGTH if finish == "length" else STOP if finish in ("stop", "eos", None, "end_turn") else finish
-        completions.append(Completion(text, reason or ERROR, prompt_tokens if index == 0 else 0, share))
-    return completions
+        return share_usage(texts, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
