@@ -101,6 +101,33 @@ StructuredOpt = Annotated[str, typer.Option(help="openai: how to send a JSON sch
 ContinuationOpt = Annotated[str, typer.Option(help="openai: how to continue an assistant message: chat (vLLM continue_final_message) or completions (client-side chat template).")]
 ChatTemplateOpt = Annotated[Optional[str], typer.Option(help="openai + completions: chat template file, .gguf file or tokenizer name.")]
 ThinkingOpt = Annotated[Optional[int], typer.Option(help="gemini: thinking budget in tokens.")]
+ProposerBackendOpt = Annotated[Optional[BackendKind], typer.Option(help="Proposer engine (default: the policy's; self-proposed).")]
+ProposerModelOpt = Annotated[Optional[str], typer.Option(help="Proposer model (default: the policy model).")]
+ProposerUrlOpt = Annotated[Optional[str], typer.Option(help="Proposer server URL.")]
+SamplesOpt = Annotated[int, typer.Option(help="Attempts per problem (K).")]
+TemperatureOpt = Annotated[float, typer.Option()]
+TopPOpt = Annotated[float, typer.Option()]
+TopKOpt = Annotated[int, typer.Option(help="0 disables top-k.")]
+SeedOpt = Annotated[int, typer.Option(help="Sampling seed: the same config and seed give the same dataset.")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="Use only the first N problems.")]
+HardOnlyOpt = Annotated[bool, typer.Option(help="Propose only for problems whose pass rate is at most --hard-threshold.")]
+HardThresholdOpt = Annotated[float, typer.Option(help="Pass-rate ceiling for --hard-only.")]
+ProposalsOpt = Annotated[int, typer.Option(help="Proposals per failed attempt (P).")]
+ProposeStyleOpt = Annotated[str, typer.Option(help="two-turn (the paper's: solve with the reference, then critique) or single-turn.")]
+ProposeMaxTokensOpt = Annotated[int, typer.Option(help="Token limit per proposal.")]
+ProposeTemperatureOpt = Annotated[float, typer.Option()]
+StructuredProposalsOpt = Annotated[bool, typer.Option(help="Constrain proposals by a JSON schema where the backend can.")]
+IncludeTruncatedOpt = Annotated[bool, typer.Option(help="Also propose for attempts cut off by max tokens.")]
+ContinuationsOpt = Annotated[int, typer.Option(help="Continuations per intervention (M).")]
+VerifyMaxTokensOpt = Annotated[int, typer.Option(help="Token limit per continuation.")]
+VerifyTemperatureOpt = Annotated[float, typer.Option()]
+MinSuccessOpt = Annotated[int, typer.Option(help="Keep an intervention with at least this many correct continuations.")]
+ConditionOpt = Annotated[Optional[list[str]], typer.Option("--condition", help="Verify conditions (repeatable): intervention, original-step, resample-step, problem-only.")]
+GradeWorkersOpt = Annotated[int, typer.Option(help="Grading worker processes.")]
+LenientOpt = Annotated[bool, typer.Option(help="Grade a response without \\boxed{} by the answer it states (for small models).")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Problems per batch (one parquet part each).")]
+PricesOpt = Annotated[Optional[Path], typer.Option(help="Price table (TOML/JSON) to report cost.")]
+SkipBadRowsOpt = Annotated[bool, typer.Option(help="Skip malformed problem rows (each is reported).")]
 RunDirOpt = Annotated[Path, typer.Option(help="Run directory (created if needed; rerunning resumes).")]
 ForceOpt = Annotated[bool, typer.Option(help="Recompute a stage whose settings changed (cached model calls are reused).")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
@@ -121,35 +148,35 @@ def build_dataset(
     continuation: ContinuationOpt = "chat",
     chat_template: ChatTemplateOpt = None,
     thinking_budget: ThinkingOpt = None,
-    proposer_backend: Annotated[Optional[BackendKind], typer.Option(help="Proposer engine (default: the policy's; self-proposed).")] = None,
-    proposer_model: Annotated[Optional[str], typer.Option(help="Proposer model (default: the policy model).")] = None,
-    proposer_base_url: Annotated[Optional[str], typer.Option(help="Proposer server URL.")] = None,
-    samples: Annotated[int, typer.Option(help="Attempts per problem (K).")] = 4,
+    proposer_backend: ProposerBackendOpt = None,
+    proposer_model: ProposerModelOpt = None,
+    proposer_base_url: ProposerUrlOpt = None,
+    samples: SamplesOpt = 4,
     max_tokens: Annotated[int, typer.Option(help="Token limit per attempt.")] = 16384,
-    temperature: Annotated[float, typer.Option()] = 0.7,
-    top_p: Annotated[float, typer.Option()] = 0.8,
-    top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 20,
-    seed: Annotated[int, typer.Option(help="Sampling seed: the same config and seed give the same dataset.")] = 0,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N problems.")] = None,
-    hard_only: Annotated[bool, typer.Option(help="Propose only for problems whose pass rate is at most --hard-threshold.")] = False,
-    hard_threshold: Annotated[float, typer.Option(help="Pass-rate ceiling for --hard-only.")] = 0.0,
-    proposals: Annotated[int, typer.Option(help="Proposals per failed attempt (P).")] = 4,
-    propose_style: Annotated[str, typer.Option(help="two-turn (the paper's: solve with the reference, then critique) or single-turn.")] = "two-turn",
-    propose_max_tokens: Annotated[int, typer.Option(help="Token limit per proposal.")] = 8192,
-    propose_temperature: Annotated[float, typer.Option()] = 0.7,
-    structured: Annotated[bool, typer.Option(help="Constrain proposals by a JSON schema where the backend can.")] = True,
-    include_truncated: Annotated[bool, typer.Option(help="Also propose for attempts cut off by max tokens.")] = False,
-    continuations: Annotated[int, typer.Option(help="Continuations per intervention (M).")] = 32,
-    verify_max_tokens: Annotated[int, typer.Option(help="Token limit per continuation.")] = 16384,
-    verify_temperature: Annotated[float, typer.Option()] = 0.7,
-    min_success: Annotated[int, typer.Option(help="Keep an intervention with at least this many correct continuations.")] = 1,
-    condition: Annotated[Optional[list[str]], typer.Option("--condition", help="Verify conditions (repeatable): intervention, original-step, resample-step, problem-only.")] = None,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.8,
+    top_k: TopKOpt = 20,
+    seed: SeedOpt = 0,
+    limit: LimitOpt = None,
+    hard_only: HardOnlyOpt = False,
+    hard_threshold: HardThresholdOpt = 0.0,
+    proposals: ProposalsOpt = 4,
+    propose_style: ProposeStyleOpt = "two-turn",
+    propose_max_tokens: ProposeMaxTokensOpt = 8192,
+    propose_temperature: ProposeTemperatureOpt = 0.7,
+    structured: StructuredProposalsOpt = True,
+    include_truncated: IncludeTruncatedOpt = False,
+    continuations: ContinuationsOpt = 32,
+    verify_max_tokens: VerifyMaxTokensOpt = 16384,
+    verify_temperature: VerifyTemperatureOpt = 0.7,
+    min_success: MinSuccessOpt = 1,
+    condition: ConditionOpt = None,
     system_prompt: Annotated[Optional[str], typer.Option(help="System prompt for the policy (same in sampling, SFT and RL).")] = None,
-    grade_workers: Annotated[int, typer.Option(help="Grading worker processes.")] = 2,
-    lenient_answers: Annotated[bool, typer.Option(help="Grade a response without \\boxed{} by the answer it states (for small models).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Problems per batch (one parquet part each).")] = 64,
-    prices: Annotated[Optional[Path], typer.Option(help="Price table (TOML/JSON) to report cost.")] = None,
-    skip_bad_rows: Annotated[bool, typer.Option(help="Skip malformed problem rows (each is reported).")] = False,
+    grade_workers: GradeWorkersOpt = 2,
+    lenient_answers: LenientOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    prices: PricesOpt = None,
+    skip_bad_rows: SkipBadRowsOpt = False,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -197,16 +224,16 @@ def sample(
     continuation: ContinuationOpt = "chat",
     chat_template: ChatTemplateOpt = None,
     thinking_budget: ThinkingOpt = None,
-    samples: Annotated[int, typer.Option(help="Attempts per problem (K).")] = 4,
+    samples: SamplesOpt = 4,
     max_tokens: Annotated[int, typer.Option(help="Token limit per attempt.")] = 4096,
-    temperature: Annotated[float, typer.Option()] = 0.7,
-    top_p: Annotated[float, typer.Option()] = 0.8,
-    top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 20,
-    seed: Annotated[int, typer.Option(help="Sampling seed (fixed seeds make runs repeatable).")] = 0,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N problems.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Problems per batch (one parquet part each).")] = 64,
-    prices: Annotated[Optional[Path], typer.Option(help="Price table (TOML/JSON) to report cost.")] = None,
-    skip_bad_rows: Annotated[bool, typer.Option(help="Skip malformed problem rows (each is reported).")] = False,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.8,
+    top_k: TopKOpt = 20,
+    seed: SeedOpt = 0,
+    limit: LimitOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    prices: PricesOpt = None,
+    skip_bad_rows: SkipBadRowsOpt = False,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -247,11 +274,11 @@ def sample(
 def grade(
     ctx: typer.Context,
     run_dir: RunDirOpt,
-    hard_only: Annotated[bool, typer.Option(help="Propose only for problems whose pass rate is at most --hard-threshold.")] = False,
-    hard_threshold: Annotated[float, typer.Option(help="Pass-rate ceiling for --hard-only.")] = 0.0,
-    grade_workers: Annotated[int, typer.Option(help="Grading worker processes.")] = 2,
+    hard_only: HardOnlyOpt = False,
+    hard_threshold: HardThresholdOpt = 0.0,
+    grade_workers: GradeWorkersOpt = 2,
     grade_timeout: Annotated[float, typer.Option(help="Seconds per answer at most.")] = 5.0,
-    lenient_answers: Annotated[bool, typer.Option(help="Grade a response without \\boxed{} by the answer it states.")] = False,
+    lenient_answers: LenientOpt = False,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -274,15 +301,15 @@ def grade(
 def propose(
     ctx: typer.Context,
     run_dir: RunDirOpt,
-    proposals: Annotated[int, typer.Option(help="Proposals per failed attempt (P).")] = 4,
-    proposer_backend: Annotated[Optional[BackendKind], typer.Option(help="Proposer engine (default: the policy's).")] = None,
-    proposer_model: Annotated[Optional[str], typer.Option(help="Proposer model (default: the policy model).")] = None,
-    proposer_base_url: Annotated[Optional[str], typer.Option(help="Proposer server URL.")] = None,
-    propose_style: Annotated[str, typer.Option(help="two-turn or single-turn.")] = "two-turn",
-    propose_max_tokens: Annotated[int, typer.Option(help="Token limit per proposal.")] = 8192,
-    propose_temperature: Annotated[float, typer.Option()] = 0.7,
-    structured: Annotated[bool, typer.Option(help="Constrain proposals by a JSON schema where the backend can.")] = True,
-    include_truncated: Annotated[bool, typer.Option(help="Also propose for truncated attempts.")] = False,
+    proposals: ProposalsOpt = 4,
+    proposer_backend: ProposerBackendOpt = None,
+    proposer_model: ProposerModelOpt = None,
+    proposer_base_url: ProposerUrlOpt = None,
+    propose_style: ProposeStyleOpt = "two-turn",
+    propose_max_tokens: ProposeMaxTokensOpt = 8192,
+    propose_temperature: ProposeTemperatureOpt = 0.7,
+    structured: StructuredProposalsOpt = True,
+    include_truncated: IncludeTruncatedOpt = False,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -311,11 +338,11 @@ def propose(
 def verify(
     ctx: typer.Context,
     run_dir: RunDirOpt,
-    continuations: Annotated[int, typer.Option(help="Continuations per intervention (M).")] = 32,
-    verify_max_tokens: Annotated[int, typer.Option(help="Token limit per continuation.")] = 16384,
-    verify_temperature: Annotated[float, typer.Option()] = 0.7,
-    min_success: Annotated[int, typer.Option(help="Keep an intervention with at least this many correct continuations.")] = 1,
-    condition: Annotated[Optional[list[str]], typer.Option("--condition", help="intervention, original-step, resample-step, problem-only (repeatable).")] = None,
+    continuations: ContinuationsOpt = 32,
+    verify_max_tokens: VerifyMaxTokensOpt = 16384,
+    verify_temperature: VerifyTemperatureOpt = 0.7,
+    min_success: MinSuccessOpt = 1,
+    condition: ConditionOpt = None,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
