@@ -19,7 +19,7 @@ from typing import Any
 import polars as pl
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from intgen.backends.base import ERROR, Backend, Sampling
+from intgen.backends.base import ERROR, Backend, Sampling, make_request
 from intgen.calls import CallStats, Price, run_requests
 from intgen.grading import are_equivalent, grade_many, grader_version
 from intgen.resources import file_sha256, resource_path
@@ -314,8 +314,6 @@ def _propose_batch(
     templates: list[str], proposals: int, sampling: Sampling, structured: bool, grade_workers: int,
     grade_timeout: float, stats: CallStats,
 ) -> list[dict[str, Any]]:
-    from intgen.backends.base import make_request
-
     two_turn = len(templates) == 2
     steps_of = {a["attempt_id"]: split_steps(a["text"]) for a in failed}
     turn1: dict[str, tuple[list[dict[str, str]], str]] = {}
@@ -426,8 +424,6 @@ def run_verify(
 ) -> dict[str, Any]:
     """M continuations per accepted proposal and condition into `RUN/continuations/`; success counts
     and rates into `RUN/verify/` (`kept`: the intervention condition with at least `min_success`)."""
-    from intgen.backends.base import make_request
-
     prompt_file = resource_path("prompts", solve_prompt)
     template = prompt_file.read_text(encoding="utf-8")
     chosen = [Condition(c) for c in conditions]
