@@ -36,6 +36,14 @@ class CallStats:
     failures: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CallStats:
+        """Totals saved by `to_dict` (the manifest), to add a new run's calls to."""
+        stats = cls(failures=Counter(data.get("failures", {})))
+        for name in ("samples", "cache_hits", "requests_sent", "prompt_tokens", "completion_tokens", "seconds"):
+            setattr(stats, name, data.get(name, 0))
+        return stats
+
     def add(self, other: CallStats) -> None:
         for name in ("samples", "cache_hits", "requests_sent", "prompt_tokens", "completion_tokens", "seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))

@@ -71,7 +71,7 @@ def _saved_config(run_dir: Path, overrides: dict[str, Any]) -> "RunConfig":
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    from intgen.pipeline import funnel_rows
+    from intgen.stages.export import funnel_rows
 
     table = Table(title=f"intgen: {run_dir}")
     table.add_column("stage")
@@ -84,7 +84,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 def _run_or_fail(action: Callable[[], Any]) -> Any:
     from intgen.io import BadInputError
-    from intgen.runner import StageConfigChanged
+    from intgen.driver import StageConfigChanged
 
     try:
         return action()
@@ -131,6 +131,9 @@ SkipBadRowsOpt = Annotated[bool, typer.Option(help="Skip malformed problem rows 
 RunDirOpt = Annotated[Path, typer.Option(help="Run directory (created if needed; rerunning resumes).")]
 ForceOpt = Annotated[bool, typer.Option(help="Recompute a stage whose settings changed (cached model calls are reused).")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
+SolvePromptOpt = Annotated[Optional[str], typer.Option(help="The policy's prompt (sample, verify, SFT and RL): a shipped file name or your own file with {{problem}}. [default: solve.md]")]
+ReferencePromptOpt = Annotated[Optional[str], typer.Option(help="Turn 1 of the two-turn proposer prompt (solve guided by the reference): a shipped file name or your own file. [default: propose_reference.md]")]
+CritiquePromptOpt = Annotated[Optional[str], typer.Option(help="Turn 2 of the two-turn proposer prompt, or the single-turn prompt: a shipped file name or your own file. [default: propose_critique.md / propose_single.md]")]
 
 
 @app.command("build-dataset")
@@ -172,6 +175,9 @@ def build_dataset(
     min_success: MinSuccessOpt = 1,
     condition: ConditionOpt = None,
     system_prompt: Annotated[Optional[str], typer.Option(help="System prompt for the policy (same in sampling, SFT and RL).")] = None,
+    solve_prompt: SolvePromptOpt = None,
+    reference_prompt: ReferencePromptOpt = None,
+    critique_prompt: CritiquePromptOpt = None,
     grade_workers: GradeWorkersOpt = 2,
     lenient_answers: LenientOpt = False,
     batch_size: BatchSizeOpt = 64,
@@ -234,13 +240,15 @@ def sample(
     batch_size: BatchSizeOpt = 64,
     prices: PricesOpt = None,
     skip_bad_rows: SkipBadRowsOpt = False,
+    system_prompt: Annotated[Optional[str], typer.Option(help="System prompt for the policy.")] = None,
+    solve_prompt: SolvePromptOpt = None,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Sample K attempts per problem into RUN_DIR/samples/ (resumable; cached calls are never sent twice)."""
     from intgen.backends import make_backend
     from intgen.config import RunConfig
-    from intgen.pipeline import load_config_problems, sample_with
+    from intgen.pipeline import load_config_problems, sample_problems
     from intgen.rundir import RunDir
 
     settings = RunConfig(
@@ -248,13 +256,14 @@ def sample(
         concurrency=concurrency, structured_output=structured_output, continuation=continuation,
         chat_template=chat_template, thinking_budget=thinking_budget, samples=samples, max_tokens=max_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, limit=limit, batch_size=batch_size,
-        prices=None if prices is None else str(prices), skip_bad_rows=skip_bad_rows,
+        prices=None if prices is None else str(prices), skip_bad_rows=skip_bad_rows, system_prompt=system_prompt,
+        **({"solve_prompt": solve_prompt} if solve_prompt else {}),
     )
     loaded = _run_or_fail(lambda: load_config_problems(settings))
     engine = make_backend(settings.policy_backend())
     run = RunDir(run_dir)
     try:
-        entry = _run_or_fail(lambda: sample_with(run, settings, engine, loaded.frame, force, progress))
+        entry = _run_or_fail(lambda: sample_problems(run, settings, engine, loaded.frame, force, progress))
         run.write_json("config.json", settings.to_dict())
     finally:
         engine.close()
@@ -283,14 +292,14 @@ def grade(
     progress: ProgressOpt = True,
 ) -> None:
     """Grade every attempt in RUN_DIR/samples/ (verdicts into graded/, pass rates into pass_rates/)."""
-    from intgen.pipeline import grade_with
+    from intgen.pipeline import run_named_stage
     from intgen.rundir import RunDir
 
     settings = _saved_config(run_dir, _explicit(ctx, {"hard_only": hard_only, "hard_threshold": hard_threshold,
                                                       "grade_workers": grade_workers, "grade_timeout": grade_timeout,
                                                       "lenient_answers": lenient_answers}))
     run = RunDir(run_dir)
-    entry = _run_or_fail(lambda: grade_with(run, settings, force, progress))
+    entry = _run_or_fail(lambda: run_named_stage(run, settings, "grade", None, force, progress))
     run.write_json("config.json", settings.to_dict())
     console.print(f"graded: {entry['correct']} correct, {entry['incorrect']} incorrect, {entry['ungradable']} "
                   f"ungradable {entry['ungradable_by_reason'] or ''}; {entry['problems_selected']} problems selected",
@@ -310,12 +319,14 @@ def propose(
     propose_temperature: ProposeTemperatureOpt = 0.7,
     structured: StructuredProposalsOpt = True,
     include_truncated: IncludeTruncatedOpt = False,
+    reference_prompt: ReferencePromptOpt = None,
+    critique_prompt: CritiquePromptOpt = None,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Propose interventions for the failed attempts (into RUN_DIR/proposals/)."""
     from intgen.backends import make_backend
-    from intgen.pipeline import propose_with
+    from intgen.pipeline import run_named_stage
     from intgen.rundir import RunDir
 
     given = _explicit(ctx, {k: v for k, v in locals().items() if k not in ("ctx", "run_dir", "force", "progress")})
@@ -325,7 +336,7 @@ def propose(
     engine = make_backend(settings.proposer_config() or settings.policy_backend())
     run = RunDir(run_dir)
     try:
-        entry = _run_or_fail(lambda: propose_with(run, settings, engine, force, progress))
+        entry = _run_or_fail(lambda: run_named_stage(run, settings, "propose", engine, force, progress))
         run.write_json("config.json", settings.to_dict())
     finally:
         engine.close()
@@ -348,7 +359,7 @@ def verify(
 ) -> None:
     """Continue each accepted intervention M times and keep the ones that lead to the answer."""
     from intgen.backends import make_backend
-    from intgen.pipeline import verify_with
+    from intgen.pipeline import run_named_stage
     from intgen.rundir import RunDir
 
     given = _explicit(ctx, {"continuations": continuations, "verify_max_tokens": verify_max_tokens,
@@ -359,7 +370,7 @@ def verify(
     engine = make_backend(settings.policy_backend())
     run = RunDir(run_dir)
     try:
-        entry = _run_or_fail(lambda: verify_with(run, settings, engine, force, progress))
+        entry = _run_or_fail(lambda: run_named_stage(run, settings, "verify", engine, force, progress))
         run.write_json("config.json", settings.to_dict())
     finally:
         engine.close()
@@ -373,7 +384,7 @@ def verify(
 @app.command("export")
 def export(run_dir: RunDirOpt) -> None:
     """Write RUN_DIR/dataset/ (parquet per config and a README.md dataset card)."""
-    from intgen.pipeline import export as write
+    from intgen.stages.export import export as write
     from intgen.rundir import RunDir
 
     settings = _saved_config(run_dir, {})
@@ -395,7 +406,7 @@ def push(
     from huggingface_hub.errors import HfHubHTTPError
 
     from intgen.hub import push_dataset
-    from intgen.pipeline import funnel, write_card
+    from intgen.stages.export import funnel, write_card
     from intgen.rundir import RunDir
 
     settings = _saved_config(run_dir, {})

@@ -16,9 +16,13 @@ from typing import Any
 
 from intgen.backends import BackendConfig, BackendKind
 from intgen.backends.base import Sampling
+from intgen.resources import Prompt, load_prompt
 
 EXAMPLE_PROBLEMS = Path(__file__).resolve().parent / "examples" / "problems.jsonl"
 CONDITIONS = ("intervention", "original-step", "resample-step", "problem-only")
+# The markers each prompt must hold: where the problem, reference and attempt go.
+PROMPT_MARKERS = {"solve": ("problem",), "reference": ("problem", "reference_solution"),
+                  "critique": ("numbered_attempt",)}
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class RunConfig:
     top_p: float = 0.8
     top_k: int = 20
     system_prompt: str | None = None
-    solve_prompt: str = "solve.md"
+    solve_prompt: str = "solve.md"  # the policy's prompt (sample, verify, and the dataset's SFT/RL prompts)
     # grade
     grade_workers: int = 2
     grade_timeout: float = 5.0
@@ -65,6 +69,8 @@ class RunConfig:
     # propose
     proposals: int = 4
     propose_style: str = "two-turn"  # two-turn | single-turn
+    reference_prompt: str = "propose_reference.md"  # turn 1 of the two-turn prompt
+    critique_prompt: str | None = None  # turn 2, or the single-turn prompt (default: the shipped one for the style)
     propose_max_tokens: int = 8192
     propose_temperature: float = 0.7
     structured: bool = True  # constrain proposals by a JSON schema where the backend can
@@ -106,6 +112,23 @@ class RunConfig:
             model=self.proposer_model or self.model,
             base_url=self.proposer_base_url or self.base_url,
         )
+
+    def prompt(self, kind: str) -> Prompt:
+        """The `solve`, `reference` or `critique` prompt: a shipped file by name, or the user's own path."""
+        name = {"solve": self.solve_prompt, "reference": self.reference_prompt, "critique": self.critique_prompt}[kind]
+        if name is None:
+            name = "propose_critique.md" if self.propose_style == "two-turn" else "propose_single.md"
+        prompt = load_prompt(name)
+        missing = [m for m in PROMPT_MARKERS[kind] if "{{" + m + "}}" not in prompt.text]
+        if missing:
+            raise ValueError(f"{name}: the {kind} prompt has no {', '.join('{{' + m + '}}' for m in missing)} marker")
+        return prompt
+
+    def propose_prompts(self) -> list[Prompt]:
+        """The proposer's prompts, in the order they are sent."""
+        if self.propose_style == "two-turn":
+            return [self.prompt("reference"), self.prompt("critique")]
+        return [self.prompt("critique")]
 
     def problem_source(self) -> str:
         return self.problems or str(EXAMPLE_PROBLEMS)

@@ -264,6 +264,17 @@ def _grade_in_workers(
 # --- the public, time-limited API ---------------------------------------------------------------
 
 
+def grade_items(
+    items: Sequence[tuple[object, str | None, str]], workers: int | None = None, timeout: float = DEFAULT_TIMEOUT_S
+) -> list[Verdict]:
+    """Grade (gold, text, mode) items in worker processes; mode is `BARE` (the text is the answer),
+    `BOXED` (its last box) or `LENIENT` (its last box, else the answer it states)."""
+    unknown = {mode for _, _, mode in items} - {BARE, BOXED, LENIENT}
+    if unknown:
+        raise ValueError(f"unknown grading mode(s): {', '.join(sorted(unknown))}")
+    return _grade_in_workers([(g, t, m) for g, t, m in items], workers, timeout) if items else []
+
+
 def grade_many(
     golds: Sequence[object],
     responses: Sequence[str | None],

@@ -195,6 +195,48 @@ def _gsm8k(answer: str) -> tuple[str, str] | None:
     return match.group(1).strip(), solution
 
 
+def _columns(record: dict[str, Any], asked: dict[str, str | None], where: str) -> dict[str, str | None]:
+    """Which column holds each field, resolved once, from the first good record."""
+    columns = list(record)
+    names = {
+        "problem": _pick(columns, asked["problem"], PROBLEM_NAMES, "problem", where),
+        "answer": _pick(columns, asked["answer"], ANSWER_NAMES, "answer", where),
+        "solution": _pick(columns, asked["solution"], SOLUTION_NAMES, "solution", where),
+        "id": _pick(columns, asked["id"], ID_NAMES, "id", where),
+    }
+    if names["problem"] is None:
+        raise BadInputError(
+            f"{where}: no problem column (tried {', '.join(PROBLEM_NAMES)}; pass --problem-column); "
+            f"columns present: {', '.join(columns)}"
+        )
+    if names["answer"] is None and names["solution"] is None:
+        raise BadInputError(
+            f"{where}: no answer column (tried {', '.join(ANSWER_NAMES)}; pass --answer-column) and no "
+            f"solution to take a boxed answer from; columns present: {', '.join(columns)}"
+        )
+    return names
+
+
+def _problem(record: dict[str, Any], names: dict[str, str | None], where: str, label: str) -> dict[str, Any] | BadRow:
+    """One problem row from a record, or why the record is bad."""
+    problem = _text(record.get(names["problem"]))  # type: ignore[arg-type]
+    answer = _text(record.get(names["answer"])) if names["answer"] else None
+    solution = _text(record.get(names["solution"])) if names["solution"] else None
+    if problem is None:
+        return BadRow(where, f"empty or missing problem (column {names['problem']!r})")
+    if answer is not None and solution is None and (gsm8k := _gsm8k(answer)):
+        answer, solution = gsm8k
+    if answer is None and solution is not None:  # MATH's convention: the answer is boxed in the solution
+        from intgen.grading import extract_answer
+
+        answer = extract_answer(solution)
+    if answer is None:
+        return BadRow(where, f"empty or missing answer (column {names['answer'] or names['solution']!r})")
+    source_id = _text(record.get(names["id"])) if names["id"] else None
+    return {"problem_id": problem_id(label, problem), "problem": problem, "answer": answer.strip(),
+            "solution": solution, "source": label, "source_id": source_id}
+
+
 def read_problems(
     source: str | Path,
     *,
@@ -210,69 +252,27 @@ def read_problems(
 ) -> LoadResult:
     """Load problems and report what was skipped. See `load_problems`."""
     label = source_name or _source_label(source)
-    rows: list[dict[str, str | None]] = []
+    asked = {"problem": problem_column, "answer": answer_column, "solution": solution_column, "id": id_column}
+    rows: dict[str, dict[str, Any]] = {}
     skipped: list[BadRow] = []
-    seen: set[str] = set()
     duplicates = 0
     names: dict[str, str | None] | None = None
-
-    def bad(row: BadRow) -> None:
-        if on_bad_row == "error":
-            raise BadInputError(f"{row} (pass on_bad_row='skip' / --skip-bad-rows to skip and count such rows)")
-        skipped.append(row)
-
     for where, record in _records(source, split, config):
+        if not isinstance(record, (dict, BadRow)):
+            record = BadRow(where, f"expected an object with named fields, got {type(record).__name__}")
+        if not isinstance(record, BadRow):
+            names = names or _columns(record, asked, where)
+            record = _problem(record, names, where, label)
         if isinstance(record, BadRow):
-            bad(record)
-            continue
-        if not isinstance(record, dict):
-            bad(BadRow(where, f"expected an object with named fields, got {type(record).__name__}"))
-            continue
-        if names is None:  # columns are resolved once, from the first good record
-            columns = list(record)
-            names = {
-                "problem": _pick(columns, problem_column, PROBLEM_NAMES, "problem", where),
-                "answer": _pick(columns, answer_column, ANSWER_NAMES, "answer", where),
-                "solution": _pick(columns, solution_column, SOLUTION_NAMES, "solution", where),
-                "id": _pick(columns, id_column, ID_NAMES, "id", where),
-            }
-            if names["problem"] is None:
-                raise BadInputError(
-                    f"{where}: no problem column (tried {', '.join(PROBLEM_NAMES)}; pass --problem-column); "
-                    f"columns present: {', '.join(columns)}"
-                )
-            if names["answer"] is None and names["solution"] is None:
-                raise BadInputError(
-                    f"{where}: no answer column (tried {', '.join(ANSWER_NAMES)}; pass --answer-column) and no "
-                    f"solution to take a boxed answer from; columns present: {', '.join(columns)}"
-                )
-        problem = _text(record.get(names["problem"]))  # type: ignore[arg-type]
-        answer = _text(record.get(names["answer"])) if names["answer"] else None
-        solution = _text(record.get(names["solution"])) if names["solution"] else None
-        if problem is None:
-            bad(BadRow(where, f"empty or missing problem (column {names['problem']!r})"))
-            continue
-        if answer is not None and solution is None and (gsm8k := _gsm8k(answer)):
-            answer, solution = gsm8k
-        if answer is None and solution is not None:  # MATH's convention: the answer is boxed in the solution
-            from intgen.grading import extract_answer
-
-            answer = extract_answer(solution)
-        if answer is None:
-            bad(BadRow(where, f"empty or missing answer (column {names['answer'] or names['solution']!r})"))
-            continue
-        pid = problem_id(label, problem)
-        if pid in seen:
+            if on_bad_row == "error":
+                raise BadInputError(f"{record} (pass on_bad_row='skip' / --skip-bad-rows to skip and count such rows)")
+            skipped.append(record)
+        elif record["problem_id"] in rows:
             duplicates += 1
-            continue
-        seen.add(pid)
-        source_id = _text(record.get(names["id"])) if names["id"] else None
-        rows.append(
-            {"problem_id": pid, "problem": problem, "answer": answer.strip(), "solution": solution,
-             "source": label, "source_id": source_id}
-        )
-        if limit is not None and len(rows) >= limit:
-            break
+        else:
+            rows[record["problem_id"]] = record
+            if limit is not None and len(rows) >= limit:
+                break
     if not rows:
         detail = f"; all {len(skipped)} row(s) were bad, first: {skipped[0]}" if skipped else ""
         raise BadInputError(f"{label}: no problems found{detail}")
@@ -280,7 +280,7 @@ def read_problems(
         log.warning("%s: skipped %d bad row(s): %s", label, len(skipped), "; ".join(map(str, skipped[:5])))
     if duplicates:
         log.warning("%s: dropped %d duplicate problem(s)", label, duplicates)
-    return LoadResult(pl.DataFrame(rows, schema=PROBLEM_SCHEMA), skipped, duplicates)
+    return LoadResult(pl.DataFrame(list(rows.values()), schema=PROBLEM_SCHEMA), skipped, duplicates)
 
 
 def load_problems(source: str | Path, **options: Any) -> pl.DataFrame:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -28,6 +29,31 @@ def resource_path(folder: str, name: str) -> Path:
 
 def read_prompt(name: str) -> str:
     return resource_path("prompts", name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt template: where it came from (a shipped file's name, or the user's path) and its text."""
+
+    name: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def label(self) -> str:
+        """How cards and summaries name it: the file name and the start of its hash."""
+        return f"`{Path(self.name).name}` (sha256 {self.sha256[:12]})"
+
+
+def load_prompt(name: str) -> Prompt:
+    """A shipped prompt by file name (`solve.md`), or the user's own file by path."""
+    path = resource_path("prompts", name)
+    try:
+        return Prompt(name, path.read_bytes().decode("utf-8"))  # as written: the hash is the file's
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: a prompt file must be UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def file_sha256(path: Path) -> str:

@@ -1,11 +1,15 @@
-"""A run directory: the config, a manifest, one parquet table per stage (written in parts), the call cache.
+"""A run directory: the config, a manifest, one parquet table per stage output (written in parts), the call cache.
 
 Every file is written to a temporary name and renamed into place, so no half-written file is ever
-read back; a part that exists is finished.
+read back. A part is finished when its *marker* (`markers/TABLE/part-00000.json`, written after the
+part's files; table folders hold nothing but parquet, so any reader can load them whole) says so: it records the stage's fingerprint, a digest of the input parts it was computed from,
+the size and content digest of every file it wrote, and its failed rows. A part whose marker is missing,
+stale or disagrees with the files on disk is computed again (its model calls come from the cache).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -30,6 +34,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def digest(value: Any) -> str:
+    """A short digest of a JSON-able value (settings, lists of ids, lists of digests)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()[:16]
+
+
 class RunDir:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -52,6 +69,9 @@ class RunDir:
             return json.loads(self.manifest_path.read_text())
         return {"intgen_version": __version__, "python": platform.python_version(), "stages": {}}
 
+    def stage_entry(self, stage: str) -> dict[str, Any]:
+        return self.manifest()["stages"].get(stage, {})
+
     def record_stage(self, stage: str, entry: dict[str, Any]) -> None:
         manifest = self.manifest()
         manifest["intgen_version"] = __version__
@@ -67,36 +87,68 @@ class RunDir:
         return json.loads(path.read_text()) if path.exists() else None
 
     # --- stage tables ---
-    def part_path(self, stage: str, index: int) -> Path:
-        return self.path / stage / f"part-{index:05d}.parquet"
+    def part_path(self, table: str, index: int) -> Path:
+        return self.path / table / f"part-{index:05d}.parquet"
 
-    def has_part(self, stage: str, index: int) -> bool:
-        return self.part_path(stage, index).exists()
+    def marker_path(self, table: str, index: int) -> Path:
+        return self.path / "markers" / table / f"part-{index:05d}.json"
 
-    def write_part(self, stage: str, index: int, frame: pl.DataFrame) -> None:
-        path = self.part_path(stage, index)
+    def has_part(self, table: str, index: int) -> bool:
+        return self.part_path(table, index).exists()
+
+    def write_part(self, table: str, index: int, frame: pl.DataFrame) -> None:
+        path = self.part_path(table, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         frame.write_parquet(tmp)
         os.replace(tmp, path)
 
-    def parts(self, stage: str) -> list[Path]:
-        folder = self.path / stage
+    def finish_part(self, table: str, index: int, files: list[str], record: dict[str, Any]) -> None:
+        """Mark part `index` finished: `files` are the tables it wrote (their size and digest are recorded)."""
+        stats = {}
+        for name in files:
+            path = self.part_path(name, index)
+            stats[name] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+        atomic_write_text(self.marker_path(table, index), json.dumps(record | {"files": stats}, sort_keys=True))
+
+    def part_marker(self, table: str, index: int) -> dict[str, Any] | None:
+        """The part's marker if its files are all there as it recorded them, else None."""
+        path = self.marker_path(table, index)
+        if not path.exists():
+            return None
+        try:
+            marker = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        for name, stat in marker.get("files", {}).items():
+            part = self.part_path(name, index)
+            if not part.exists() or part.stat().st_size != stat["bytes"]:
+                return None
+        return marker
+
+    def part_count(self, table: str) -> int:
+        return len(self.parts(table))
+
+    def parts(self, table: str) -> list[Path]:
+        folder = self.path / table
         return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
 
-    def scan(self, stage: str) -> pl.LazyFrame:
-        parts = self.parts(stage)
+    def scan(self, table: str) -> pl.LazyFrame:
+        parts = self.parts(table)
         if not parts:
-            raise FileNotFoundError(f"{self.path}: stage {stage!r} has no output yet")
+            raise FileNotFoundError(f"{self.path}: table {table!r} has no output yet")
         return pl.scan_parquet(parts)
 
-    def table(self, stage: str) -> pl.DataFrame:
-        return self.scan(stage).collect()
+    def table(self, table: str) -> pl.DataFrame:
+        return self.scan(table).collect()
 
-    def clear_stage(self, stage: str) -> None:
-        for part in self.parts(stage):
-            part.unlink()
+    def clear_table(self, table: str, start: int = 0) -> None:
+        """Remove parts `start`, `start + 1`, ... of a table, with their markers."""
+        for folder in (self.path / table, self.path / "markers" / table):
+            for path in sorted(folder.glob("part-*")) if folder.is_dir() else []:
+                if int(path.name[5:10]) >= start:
+                    path.unlink()
 
     def close(self) -> None:
         if self._cache is not None:

@@ -12,7 +12,7 @@ from huggingface_hub import DatasetCard
 from typer.testing import CliRunner
 
 from intgen.cli import app
-from intgen.pipeline import export_file
+from intgen.stages.export import export_file
 from intgen.rewards import compute_score, math_accuracy_reward
 from servers import HubServer
 

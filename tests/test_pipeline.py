@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from intgen.cli import app
-from intgen.pipeline import export_file
+from intgen.stages.export import export_file
 from intgen.steps import join_steps, split_steps
 from servers import LlamaServer, Proxy, smollm2_gguf
 
@@ -88,14 +88,14 @@ def test_ids_chain_and_manifest_counts_match_the_tables(finished_run: tuple[Path
 
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
     graded = pl.read_parquet(run_dir / "graded")
-    assert manifest["samples"]["rows"] == samples.height == 8
-    assert manifest["graded"]["incorrect"] == graded.filter(pl.col("correct") == False).height  # noqa: E712
+    assert manifest["sample"]["rows"] == samples.height == 8
+    assert manifest["grade"]["incorrect"] == graded.filter(pl.col("correct") == False).height  # noqa: E712
     failed = graded.filter((pl.col("correct") == False) | pl.col("truncated")).height  # noqa: E712 (--include-truncated)
-    assert manifest["proposals"]["rows"] == proposals.height == 3 * failed
-    assert manifest["proposals"]["accepted"] == proposals["accepted"].sum()
-    assert sum(manifest["proposals"]["rejected_by_reason"].values()) == proposals.height - proposals["accepted"].sum()
-    assert manifest["verify"]["rows"] == manifest["proposals"]["accepted"]
-    assert manifest["verify"]["continuation_rows"] == continuations.height == 2 * manifest["proposals"]["accepted"]
+    assert manifest["propose"]["rows"] == proposals.height == 3 * failed
+    assert manifest["propose"]["accepted"] == proposals["accepted"].sum()
+    assert sum(manifest["propose"]["rejected_by_reason"].values()) == proposals.height - proposals["accepted"].sum()
+    assert manifest["verify"]["rows"] == manifest["propose"]["accepted"]
+    assert manifest["verify"]["continuation_rows"] == continuations.height == 2 * manifest["propose"]["accepted"]
     assert manifest["verify"]["kept"] == read_config(run_dir, "sft").height
 
 
@@ -124,7 +124,7 @@ def test_changing_an_earlier_stage_setting_is_refused(finished_run: tuple[Path, 
     args[args.index("--samples") + 1] = "3"
     result = runner.invoke(app, args)
     assert result.exit_code == 2
-    assert "stage 'samples' was computed with other settings" in result.output and "--force" in result.output
+    assert "stage 'sample' was computed with other settings" in result.output and "--force" in result.output
 
 
 def test_config_file_values_are_overridden_by_flags(gsm8k: Path, tmp_path: Path) -> None:

@@ -59,14 +59,14 @@ def test_sample_through_llama_server_and_rerun_sends_nothing(
     sent = len(proxy.forwarded)
     assert sent >= 2
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    stage = manifest["stages"]["samples"]
+    stage = manifest["stages"]["sample"]
     assert stage["rows"] == 6 and stage["calls"]["requests_sent"] == sent
     assert stage["calls"]["completion_tokens"] > 0 and stage["failed_rows"] == {}
 
     result = runner.invoke(app, sample_args(problems, run_dir, *openai_args(proxy.url)))
     assert result.exit_code == 0, result.output
     assert len(proxy.forwarded) == sent  # counted at the server: nothing was sent again
-    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["samples"]["last_run"]["requests_sent"] == 0
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["sample"]["last_run"]["requests_sent"] == 0
 
     # the API key never reaches the run directory
     for path in run_dir.rglob("*"):
@@ -96,7 +96,7 @@ def test_sample_on_the_local_engine(problems: Path, tmp_path: Path) -> None:
     first = check_attempts(run_dir)
     result = runner.invoke(app, sample_args(problems, run_dir, "--backend", "local"))
     assert result.exit_code == 0
-    stage = json.loads((run_dir / "manifest.json").read_text())["stages"]["samples"]
+    stage = json.loads((run_dir / "manifest.json").read_text())["stages"]["sample"]
     assert stage["last_run"]["requests_sent"] == 0
     assert pl.read_parquet(run_dir / "samples").equals(first)
 
@@ -118,5 +118,5 @@ def test_price_table_gives_cost(problems: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = runner.invoke(app, sample_args(problems, run_dir, "--backend", "local", "--prices", str(prices)))
     assert result.exit_code == 0, result.output
-    calls = json.loads((run_dir / "manifest.json").read_text())["stages"]["samples"]["calls"]
+    calls = json.loads((run_dir / "manifest.json").read_text())["stages"]["sample"]["calls"]
     assert calls["cost_usd"] == pytest.approx((calls["prompt_tokens"] * 1.0 + calls["completion_tokens"] * 2.0) / 1e6)

@@ -13,7 +13,7 @@ from intgen.grading import are_equivalent
 from intgen.resources import read_prompt
 from intgen.stages import grade as grade_stage
 from intgen.stages import propose
-from intgen.stages.export import completion_expr, prompt_expr
+from intgen.stages.export import completion_column, prompt_column
 from intgen.stages.sample import attempt_rows, sample_requests, solve_messages
 from intgen.stages.verify import Condition, continuation_id, continuation_prefix, intervened_text
 from intgen.steps import split_steps
@@ -208,8 +208,8 @@ def test_pass_rates() -> None:
 
 def test_export_rows_are_trl_conversational() -> None:
     frame = pl.DataFrame({"problem": ["1+1?"], "intervened_text": ["Step one.\n\nFix."]})
-    out = frame.select(prompt_expr("{{problem}}\n\nBox it.", "Be careful.").alias("prompt"),
-                       completion_expr().alias("completion"))
+    out = frame.select(prompt_column("{{problem}}\n\nBox it.", "Be careful.").alias("prompt"),
+                       completion_column().alias("completion"))
     row = out.row(0, named=True)
     assert row["prompt"] == [{"role": "system", "content": "Be careful."}, {"role": "user", "content": "1+1?\n\nBox it."}]
     assert row["completion"] == [{"role": "assistant", "content": "Step one.\n\nFix."}]

@@ -1,1 +1,89 @@
-"""Pipeline stages. Each has pure functions that build requests from rows and parse completions into rows."""
+"""What a stage is. Each stage module (`sample`, `grade`, `propose`, `verify`) defines one `Stage`.
+
+A stage works on one *part* at a time: the rows of the tables it reads for one batch of problems
+(part `i` of every table covers the same problems). Its `compute` is a generator, pure and free of
+I/O: it yields what it needs done — `ModelCalls` (requests for its model) or `Grading` (answers to
+check) — receives the results, and finally returns the rows it writes, table by table. The driver
+(`intgen.driver`) does the rest: fingerprints, resume, the call cache, atomic writes, the manifest,
+progress. A stage can be tested alone by driving its generator with plain data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from intgen.backends.base import Completion, Request
+from intgen.grading import Verdict
+
+Rows = list[dict[str, Any]]
+Schema = Mapping[str, Any]  # column name -> polars type
+
+
+@dataclass(frozen=True)
+class ModelCalls:
+    """Ask the driver to send these requests to the stage's model (through the cache)."""
+
+    requests: list[Request]
+
+
+@dataclass(frozen=True)
+class Grading:
+    """Ask the driver to grade these items: (gold answer, text, how to find the answer in the text:
+    `grading.BARE`, `BOXED` or `LENIENT`), each in a time-limited worker."""
+
+    items: list[tuple[str, str | None, str]]
+
+
+Ask = ModelCalls | Grading
+Answer = list[list[Completion]] | list[Verdict]
+Compute = Generator[Ask, Answer, dict[str, Rows]]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the tables a stage reads, as rows, by table name."""
+
+    index: int
+    tables: dict[str, Rows]
+
+    def problems(self) -> dict[str, dict[str, Any]]:
+        return {row["problem_id"]: row for row in self.tables.get("problems", [])}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage: the tables it reads and writes (each part by part), and its pure logic.
+
+    - `name`: the command that runs it, and its key in the manifest.
+    - `reads`: the tables it reads, part `i` of each for its part `i`.
+    - `writes`: the tables it writes, with their schemas; the first is its main table.
+    - `fingerprint(settings)`: the settings that decide its output (a changed one is refused unless forced).
+    - `compute(part, settings)`: the generator described above.
+    - `summarize(tables, settings)`: the figures the manifest records, from the whole finished tables.
+    """
+
+    name: str
+    reads: tuple[str, ...]
+    writes: dict[str, Schema]
+    fingerprint: Callable[[Any], dict[str, Any]]
+    compute: Callable[[Part, Any], Compute]
+    summarize: Callable[[dict[str, pl.LazyFrame], Any], dict[str, Any]]
+    uses_model: bool = True
+
+    @property
+    def table(self) -> str:
+        return next(iter(self.writes))
+
+
+def run_by_hand(compute: Compute, answer: Callable[[Ask], Answer]) -> dict[str, Rows]:
+    """Drive a stage's generator to its end, answering each ask with `answer(ask)`."""
+    try:
+        ask = next(compute)
+        while True:
+            ask = compute.send(answer(ask))
+    except StopIteration as done:
+        return done.value

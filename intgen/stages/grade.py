@@ -1,19 +1,37 @@
 """grade: a verdict for every attempt, and each problem's pass rate.
 
 A truncated attempt (cut off by max_tokens) or a failed call has no final answer to grade: it is
-ungradable with that reason, never silently "wrong".
+ungradable with that reason, never silently "wrong". With `hard_only`, only the problems whose pass
+rate is at most `hard_threshold` are selected for proposals (the paper: 0 correct out of 64-128).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import polars as pl
 
-from intgen.grading import Verdict
+from intgen.grading import BOXED, LENIENT, Verdict
+from intgen.stages import Compute, Grading, Part, Stage
+from intgen.stages.sample import ATTEMPT_SCHEMA
 
 TRUNCATED = "truncated"
 SAMPLE_ERROR = "sample_error"
 
 GRADE_COLUMNS = {"correct": pl.Boolean, "predicted": pl.String, "grade_reason": pl.String}
+PASS_RATE_SCHEMA = {
+    "problem_id": pl.String, "attempts": pl.Int64, "correct": pl.Int64, "incorrect": pl.Int64,
+    "ungradable": pl.Int64, "truncated": pl.Int64, "pass_rate": pl.Float64, "selected": pl.Boolean,
+}
+
+
+@dataclass(frozen=True)
+class GradeSettings:
+    timeout: float = 5.0
+    lenient: bool = False  # read an unboxed response for the answer it states (small models)
+    hard_only: bool = False
+    hard_threshold: float = 0.0
 
 
 def needs_grading(attempt: dict) -> str | None:
@@ -50,3 +68,47 @@ def pass_rates(graded: pl.LazyFrame) -> pl.LazyFrame:
         )
         .with_columns((pl.col("correct") / pl.col("attempts")).alias("pass_rate"))
     )
+
+
+def fingerprint(s: GradeSettings) -> dict[str, Any]:
+    from intgen.grading import grader_version
+
+    return {"grader": grader_version(), "timeout": s.timeout, "lenient": s.lenient, "hard_only": s.hard_only,
+            "hard_threshold": s.hard_threshold}
+
+
+def compute(part: Part, s: GradeSettings) -> Compute:
+    answers = {p["problem_id"]: p["answer"] for p in part.tables["problems"]}
+    attempts = part.tables["samples"]
+    todo = [i for i, row in enumerate(attempts) if needs_grading(row) is None]
+    mode = LENIENT if s.lenient else BOXED
+    verdicts = yield Grading([(answers[attempts[i]["problem_id"]], attempts[i]["text"], mode) for i in todo])
+    graded = [a | v for a, v in zip(attempts, verdict_columns(attempts, dict(zip(todo, verdicts))))]
+    rates = pass_rates(pl.LazyFrame(graded, schema=ATTEMPT_SCHEMA | GRADE_COLUMNS)).with_columns(
+        (pl.col("pass_rate") <= s.hard_threshold if s.hard_only else pl.lit(True)).alias("selected")
+    )
+    return {"graded": graded, "pass_rates": rates.collect().to_dicts()}
+
+
+def summarize(tables: dict[str, pl.LazyFrame], s: GradeSettings) -> dict[str, Any]:
+    graded, rates = tables["graded"], tables["pass_rates"]
+    counts = graded.select(
+        (pl.col("correct") == True).sum().alias("correct"),  # noqa: E712
+        (pl.col("correct") == False).sum().alias("incorrect"),  # noqa: E712
+        pl.col("correct").is_null().sum().alias("ungradable"),
+    ).collect().row(0, named=True)
+    reasons = graded.filter(pl.col("correct").is_null()).group_by("grade_reason").len().collect()
+    selected = rates.select(pl.col("selected").sum(), pl.col("pass_rate").mean()).collect().row(0)
+    return {
+        **counts,
+        "ungradable_by_reason": dict(zip(reasons["grade_reason"].to_list(), reasons["len"].to_list())),
+        "problems_selected": int(selected[0]),
+        "mean_pass_rate": float(selected[1] or 0.0),
+    }
+
+
+STAGE = Stage(
+    name="grade", reads=("samples", "problems"),
+    writes={"graded": ATTEMPT_SCHEMA | GRADE_COLUMNS, "pass_rates": PASS_RATE_SCHEMA},
+    fingerprint=fingerprint, compute=compute, summarize=summarize, uses_model=False,
+)

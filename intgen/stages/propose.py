@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
-from intgen.grading import boxed_answers
-from intgen.resources import fill
-from intgen.steps import number_steps
+import polars as pl
+
+from intgen.backends.base import ERROR, Completion, Sampling, make_request
+from intgen.grading import BARE, boxed_answers
+from intgen.resources import Prompt, fill
+from intgen.stages import Answer, Ask, Compute, Grading, ModelCalls, Part, Stage
+from intgen.stages.verify import intervened_text
+from intgen.steps import number_steps, split_steps
 
 # rejection reasons
 NO_BLOCK = "no_block"
@@ -197,3 +203,149 @@ def leak_candidates(intervention: str) -> list[str]:
     found += [m.group(1) for m in _EQUALS.finditer(intervention)]
     seen: set[str] = set()
     return [c.strip() for c in found if c.strip() and not (c.strip() in seen or seen.add(c.strip()))]
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+PROPOSAL_SCHEMA = {
+    "problem_id": pl.String, "attempt_id": pl.String, "proposal_id": pl.String, "proposal_index": pl.Int32,
+    "num_steps": pl.Int32, "error_step": pl.Int32, "intervention": pl.String, "verification": pl.String,
+    "intervened_text": pl.String, "accepted": pl.Boolean, "reject_reason": pl.String, "raw": pl.String,
+    "finish_reason": pl.String, "error": pl.String, "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64,
+}
+
+
+@dataclass(frozen=True)
+class ProposeSettings:
+    proposals: int
+    sampling: Sampling
+    critique_prompt: Prompt  # turn 2 of the two-turn prompt, or the whole single-turn prompt
+    reference_prompt: Prompt | None = None  # turn 1 (solve guided by the reference); None: single-turn
+    structured: bool = True  # constrain the reply by a JSON schema where the backend can
+    include_truncated: bool = False
+
+    @property
+    def style(self) -> str:
+        return "two-turn" if self.reference_prompt is not None else "single-turn"
+
+    def prompts(self) -> list[Prompt]:
+        return [p for p in (self.reference_prompt, self.critique_prompt) if p is not None]
+
+
+def fingerprint(s: ProposeSettings) -> dict[str, Any]:
+    return {
+        "proposals": s.proposals, "sampling": s.sampling.to_dict(), "style": s.style, "structured": s.structured,
+        "include_truncated": s.include_truncated, "prompts_sha256": [p.sha256 for p in s.prompts()],
+    }
+
+
+def failed_attempts(part: Part, include_truncated: bool) -> list[dict[str, Any]]:
+    """The attempts to propose for: wrong ones (and, if asked, truncated ones) of selected problems."""
+    selected = {row["problem_id"] for row in part.tables["pass_rates"] if row["selected"]}
+    return [
+        a for a in part.tables["graded"]
+        if a["problem_id"] in selected and (a["correct"] is False or (include_truncated and a["truncated"]))
+    ]
+
+
+def proposal_row(attempt: dict[str, Any], num_steps: int, index: int) -> dict[str, Any]:
+    """A proposal row before its reply is read: not accepted, no reason yet."""
+    return {"problem_id": attempt["problem_id"], "attempt_id": attempt["attempt_id"],
+            "proposal_id": proposal_id(attempt["attempt_id"], index), "proposal_index": index,
+            "num_steps": num_steps, "error_step": None, "intervention": None, "verification": None,
+            "intervened_text": None, "accepted": False, "reject_reason": None, "raw": None, "finish_reason": None,
+            "error": None, "prompt_tokens": 0, "completion_tokens": 0}
+
+
+def failed_call_reason(error: str | None) -> str:
+    """A prompt the engine's context cannot hold is a property of the data, not a failure to retry."""
+    text = (error or "").lower()
+    return PROMPT_TOO_LONG if "context" in text or "too long" in text else CALL_FAILED
+
+
+def read_reply(row: dict[str, Any], out: Completion, steps: list[str]) -> dict[str, Any]:
+    """The row once the proposer's reply `out` is parsed (accepted so far; the leak test comes after)."""
+    row = row | {"raw": out.text, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+                 "completion_tokens": out.completion_tokens}
+    if out.finish_reason == ERROR:
+        reason = failed_call_reason(out.error)
+        return row | {"reject_reason": reason, "error": out.error if reason == CALL_FAILED else None}
+    parsed = parse_proposal(out.text, len(steps))
+    row |= {"error_step": parsed.error_step, "intervention": parsed.intervention,
+            "verification": parsed.verification, "reject_reason": parsed.reject_reason}
+    if parsed.reject_reason is None:
+        row["intervened_text"] = intervened_text(steps, parsed.error_step, parsed.intervention)
+    return row
+
+
+def check_leaks(rows: list[dict[str, Any]], answers: dict[str, str]) -> Generator[Ask, Answer, None]:
+    """Accept each parsed proposal unless a stand-alone answer in its intervention equals the gold answer."""
+    items, owners = [], []
+    for n, row in enumerate(rows):
+        for candidate in leak_candidates(row["intervention"]):
+            items.append((answers[row["problem_id"]], candidate, BARE))
+            owners.append(n)
+    verdicts = (yield Grading(items)) if items else []
+    leaks = {owners[k] for k, verdict in enumerate(verdicts) if verdict.correct is True}
+    for n, row in enumerate(rows):
+        if n in leaks:
+            row |= {"reject_reason": LEAKS_ANSWER, "intervened_text": None}
+        else:
+            row["accepted"] = True
+
+
+def reference_turns(failed: list[dict[str, Any]], problems: dict[str, dict[str, Any]], s: ProposeSettings) -> Compute:
+    """Turn 1 of the two-turn prompt, one call per problem: {problem_id: (messages, the guided solution)}."""
+    if s.reference_prompt is None:
+        return {}
+    ids = sorted({a["problem_id"] for a in failed})
+    messages = [reference_messages(problems[i]["problem"], problems[i]["solution"] or "", s.reference_prompt.text)
+                for i in ids]
+    outs = yield ModelCalls([make_request(m, s.sampling) for m in messages])
+    return {i: (m, out[0].text) for i, m, out in zip(ids, messages, outs) if out[0].error is None}
+
+
+def compute(part: Part, s: ProposeSettings) -> Compute:
+    problems = part.problems()
+    failed = failed_attempts(part, s.include_truncated)
+    steps_of = {a["attempt_id"]: split_steps(a["text"]) for a in failed}
+    turn1 = yield from reference_turns(failed, problems, s)
+    rows: list[dict[str, Any]] = []
+    requests, asked = [], []
+    for attempt in failed:
+        steps = steps_of[attempt["attempt_id"]]
+        blank = [proposal_row(attempt, len(steps), j) for j in range(s.proposals)]
+        if not steps or (s.reference_prompt is not None and attempt["problem_id"] not in turn1):
+            rows += [row | {"reject_reason": NO_STEPS if not steps else CALL_FAILED} for row in blank]
+            continue
+        problem = problems[attempt["problem_id"]]
+        messages = critique_messages(problem["problem"], problem["solution"] or "", steps, s.critique_prompt.text,
+                                     turn1.get(attempt["problem_id"]))
+        schema = proposal_schema(len(steps)) if s.structured else None
+        requests.append(make_request(messages, s.sampling, n=s.proposals, json_schema=schema))
+        asked.append((len(rows), attempt, blank))
+        rows += blank
+    completions = (yield ModelCalls(requests)) if requests else []
+    for (start, attempt, blank), outs in zip(asked, completions):
+        for j, out in enumerate(outs):
+            rows[start + j] = read_reply(blank[j], out, steps_of[attempt["attempt_id"]])
+    parsed = [row for row in rows if row["reject_reason"] is None]
+    yield from check_leaks(parsed, {i: p["answer"] for i, p in problems.items()})
+    return {"proposals": rows}
+
+
+def summarize(tables: dict[str, pl.LazyFrame], s: ProposeSettings) -> dict[str, Any]:
+    table = tables["proposals"]
+    rejected = table.filter(~pl.col("accepted")).group_by("reject_reason").len().collect()
+    return {
+        "attempts": table.select(pl.col("attempt_id").n_unique()).collect().item(),
+        "accepted": table.select(pl.col("accepted").sum()).collect().item(),
+        "rejected_by_reason": dict(zip(rejected["reject_reason"].to_list(), rejected["len"].to_list())),
+        "prompt_files": [p.name for p in s.prompts()],
+    }
+
+
+STAGE = Stage(
+    name="propose", reads=("graded", "problems", "pass_rates"), writes={"proposals": PROPOSAL_SCHEMA},
+    fingerprint=fingerprint, compute=compute, summarize=summarize,
+)

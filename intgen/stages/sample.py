@@ -2,16 +2,20 @@
 
 The prompt asks for the final answer in `\\boxed{}` (the InT release's rollouts did not, a defect).
 An attempt cut off by `max_tokens` is kept and marked `truncated`, never silently graded as wrong.
+`solve_messages` is the one place the policy's prompt is built: sampling, verification and the
+exported SFT and RL prompts all use it, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 
 from intgen.backends.base import ERROR, LENGTH, Completion, Request, Sampling, make_request
-from intgen.resources import fill
+from intgen.resources import Prompt, fill
+from intgen.stages import Compute, ModelCalls, Part, Stage
 
 ATTEMPT_SCHEMA = {
     "problem_id": pl.String,
@@ -27,11 +31,20 @@ ATTEMPT_SCHEMA = {
 }
 
 
+@dataclass(frozen=True)
+class SampleSettings:
+    samples: int
+    sampling: Sampling
+    solve_prompt: Prompt
+    system_prompt: str | None = None
+
+
 def attempt_id(problem_id: str, index: int) -> str:
     return f"{problem_id}/a{index}"
 
 
 def solve_messages(problem: str, template: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The policy's prompt for a problem: an optional system message, then the solve template around it."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return messages + [{"role": "user", "content": fill(template, problem=problem)}]
 
@@ -61,3 +74,33 @@ def attempt_rows(problems: list[dict[str, Any]], completions: list[list[Completi
                 }
             )
     return rows
+
+
+def fingerprint(s: SampleSettings) -> dict[str, Any]:
+    return {
+        "samples": s.samples,
+        "sampling": s.sampling.to_dict(),
+        "prompt_sha256": s.solve_prompt.sha256,
+        "system_prompt": s.system_prompt,
+    }
+
+
+def compute(part: Part, s: SampleSettings) -> Compute:
+    problems = part.tables["problems"]
+    requests = sample_requests(problems, s.solve_prompt.text, s.sampling, s.samples, s.system_prompt)
+    completions = yield ModelCalls(requests)
+    return {"samples": attempt_rows(problems, completions)}
+
+
+def summarize(tables: dict[str, pl.LazyFrame], s: SampleSettings) -> dict[str, Any]:
+    return {
+        "prompt_file": s.solve_prompt.name,
+        "problems": tables["problems"].select(pl.len()).collect().item(),
+        "truncated": tables["samples"].select(pl.col("truncated").sum()).collect().item(),
+    }
+
+
+STAGE = Stage(
+    name="sample", reads=("problems",), writes={"samples": ATTEMPT_SCHEMA},
+    fingerprint=fingerprint, compute=compute, summarize=summarize,
+)
