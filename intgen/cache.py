@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from intgen.backends.base import Completion, Request
+from intgen.backends.base import TOO_LONG, Completion, Request
 
 
 def request_identity(kind: str, model: str, request: Request) -> dict:
@@ -70,8 +70,8 @@ class CallCache:
         return found
 
     def put(self, key: str, backend: str, model: str, completion: Completion) -> None:
-        if completion.error is not None:
-            return  # failures are retried next time, never cached
+        if completion.error is not None or completion.finish_reason == TOO_LONG:
+            return  # failures are retried next time, never cached; so is a prompt too long for this context
         self._connection().execute(
             "INSERT OR REPLACE INTO samples (key, backend, model, text, finish_reason, prompt_tokens,"
             " completion_tokens, true_continuation) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -1,7 +1,8 @@
 """Send a batch of requests through the cache: hits never reach the backend, misses are sent once.
 
-A backend may return fewer samples than asked (llama.cpp's server ignores `n`); the missing ones are
-asked for again, with the seed moved on so they differ. A request that fails after the backend's own
+A backend may return fewer samples than asked (llama.cpp's server, Ollama and LM Studio ignore `n`);
+once one does, every missing sample is asked for on its own, with the seed moved on by its index so
+they differ. A request that fails after the backend's own
 retries comes back as error completions, is counted, and is not cached, so a rerun tries it again.
 """
 
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from intgen.backends.base import Backend, Completion, Request, error_completion
 from intgen.cache import CallCache, sample_key
 
-MAX_ROUNDS = 4  # asks for missing samples of one request, in all
+MAX_ROUNDS = 4  # asks for missing samples of one request, in all (after the first short answer, one at a time)
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,16 @@ class CallStats:
 
 
 def run_requests(
-    backend: Backend, requests: list[Request], cache: CallCache | None, stats: CallStats | None = None
+    backend: Backend, requests: list[Request], cache: CallCache | None, stats: CallStats | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[list[Completion]]:
     """`request.n` completions for every request, in order; cached samples are not sent again, and
-    identical requests in one batch are sent once."""
+    identical requests in one batch are sent once. Each answer is written to the cache as soon as it
+    arrives, so a killed run keeps what it was paid for. `progress(k)` is told of every k samples done."""
     stats = stats if stats is not None else CallStats()
     unique = list(dict.fromkeys(requests))
     if len(unique) < len(requests):
-        answers = dict(zip(unique, run_requests(backend, unique, cache, stats)))
+        answers = dict(zip(unique, run_requests(backend, unique, cache, stats, progress)))
         return [answers[r] for r in requests]
     started = time.monotonic()
     keys = [[sample_key(backend.kind, backend.model, r, i) for i in range(r.n)] for r in requests]
@@ -83,27 +87,27 @@ def run_requests(
     results: list[list[Completion | None]] = [[hits.get(k) for k in ks] for ks in keys]
     stats.samples += sum(r.n for r in requests)
     stats.cache_hits += len(hits)
-
+    if progress and hits:
+        progress(len(hits))
+    one_at_a_time = False  # set once the engine is seen to return fewer samples than asked (ignores `n`)
     for _ in range(MAX_ROUNDS):
         todo = [(i, [j for j, c in enumerate(row) if c is None]) for i, row in enumerate(results)]
-        todo = [(i, missing) for i, missing in todo if missing]
-        if not todo:
+        asks = [(i, [j]) for i, missing in todo for j in missing] if one_at_a_time else [t for t in todo if t[1]]
+        if not asks:
             break
-        sent = [_ask_for(requests[i], missing) for i, missing in todo]
-        stats.requests_sent += len(sent)
-        for (i, missing), completions in zip(todo, backend.generate(sent)):
-            if any(c.error is not None for c in completions):
-                failed = next(c for c in completions if c.error is not None)
-                for j in missing:
-                    results[i][j] = failed
-                stats.failures[_failure_kind(failed.error)] += len(missing)
-                continue
-            for j, completion in zip(missing, completions):
-                results[i][j] = completion
-                stats.prompt_tokens += completion.prompt_tokens
-                stats.completion_tokens += completion.completion_tokens
-                if cache is not None:
-                    cache.put(keys[i][j], backend.kind, backend.model, completion)
+        stats.requests_sent += len(asks)
+        fewer = False
+
+        def arrived(k: int, completions: list[Completion]) -> None:
+            nonlocal fewer
+            i, missing = asks[k]
+            fewer |= 0 < len(completions) < len(missing)
+            _record(backend, cache, stats, results[i], keys[i], missing, completions)
+            if progress:
+                progress(len(completions) if completions and completions[0].error is None else len(missing))
+
+        backend.generate([_ask_for(requests[i], missing) for i, missing in asks], on_done=arrived)
+        one_at_a_time = one_at_a_time or fewer
     short = error_completion("too_few_samples: the engine returned fewer samples than asked for")
     missing = sum(c is None for row in results for c in row)
     if missing:
@@ -113,8 +117,26 @@ def run_requests(
     return final
 
 
+def _record(backend: Backend, cache: CallCache | None, stats: CallStats, row: list[Completion | None],
+            keys: list[str], missing: list[int], completions: list[Completion]) -> None:
+    """Put one answer in its slots (a failure in every slot it was asked for) and in the cache."""
+    failed = next((c for c in completions if c.error is not None), None)
+    if failed is not None:
+        for j in missing:
+            row[j] = failed
+        stats.failures[_failure_kind(failed.error)] += len(missing)
+        return
+    for j, completion in zip(missing, completions):
+        row[j] = completion
+        stats.prompt_tokens += completion.prompt_tokens
+        stats.completion_tokens += completion.completion_tokens
+        if cache is not None:
+            cache.put(keys[j], backend.kind, backend.model, completion)
+
+
 def _ask_for(request: Request, missing: list[int]) -> Request:
-    """The request for the missing samples; a fixed seed moves with the first missing index."""
+    """The request for the missing samples; a fixed seed moves with the first missing index, so that
+    samples asked for one at a time still differ (and are the same on every run)."""
     seed = request.sampling.seed
     sampling = request.sampling if seed is None else replace(request.sampling, seed=seed + missing[0])
     return replace(request, n=len(missing), sampling=sampling)

@@ -9,7 +9,8 @@ from a downloaded model file is not trusted code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ class ChatTemplate:
     text: str
     bos_token: str = ""
     eos_token: str = ""
+    count_tokens: Callable[[str], int] | None = field(default=None, compare=False)  # the model's tokenizer
 
     def render(self, messages: list[dict[str, str]], continue_final: bool = False) -> str:
         """The prompt text; with `continue_final`, it ends exactly with the last (assistant) message's content."""
@@ -67,7 +69,8 @@ def load_chat_template(source: str | Path) -> ChatTemplate:
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer {source} has no chat template")
-    return ChatTemplate(str(source), tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "")
+    return ChatTemplate(str(source), tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "",
+                        lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
 
 
 def _from_gguf(path: Path) -> ChatTemplate:
@@ -87,4 +90,5 @@ def template_from_llama(model: Any, source: str) -> ChatTemplate:
         token_id = metadata.get(f"tokenizer.ggml.{name}_token_id")
         return "" if token_id is None else model.detokenize([int(token_id)], special=True).decode("utf-8", "replace")
 
-    return ChatTemplate(source, text, token("bos"), token("eos"))
+    return ChatTemplate(source, text, token("bos"), token("eos"),
+                        lambda text: len(model.tokenize(text.encode("utf-8"), add_bos=False, special=False)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
@@ -12,6 +13,8 @@ from rich.table import Table
 
 from intgen import __version__
 from intgen.backends import BackendKind
+from intgen.config import DEFAULTS, ContinuationMode, ProposeStyle, StructuredOutput
+from intgen.stages.verify import Condition
 
 if TYPE_CHECKING:
     from intgen.config import RunConfig
@@ -63,11 +66,16 @@ def _saved_config(run_dir: Path, overrides: dict[str, Any]) -> "RunConfig":
     path = run_dir / "config.json"
     if not path.is_file():
         _fail(f"{run_dir}: no config.json; start the run with `intgen sample` or `intgen build-dataset`")
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        _fail(f"{path}: unreadable ({exc}); fix or delete it and pass the settings again")
     try:
         return resolve(overrides, from_saved(saved).to_dict())
     except (TypeError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(f"{path}: {exc}" if not overrides else str(exc))
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
@@ -79,7 +87,23 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     for name, value in funnel_rows(summary):
         table.add_row(name, value)
     console.print(table)
-    console.print(f"dataset: {run_dir / 'dataset'}  (datasets.load_dataset(\"{run_dir / 'dataset'}\", \"sft\"))")
+    if summary["table1"]["conditions"]:
+        from intgen.stages.export import table1_rows
+
+        conditions = Table(title="Table 1 (per problem; ratios to original-step, 95% bootstrap intervals)")
+        for name in ("continue from", "solved / problems", "mean accuracy", "solved vs orig.", "accuracy vs orig."):
+            conditions.add_column(name, justify="left" if name == "continue from" else "right")
+        for row in table1_rows(summary["table1"]):
+            conditions.add_row(*row)
+        console.print(conditions)
+    dataset = run_dir / "dataset"
+    if summary["kept"]:
+        console.print(f"dataset: {dataset}  (datasets.load_dataset(\"{dataset}\", \"sft\"))", highlight=False,
+                      soft_wrap=True)
+    else:
+        console.print(f"dataset: {dataset}  (the sft config is empty: no intervention was kept; the interventions "
+                      f"config shows why: datasets.load_dataset(\"{dataset}\", \"interventions\"))", highlight=False,
+                      soft_wrap=True)
 
 
 def _run_or_fail(action: Callable[[], Any]) -> Any:
@@ -92,19 +116,33 @@ def _run_or_fail(action: Callable[[], Any]) -> Any:
         _fail(str(exc))
 
 
+D = DEFAULTS  # every option's default comes from RunConfig
+EXIT_BAD_INPUT = 2  # a bad setting, file or run directory: nothing was done
+EXIT_FAILURES = 3  # the run finished, but some model calls failed: rerunning the same command retries them
+
 BackendOpt = Annotated[BackendKind, typer.Option("--backend", help="Model engine.")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="Model name (local: a GGUF path; default: bundled SmolLM2-135M-Instruct).")]
 BaseUrlOpt = Annotated[Optional[str], typer.Option(help="Server URL (openai: e.g. http://127.0.0.1:8000/v1; gemini: API endpoint).")]
 ApiKeyEnvOpt = Annotated[Optional[str], typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY / GEMINI_API_KEY).")]
 ConcurrencyOpt = Annotated[int, typer.Option(help="Requests in flight at once (openai, gemini).")]
-StructuredOpt = Annotated[str, typer.Option(help="openai: how to send a JSON schema: json_schema (OpenAI, vLLM, SGLang), json_object (llama-cpp-python), none.")]
-ContinuationOpt = Annotated[str, typer.Option(help="openai: how to continue an assistant message: chat (vLLM continue_final_message) or completions (client-side chat template).")]
-ChatTemplateOpt = Annotated[Optional[str], typer.Option(help="openai + completions: chat template file, .gguf file or tokenizer name.")]
+RequestTimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for one try of a request (openai, gemini).")]
+MaxTriesOpt = Annotated[int, typer.Option(help="Tries per request before its failure is recorded (a rerun tries again).")]
+StructuredOpt = Annotated[StructuredOutput, typer.Option(help="openai: how to send a JSON schema: json_schema (OpenAI, vLLM, SGLang), json_object (llama-cpp-python), none.")]
+ContinuationOpt = Annotated[ContinuationMode, typer.Option(help="openai: how to continue an assistant message: chat (vLLM continue_final_message) or completions (client-side chat template).")]
+ChatTemplateOpt = Annotated[Optional[str], typer.Option(help="openai + completions: chat template file, .gguf file or tokenizer name (also counts tokens per sample).")]
 ThinkingOpt = Annotated[Optional[int], typer.Option(help="gemini: thinking budget in tokens.")]
+MaxModelLenOpt = Annotated[Optional[int], typer.Option(help="The model's context in tokens, where the server does not report it (continuations are cut to fit).")]
+VllmArgOpt = Annotated[Optional[list[str]], typer.Option("--vllm-arg", help="vllm backend: one engine argument, key=value (repeatable), e.g. --vllm-arg tensor_parallel_size=2.")]
 ProposerBackendOpt = Annotated[Optional[BackendKind], typer.Option(help="Proposer engine (default: the policy's; self-proposed).")]
 ProposerModelOpt = Annotated[Optional[str], typer.Option(help="Proposer model (default: the policy model).")]
 ProposerUrlOpt = Annotated[Optional[str], typer.Option(help="Proposer server URL.")]
+ProblemColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the problem text (default: problem, question, ...).")]
+AnswerColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the final answer (default: answer, ...).")]
+SolutionColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the reference solution (default: reference_solution, then solution).")]
+SplitOpt = Annotated[Optional[str], typer.Option(help="Split of a dataset folder or Hub dataset (default: its only split).")]
+SubsetOpt = Annotated[Optional[str], typer.Option(help="Config (subset) of a Hub dataset.")]
 SamplesOpt = Annotated[int, typer.Option(help="Attempts per problem (K).")]
+MaxTokensOpt = Annotated[int, typer.Option(help="Token limit per attempt.")]
 TemperatureOpt = Annotated[float, typer.Option()]
 TopPOpt = Annotated[float, typer.Option()]
 TopKOpt = Annotated[int, typer.Option(help="0 disables top-k.")]
@@ -113,17 +151,23 @@ LimitOpt = Annotated[Optional[int], typer.Option(help="Use only the first N prob
 HardOnlyOpt = Annotated[bool, typer.Option(help="Propose only for problems whose pass rate is at most --hard-threshold.")]
 HardThresholdOpt = Annotated[float, typer.Option(help="Pass-rate ceiling for --hard-only.")]
 ProposalsOpt = Annotated[int, typer.Option(help="Proposals per failed attempt (P).")]
-ProposeStyleOpt = Annotated[str, typer.Option(help="two-turn (the paper's: solve with the reference, then critique) or single-turn.")]
+ProposeStyleOpt = Annotated[ProposeStyle, typer.Option(help="two-turn (the paper's: solve with the reference, then critique) or single-turn.")]
 ProposeMaxTokensOpt = Annotated[int, typer.Option(help="Token limit per proposal.")]
 ProposeTemperatureOpt = Annotated[float, typer.Option()]
 StructuredProposalsOpt = Annotated[bool, typer.Option(help="Constrain proposals by a JSON schema where the backend can.")]
 IncludeTruncatedOpt = Annotated[bool, typer.Option(help="Also propose for attempts cut off by max tokens.")]
+AllowNoReferenceOpt = Annotated[bool, typer.Option(help="Propose for problems without a reference solution (the prompt then says only the final answer is known).")]
 ContinuationsOpt = Annotated[int, typer.Option(help="Continuations per intervention (M).")]
 VerifyMaxTokensOpt = Annotated[int, typer.Option(help="Token limit per continuation.")]
 VerifyTemperatureOpt = Annotated[float, typer.Option()]
 MinSuccessOpt = Annotated[int, typer.Option(help="Keep an intervention with at least this many correct continuations.")]
-ConditionOpt = Annotated[Optional[list[str]], typer.Option("--condition", help="Verify conditions (repeatable): intervention, original-step, resample-step, problem-only.")]
+ConditionOpt = Annotated[Optional[list[Condition]], typer.Option("--condition", help="Verify conditions (repeatable): intervention, original-step, resample-step, problem-only.")]
+SystemPromptOpt = Annotated[Optional[str], typer.Option(help="System prompt for the policy (same in sampling, SFT and RL).")]
+SolvePromptOpt = Annotated[str, typer.Option(help="The policy's prompt (sample, verify, SFT and RL): a shipped file name or your own file with {{problem}}.")]
+ReferencePromptOpt = Annotated[str, typer.Option(help="Turn 1 of the two-turn proposer prompt (solve guided by the reference): a shipped file name or your own file.")]
+CritiquePromptOpt = Annotated[Optional[str], typer.Option(help="Turn 2 of the two-turn proposer prompt, or the single-turn prompt: a shipped file name or your own file. [default: propose_critique.md / propose_single.md]")]
 GradeWorkersOpt = Annotated[int, typer.Option(help="Grading worker processes.")]
+GradeTimeoutOpt = Annotated[float, typer.Option(help="Seconds of grading work per answer at most.")]
 LenientOpt = Annotated[bool, typer.Option(help="Grade a response without \\boxed{} by the answer it states (for small models).")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Problems per batch (one parquet part each).")]
 PricesOpt = Annotated[Optional[Path], typer.Option(help="Price table (TOML/JSON) to report cost.")]
@@ -131,9 +175,44 @@ SkipBadRowsOpt = Annotated[bool, typer.Option(help="Skip malformed problem rows 
 RunDirOpt = Annotated[Path, typer.Option(help="Run directory (created if needed; rerunning resumes).")]
 ForceOpt = Annotated[bool, typer.Option(help="Recompute a stage whose settings changed (cached model calls are reused).")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
-SolvePromptOpt = Annotated[Optional[str], typer.Option(help="The policy's prompt (sample, verify, SFT and RL): a shipped file name or your own file with {{problem}}. [default: solve.md]")]
-ReferencePromptOpt = Annotated[Optional[str], typer.Option(help="Turn 1 of the two-turn proposer prompt (solve guided by the reference): a shipped file name or your own file. [default: propose_reference.md]")]
-CritiquePromptOpt = Annotated[Optional[str], typer.Option(help="Turn 2 of the two-turn proposer prompt, or the single-turn prompt: a shipped file name or your own file. [default: propose_critique.md / propose_single.md]")]
+
+NOT_SETTINGS = ("ctx", "config", "run_dir", "force", "progress")
+
+
+def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The settings the user gave on the command line, as RunConfig values."""
+    given = _explicit(ctx, {k: v for k, v in values.items() if k not in NOT_SETTINGS})
+    for key, value in list(given.items()):
+        if isinstance(value, Enum):
+            given[key] = value.value
+        elif isinstance(value, Path):
+            given[key] = str(value)
+    if "condition" in given:
+        given["conditions"] = tuple(c.value if isinstance(c, Enum) else c for c in given.pop("condition"))
+    if "vllm_arg" in given:
+        given["vllm_args"] = _key_values(given.pop("vllm_arg"), "--vllm-arg")
+    return given
+
+
+def _key_values(pairs: list[str], option: str) -> dict[str, Any]:
+    from intgen.train import parse_value
+
+    found = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(f"{option} {pair!r}: expected key=value")
+        found[key.strip().replace("-", "_")] = parse_value(value)
+    return found
+
+
+def _exit_for(failed: dict[str, Any], what: str) -> None:
+    """Exit with EXIT_FAILURES when calls failed, saying so and that a rerun retries them."""
+    if failed:
+        detail = "; ".join(f"{stage}: {', '.join(f'{k} {v}' for k, v in kinds.items())}" for stage, kinds in failed.items())
+        errors.print(f"[yellow]{what} finished with failed calls ({detail}). Run the same command again to retry "
+                     f"them (answered calls come from the cache).[/yellow]", markup=True, highlight=False)
+        raise typer.Exit(code=EXIT_FAILURES)
 
 
 @app.command("build-dataset")
@@ -141,71 +220,72 @@ def build_dataset(
     ctx: typer.Context,
     problems: Annotated[Optional[str], typer.Option(help="Problem set: a file, a dataset folder or a Hub id. Default: the 20 bundled examples (and the demo sizes).")] = None,
     run_dir: RunDirOpt = Path("runs/default"),
-    config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (RunConfig field names); options given here win.")] = None,
-    backend: BackendOpt = BackendKind.local,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (the option names); options given here win.")] = None,
+    problem_column: ProblemColumnOpt = None,
+    answer_column: AnswerColumnOpt = None,
+    solution_column: SolutionColumnOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    backend: BackendOpt = BackendKind(D.backend),
     model: ModelOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = 32,
-    structured_output: StructuredOpt = "json_schema",
-    continuation: ContinuationOpt = "chat",
+    concurrency: ConcurrencyOpt = D.concurrency,
+    request_timeout: RequestTimeoutOpt = D.request_timeout,
+    max_tries: MaxTriesOpt = D.max_tries,
+    structured_output: StructuredOpt = StructuredOutput(D.structured_output),
+    continuation: ContinuationOpt = ContinuationMode(D.continuation),
     chat_template: ChatTemplateOpt = None,
     thinking_budget: ThinkingOpt = None,
+    max_model_len: MaxModelLenOpt = None,
+    vllm_arg: VllmArgOpt = None,
     proposer_backend: ProposerBackendOpt = None,
     proposer_model: ProposerModelOpt = None,
     proposer_base_url: ProposerUrlOpt = None,
-    samples: SamplesOpt = 4,
-    max_tokens: Annotated[int, typer.Option(help="Token limit per attempt.")] = 16384,
-    temperature: TemperatureOpt = 0.7,
-    top_p: TopPOpt = 0.8,
-    top_k: TopKOpt = 20,
-    seed: SeedOpt = 0,
+    samples: SamplesOpt = D.samples,
+    max_tokens: MaxTokensOpt = D.max_tokens,
+    temperature: TemperatureOpt = D.temperature,
+    top_p: TopPOpt = D.top_p,
+    top_k: TopKOpt = D.top_k,
+    seed: SeedOpt = D.seed,
     limit: LimitOpt = None,
-    hard_only: HardOnlyOpt = False,
-    hard_threshold: HardThresholdOpt = 0.0,
-    proposals: ProposalsOpt = 4,
-    propose_style: ProposeStyleOpt = "two-turn",
-    propose_max_tokens: ProposeMaxTokensOpt = 8192,
-    propose_temperature: ProposeTemperatureOpt = 0.7,
-    structured: StructuredProposalsOpt = True,
-    include_truncated: IncludeTruncatedOpt = False,
-    continuations: ContinuationsOpt = 32,
-    verify_max_tokens: VerifyMaxTokensOpt = 16384,
-    verify_temperature: VerifyTemperatureOpt = 0.7,
-    min_success: MinSuccessOpt = 1,
+    hard_only: HardOnlyOpt = D.hard_only,
+    hard_threshold: HardThresholdOpt = D.hard_threshold,
+    proposals: ProposalsOpt = D.proposals,
+    propose_style: ProposeStyleOpt = ProposeStyle(D.propose_style),
+    propose_max_tokens: ProposeMaxTokensOpt = D.propose_max_tokens,
+    propose_temperature: ProposeTemperatureOpt = D.propose_temperature,
+    structured: StructuredProposalsOpt = D.structured,
+    include_truncated: IncludeTruncatedOpt = D.include_truncated,
+    allow_no_reference: AllowNoReferenceOpt = D.allow_no_reference,
+    continuations: ContinuationsOpt = D.continuations,
+    verify_max_tokens: VerifyMaxTokensOpt = D.verify_max_tokens,
+    verify_temperature: VerifyTemperatureOpt = D.verify_temperature,
+    min_success: MinSuccessOpt = D.min_success,
     condition: ConditionOpt = None,
-    system_prompt: Annotated[Optional[str], typer.Option(help="System prompt for the policy (same in sampling, SFT and RL).")] = None,
-    solve_prompt: SolvePromptOpt = None,
-    reference_prompt: ReferencePromptOpt = None,
+    system_prompt: SystemPromptOpt = None,
+    solve_prompt: SolvePromptOpt = D.solve_prompt,
+    reference_prompt: ReferencePromptOpt = D.reference_prompt,
     critique_prompt: CritiquePromptOpt = None,
-    grade_workers: GradeWorkersOpt = 2,
-    lenient_answers: LenientOpt = False,
-    batch_size: BatchSizeOpt = 64,
+    grade_workers: GradeWorkersOpt = D.grade_workers,
+    grade_timeout: GradeTimeoutOpt = D.grade_timeout,
+    lenient_answers: LenientOpt = D.lenient_answers,
+    batch_size: BatchSizeOpt = D.batch_size,
     prices: PricesOpt = None,
-    skip_bad_rows: SkipBadRowsOpt = False,
+    skip_bad_rows: SkipBadRowsOpt = D.skip_bad_rows,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Run every stage — sample, grade, propose, verify, export — resuming whatever is already done.
 
     With no options: the embedded demo (20 bundled problems, the local SmolLM2 engine, no key, no GPU).
+    Exit status: 0 done; 2 bad input or settings; 3 done, but some model calls failed (rerun to retry them).
     """
     from intgen.config import read_config_file, resolve
     from intgen.pipeline import build_dataset as build
 
-    values = dict(locals())
-    for name in ("ctx", "config", "run_dir", "force", "progress", "condition"):
-        values.pop(name)
-    explicit = _explicit(ctx, values)
-    if condition:
-        explicit["conditions"] = tuple(condition)
-    for key in ("backend", "proposer_backend"):
-        if isinstance(explicit.get(key), BackendKind):
-            explicit[key] = explicit[key].value
-    if "prices" in explicit:
-        explicit["prices"] = str(explicit["prices"])
     try:
-        settings = resolve(explicit, read_config_file(config) if config else {})
+        settings = resolve(_given(ctx, dict(locals())), read_config_file(config) if config else {})
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
     if settings.problems is None:
@@ -215,59 +295,58 @@ def build_dataset(
         )
     summary = _run_or_fail(lambda: build(settings, run_dir, force=force, progress=progress))
     _print_summary(summary, run_dir)
+    _exit_for(summary["failed"], "the run")
 
 
 @app.command("sample")
 def sample(
+    ctx: typer.Context,
     problems: Annotated[str, typer.Option(help="Problem set: a file, a dataset folder or a Hub dataset id.")],
     run_dir: RunDirOpt,
-    backend: BackendOpt = BackendKind.local,
+    problem_column: ProblemColumnOpt = None,
+    answer_column: AnswerColumnOpt = None,
+    solution_column: SolutionColumnOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    backend: BackendOpt = BackendKind(D.backend),
     model: ModelOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = 32,
-    structured_output: StructuredOpt = "json_schema",
-    continuation: ContinuationOpt = "chat",
+    concurrency: ConcurrencyOpt = D.concurrency,
+    request_timeout: RequestTimeoutOpt = D.request_timeout,
+    max_tries: MaxTriesOpt = D.max_tries,
+    structured_output: StructuredOpt = StructuredOutput(D.structured_output),
+    continuation: ContinuationOpt = ContinuationMode(D.continuation),
     chat_template: ChatTemplateOpt = None,
     thinking_budget: ThinkingOpt = None,
-    samples: SamplesOpt = 4,
-    max_tokens: Annotated[int, typer.Option(help="Token limit per attempt.")] = 4096,
-    temperature: TemperatureOpt = 0.7,
-    top_p: TopPOpt = 0.8,
-    top_k: TopKOpt = 20,
-    seed: SeedOpt = 0,
+    max_model_len: MaxModelLenOpt = None,
+    vllm_arg: VllmArgOpt = None,
+    samples: SamplesOpt = D.samples,
+    max_tokens: MaxTokensOpt = D.max_tokens,
+    temperature: TemperatureOpt = D.temperature,
+    top_p: TopPOpt = D.top_p,
+    top_k: TopKOpt = D.top_k,
+    seed: SeedOpt = D.seed,
     limit: LimitOpt = None,
-    batch_size: BatchSizeOpt = 64,
+    batch_size: BatchSizeOpt = D.batch_size,
     prices: PricesOpt = None,
-    skip_bad_rows: SkipBadRowsOpt = False,
-    system_prompt: Annotated[Optional[str], typer.Option(help="System prompt for the policy.")] = None,
-    solve_prompt: SolvePromptOpt = None,
+    skip_bad_rows: SkipBadRowsOpt = D.skip_bad_rows,
+    system_prompt: SystemPromptOpt = None,
+    solve_prompt: SolvePromptOpt = D.solve_prompt,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Sample K attempts per problem into RUN_DIR/samples/ (resumable; cached calls are never sent twice)."""
-    from intgen.backends import make_backend
-    from intgen.config import RunConfig
+    from intgen.config import resolve
     from intgen.pipeline import load_config_problems, sample_problems
-    from intgen.rundir import RunDir
 
-    settings = RunConfig(
-        problems=problems, backend=backend.value, model=model, base_url=base_url, api_key_env=api_key_env,
-        concurrency=concurrency, structured_output=structured_output, continuation=continuation,
-        chat_template=chat_template, thinking_budget=thinking_budget, samples=samples, max_tokens=max_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, limit=limit, batch_size=batch_size,
-        prices=None if prices is None else str(prices), skip_bad_rows=skip_bad_rows, system_prompt=system_prompt,
-        **({"solve_prompt": solve_prompt} if solve_prompt else {}),
-    )
-    loaded = _run_or_fail(lambda: load_config_problems(settings))
-    engine = make_backend(settings.policy_backend())
-    run = RunDir(run_dir)
     try:
-        entry = _run_or_fail(lambda: sample_problems(run, settings, engine, loaded.frame, force, progress))
-        run.write_json("config.json", settings.to_dict())
-    finally:
-        engine.close()
-        run.close()
+        settings = resolve(_given(ctx, dict(locals())), {})
+    except (TypeError, ValueError) as exc:
+        _fail(str(exc))
+    loaded = _run_or_fail(lambda: load_config_problems(settings))
+    entry = _in_run(run_dir, settings, lambda run, engine: sample_problems(run, settings, engine, loaded.frame, force,
+                                                                          progress), settings.policy_backend())
     calls, last = entry["calls"], entry["last_run"]
     console.print(
         f"samples: {entry['rows']} attempts ({entry['truncated']} truncated, failed: {entry['failed_rows'] or 'none'}); "
@@ -277,108 +356,106 @@ def sample(
         + (f", cost ${calls['cost_usd']:.4f}" if calls["cost_usd"] is not None else ""),
         highlight=False,
     )
+    _exit_for({"sample": entry["failed_rows"]} if entry["failed_rows"] else {}, "sample")
+
+
+def _in_run(run_dir: Path, settings: "RunConfig", action: Callable[[Any, Any], dict[str, Any]],
+            engine_config: Any = None) -> dict[str, Any]:
+    """Run one stage command in the run directory (with its engine, if it needs one); save the settings."""
+    from intgen.backends import make_backend
+    from intgen.rundir import RunDir
+
+    engine = _run_or_fail(lambda: make_backend(engine_config)) if engine_config is not None else None
+    run = RunDir(run_dir)
+    try:
+        entry = _run_or_fail(lambda: action(run, engine))
+        run.write_json("config.json", settings.to_dict())
+    finally:
+        if engine is not None:
+            engine.close()
+        run.close()
+    return entry
 
 
 @app.command("grade")
 def grade(
     ctx: typer.Context,
     run_dir: RunDirOpt,
-    hard_only: HardOnlyOpt = False,
-    hard_threshold: HardThresholdOpt = 0.0,
-    grade_workers: GradeWorkersOpt = 2,
-    grade_timeout: Annotated[float, typer.Option(help="Seconds per answer at most.")] = 5.0,
-    lenient_answers: LenientOpt = False,
+    hard_only: HardOnlyOpt = D.hard_only,
+    hard_threshold: HardThresholdOpt = D.hard_threshold,
+    grade_workers: GradeWorkersOpt = D.grade_workers,
+    grade_timeout: GradeTimeoutOpt = D.grade_timeout,
+    lenient_answers: LenientOpt = D.lenient_answers,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Grade every attempt in RUN_DIR/samples/ (verdicts into graded/, pass rates into pass_rates/)."""
     from intgen.pipeline import run_named_stage
-    from intgen.rundir import RunDir
 
-    settings = _saved_config(run_dir, _explicit(ctx, {"hard_only": hard_only, "hard_threshold": hard_threshold,
-                                                      "grade_workers": grade_workers, "grade_timeout": grade_timeout,
-                                                      "lenient_answers": lenient_answers}))
-    run = RunDir(run_dir)
-    entry = _run_or_fail(lambda: run_named_stage(run, settings, "grade", None, force, progress))
-    run.write_json("config.json", settings.to_dict())
+    settings = _saved_config(run_dir, _given(ctx, dict(locals())))
+    entry = _in_run(run_dir, settings, lambda run, _: run_named_stage(run, settings, "grade", None, force, progress))
     console.print(f"graded: {entry['correct']} correct, {entry['incorrect']} incorrect, {entry['ungradable']} "
                   f"ungradable {entry['ungradable_by_reason'] or ''}; {entry['problems_selected']} problems selected",
                   highlight=False)
+    _exit_for({"grade": entry["failed_rows"]} if entry["failed_rows"] else {}, "grade")
 
 
 @app.command("propose")
 def propose(
     ctx: typer.Context,
     run_dir: RunDirOpt,
-    proposals: ProposalsOpt = 4,
+    proposals: ProposalsOpt = D.proposals,
     proposer_backend: ProposerBackendOpt = None,
     proposer_model: ProposerModelOpt = None,
     proposer_base_url: ProposerUrlOpt = None,
-    propose_style: ProposeStyleOpt = "two-turn",
-    propose_max_tokens: ProposeMaxTokensOpt = 8192,
-    propose_temperature: ProposeTemperatureOpt = 0.7,
-    structured: StructuredProposalsOpt = True,
-    include_truncated: IncludeTruncatedOpt = False,
-    reference_prompt: ReferencePromptOpt = None,
+    propose_style: ProposeStyleOpt = ProposeStyle(D.propose_style),
+    propose_max_tokens: ProposeMaxTokensOpt = D.propose_max_tokens,
+    propose_temperature: ProposeTemperatureOpt = D.propose_temperature,
+    structured: StructuredProposalsOpt = D.structured,
+    include_truncated: IncludeTruncatedOpt = D.include_truncated,
+    allow_no_reference: AllowNoReferenceOpt = D.allow_no_reference,
+    reference_prompt: ReferencePromptOpt = D.reference_prompt,
     critique_prompt: CritiquePromptOpt = None,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Propose interventions for the failed attempts (into RUN_DIR/proposals/)."""
-    from intgen.backends import make_backend
     from intgen.pipeline import run_named_stage
-    from intgen.rundir import RunDir
 
-    given = _explicit(ctx, {k: v for k, v in locals().items() if k not in ("ctx", "run_dir", "force", "progress")})
-    if isinstance(given.get("proposer_backend"), BackendKind):
-        given["proposer_backend"] = given["proposer_backend"].value
-    settings = _saved_config(run_dir, given)
-    engine = make_backend(settings.proposer_config() or settings.policy_backend())
-    run = RunDir(run_dir)
-    try:
-        entry = _run_or_fail(lambda: run_named_stage(run, settings, "propose", engine, force, progress))
-        run.write_json("config.json", settings.to_dict())
-    finally:
-        engine.close()
-        run.close()
+    settings = _saved_config(run_dir, _given(ctx, dict(locals())))
+    entry = _in_run(run_dir, settings, lambda run, engine: run_named_stage(run, settings, "propose", engine, force,
+                                                                          progress),
+                    settings.proposer_config() or settings.policy_backend())
     console.print(f"proposals: {entry['rows']} for {entry['attempts']} failed attempts; accepted {entry['accepted']}; "
                   f"rejected {entry['rejected_by_reason'] or 'none'}", highlight=False)
+    _exit_for({"propose": entry["failed_rows"]} if entry["failed_rows"] else {}, "propose")
 
 
 @app.command("verify")
 def verify(
     ctx: typer.Context,
     run_dir: RunDirOpt,
-    continuations: ContinuationsOpt = 32,
-    verify_max_tokens: VerifyMaxTokensOpt = 16384,
-    verify_temperature: VerifyTemperatureOpt = 0.7,
-    min_success: MinSuccessOpt = 1,
+    continuations: ContinuationsOpt = D.continuations,
+    verify_max_tokens: VerifyMaxTokensOpt = D.verify_max_tokens,
+    verify_temperature: VerifyTemperatureOpt = D.verify_temperature,
+    min_success: MinSuccessOpt = D.min_success,
     condition: ConditionOpt = None,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Continue each accepted intervention M times and keep the ones that lead to the answer."""
-    from intgen.backends import make_backend
     from intgen.pipeline import run_named_stage
-    from intgen.rundir import RunDir
+    from intgen.stages.export import table1_rows
 
-    given = _explicit(ctx, {"continuations": continuations, "verify_max_tokens": verify_max_tokens,
-                            "verify_temperature": verify_temperature, "min_success": min_success})
-    if condition:
-        given["conditions"] = tuple(condition)
-    settings = _saved_config(run_dir, given)
-    engine = make_backend(settings.policy_backend())
-    run = RunDir(run_dir)
-    try:
-        entry = _run_or_fail(lambda: run_named_stage(run, settings, "verify", engine, force, progress))
-        run.write_json("config.json", settings.to_dict())
-    finally:
-        engine.close()
-        run.close()
-    for name, row in entry["by_condition"].items():
-        console.print(f"{name}: {row['solved']}/{row['proposals']} solved at least once, "
-                      f"mean success rate {row['mean_success_rate']:.4f}", highlight=False)
-    console.print(f"kept: {entry['kept']}", highlight=False)
+    settings = _saved_config(run_dir, _given(ctx, dict(locals())))
+    entry = _in_run(run_dir, settings, lambda run, engine: run_named_stage(run, settings, "verify", engine, force,
+                                                                          progress), settings.policy_backend())
+    for name, solved, accuracy, solved_ratio, accuracy_ratio in table1_rows(entry["table1"]):
+        console.print(f"{name}: {solved} problems solved at least once, mean accuracy {accuracy}"
+                      + (f", vs original-step {solved_ratio} solved, {accuracy_ratio} accuracy" if solved_ratio else ""),
+                      highlight=False)
+    console.print(f"verified: {entry['verified']}; kept: {entry['kept']}", highlight=False)
+    _exit_for({"verify": entry["failed_rows"]} if entry["failed_rows"] else {}, "verify")
 
 
 @app.command("export")
@@ -443,6 +520,11 @@ def _train(
         history = _run_or_fail(lambda: train.train_sft(dataset, output_dir, model, overrides))
     else:
         history = _run_or_fail(lambda: train.train_grpo(dataset, output_dir, model, overrides, lenient))
+    if history and "dropped_rows" in history[0]:
+        note = history.pop(0)
+        console.print(f"sft rows: {note['rows']}, longest {note['longest_tokens']} tokens, max_length "
+                      f"{note['max_length']}, dropped as longer: {note['dropped_rows']} (rows are never cut)",
+                      highlight=False)
     losses = [row["loss"] for row in history if isinstance(row.get("loss"), (int, float))]
     rewards = [row["reward"] for row in history if isinstance(row.get("reward"), (int, float))]
     summary = f"{kind}: {len(losses)} logged steps"
@@ -484,7 +566,7 @@ def problems(
     problem_column: Annotated[Optional[str], typer.Option(help="Column holding the problem text.")] = None,
     answer_column: Annotated[Optional[str], typer.Option(help="Column holding the final answer.")] = None,
     solution_column: Annotated[Optional[str], typer.Option(help="Column holding the reference solution.")] = None,
-    split: Annotated[str, typer.Option(help="Split of a dataset folder or Hub dataset.")] = "test",
+    split: SplitOpt = None,
     config: Annotated[Optional[str], typer.Option(help="Config (subset) of a Hub dataset.")] = None,
     skip_bad_rows: Annotated[bool, typer.Option(help="Skip malformed rows (each is reported) instead of stopping.")] = False,
     limit: Annotated[Optional[int], typer.Option(help="Load at most this many problems.")] = None,

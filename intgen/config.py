@@ -1,28 +1,50 @@
 """The settings of a run: one flat, frozen record, saved as RUN_DIR/config.json.
 
-Defaults follow the InT paper (K=4 attempts at T=0.7, top_p 0.8, top_k 20; 4 proposals per failed
-attempt; 32 continuations; keep an intervention with at least 1 success). With no problem set given,
-`build-dataset` runs the embedded demo — 20 bundled example problems on the local SmolLM2 engine —
-with the `DEMO` sizes below, so that it finishes in minutes on a laptop CPU. Explicit options and a
-`--config` TOML file always win over both.
+Defaults follow the InT paper (K=4 attempts at T=0.7, top_p 0.8, top_k 20, 16,384 tokens; 4 proposals
+per failed attempt; 32 continuations; keep an intervention with at least 1 success). With no problem set
+given, `build-dataset` runs the embedded demo — 20 bundled example problems on the local SmolLM2
+engine — with the `DEMO` sizes below, so that it finishes in minutes on a laptop CPU. Explicit options
+and a `--config` TOML file always win over both.
+
+This is the one source of defaults (the CLI shows these) and of what a valid setting is: every value,
+from the command line, a config file or a saved config.json, is checked here, and a bad one is named.
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from intgen.backends import BackendConfig, BackendKind
 from intgen.backends.base import Sampling
 from intgen.resources import Prompt, load_prompt
+from intgen.stages.verify import Condition
 
 EXAMPLE_PROBLEMS = Path(__file__).resolve().parent / "examples" / "problems.jsonl"
-CONDITIONS = ("intervention", "original-step", "resample-step", "problem-only")
+CONDITIONS = tuple(c.value for c in Condition)
 # The markers each prompt must hold: where the problem, reference and attempt go.
 PROMPT_MARKERS = {"solve": ("problem",), "reference": ("problem", "reference_solution"),
                   "critique": ("numbered_attempt",)}
+
+
+class ProposeStyle(str, Enum):
+    two_turn = "two-turn"
+    single_turn = "single-turn"
+
+
+class StructuredOutput(str, Enum):
+    json_schema = "json_schema"
+    json_object = "json_object"
+    none = "none"
+
+
+class ContinuationMode(str, Enum):
+    chat = "chat"
+    completions = "completions"
 
 
 @dataclass(frozen=True)
@@ -32,7 +54,7 @@ class RunConfig:
     problem_column: str | None = None
     answer_column: str | None = None
     solution_column: str | None = None
-    split: str = "test"
+    split: str | None = None  # None: the source's only split (an error if it has several)
     subset: str | None = None
     skip_bad_rows: bool = False
     limit: int | None = None
@@ -42,11 +64,15 @@ class RunConfig:
     base_url: str | None = None
     api_key_env: str | None = None
     concurrency: int = 32
+    request_timeout: float = 600.0  # seconds per try of one request (openai, gemini)
+    max_tries: int = 6  # tries per request before its failure is recorded
     structured_output: str = "json_schema"
     continuation: str = "chat"
     chat_template: str | None = None
     thinking_budget: int | None = None
-    n_ctx: int = 8192
+    max_model_len: int | None = None  # the model's context in tokens, where the server does not say
+    n_ctx: int = 8192  # local engine context
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # engine arguments for the in-process vLLM backend
     # the proposer (default: the policy model itself)
     proposer_backend: str | None = None
     proposer_model: str | None = None
@@ -68,13 +94,14 @@ class RunConfig:
     hard_threshold: float = 0.0
     # propose
     proposals: int = 4
-    propose_style: str = "two-turn"  # two-turn | single-turn
+    propose_style: str = "two-turn"
     reference_prompt: str = "propose_reference.md"  # turn 1 of the two-turn prompt
     critique_prompt: str | None = None  # turn 2, or the single-turn prompt (default: the shipped one for the style)
     propose_max_tokens: int = 8192
     propose_temperature: float = 0.7
     structured: bool = True  # constrain proposals by a JSON schema where the backend can
     include_truncated: bool = False
+    allow_no_reference: bool = False
     # verify
     continuations: int = 32
     verify_max_tokens: int = 16384
@@ -85,6 +112,12 @@ class RunConfig:
     batch_size: int = 64
     prices: str | None = None
     license: str = "other"
+
+    def __post_init__(self) -> None:
+        found = [f"{name}: {problem}" for name, value in asdict(self).items() if (problem := check(name, value))]
+        found += [f"{name}: {problem}" for name, problem in cross_checks(asdict(self))]
+        if found:
+            raise ValueError("; ".join(found))
 
     def sampling(self, max_tokens: int | None = None, temperature: float | None = None) -> Sampling:
         return Sampling(
@@ -98,8 +131,10 @@ class RunConfig:
     def policy_backend(self) -> BackendConfig:
         return BackendConfig(
             kind=BackendKind(self.backend), model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
-            concurrency=self.concurrency, structured_output=self.structured_output, continuation=self.continuation,
+            concurrency=self.concurrency, max_tries=self.max_tries, request_timeout=self.request_timeout,
+            structured_output=self.structured_output, continuation=self.continuation,
             chat_template=self.chat_template, thinking_budget=self.thinking_budget, n_ctx=self.n_ctx,
+            max_model_len=self.max_model_len, vllm_args=tuple(sorted(self.vllm_args.items())),
         )
 
     def proposer_config(self) -> BackendConfig | None:
@@ -151,28 +186,113 @@ DEMO = {
 
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
 
+# --- what a valid setting is ----------------------------------------------------------------------
+
+CHOICES: dict[str, type[Enum]] = {
+    "backend": BackendKind, "proposer_backend": BackendKind, "propose_style": ProposeStyle,
+    "structured_output": StructuredOutput, "continuation": ContinuationMode,
+}
+# (lowest, highest) allowed; None: no bound.
+BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "samples": (1, None), "proposals": (1, None), "continuations": (1, None), "min_success": (0, None),
+    "limit": (1, None), "batch_size": (1, None), "concurrency": (1, None), "grade_workers": (1, None),
+    "max_tokens": (1, None), "propose_max_tokens": (1, None), "verify_max_tokens": (1, None), "n_ctx": (128, None),
+    "max_model_len": (1, None), "max_tries": (1, None), "top_k": (0, None), "thinking_budget": (0, None),
+    "temperature": (0, None), "propose_temperature": (0, None), "verify_temperature": (0, None),
+    "top_p": (0, 1), "grade_timeout": (0.01, None), "request_timeout": (0.01, None), "hard_threshold": (0, 1),
+}
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def _kind(name: str) -> tuple[str, bool]:
+    """The value kind a field takes (bool, int, float, str, list, table) and whether it may be None."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args and optional else hint
+    origin = typing.get_origin(base)
+    if origin is tuple:
+        return "list", optional
+    if origin is dict:
+        return "table", optional
+    return {bool: "bool", int: "int", float: "float", str: "str"}[base], optional
+
+
+def check(name: str, value: Any) -> str | None:
+    """What is wrong with one setting's value, or None."""
+    kind, optional = _kind(name)
+    if value is None:
+        return None if optional else "must be set"
+    wrong = {
+        "bool": not isinstance(value, bool),
+        "int": isinstance(value, bool) or not isinstance(value, int),
+        "float": isinstance(value, bool) or not isinstance(value, (int, float)),
+        "str": not isinstance(value, str),
+        "list": not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value),
+        "table": not isinstance(value, dict),
+    }[kind]
+    if wrong:
+        expected = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text",
+                    "list": 'a list of names, e.g. ["intervention", "problem-only"]', "table": "a table"}[kind]
+        return f"expected {expected}, got {value!r}"
+    if name in CHOICES and value not in {c.value for c in CHOICES[name]}:
+        return f"{value!r} is not one of {', '.join(c.value for c in CHOICES[name])}"
+    if name == "conditions":
+        bad = [v for v in value if v not in CONDITIONS]
+        return f"unknown condition(s) {', '.join(bad)}; known: {', '.join(CONDITIONS)}" if bad else None
+    low, high = BOUNDS.get(name, (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"at least {low}" if high is None else f"between {low} and {high}"
+        return f"must be {span}, got {value!r}"
+    return None
+
+
+def cross_checks(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """Settings that are only wrong together."""
+    found = []
+    if isinstance(values.get("min_success"), int) and isinstance(values.get("continuations"), int) \
+            and values["min_success"] > values["continuations"]:
+        found.append(("min_success", f"{values['min_success']} is more than continuations ({values['continuations']})"))
+    return found
+
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """A TOML file of RunConfig fields (dashes or underscores); unknown keys are an error."""
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    """A TOML file of RunConfig fields (dashes or underscores; a `[vllm]` table gives engine arguments).
+    Unknown keys and bad values are an error naming the file and the setting."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable TOML file ({exc})") from None
     values = {key.replace("-", "_"): value for key, value in data.items()}
+    if "vllm" in values:
+        values["vllm_args"] = values.pop("vllm")
     unknown = sorted(set(values) - FIELD_NAMES)
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELD_NAMES))}")
+    for name, value in values.items():
+        if problem := check(name, value):
+            raise ValueError(f"{path}: {name.replace('_', '-')}: {problem}")
     return values
 
 
 def resolve(explicit: dict[str, Any], file_values: dict[str, Any]) -> RunConfig:
     """Defaults < the demo sizes (only when no problem set is given) < the config file < explicit options."""
+    for name, value in explicit.items():
+        if problem := check(name, value):
+            raise ValueError(f"--{name.replace('_', '-')}: {problem}")
     values = dict(file_values) | explicit
     if values.get("problems") is None:
         values = DEMO | values
     if "conditions" in values:
         values["conditions"] = tuple(values["conditions"])
-        bad = sorted(set(values["conditions"]) - set(CONDITIONS))
-        if bad:
-            raise ValueError(f"unknown condition(s) {', '.join(bad)}; known: {', '.join(CONDITIONS)}")
+    for name, problem in cross_checks(values):
+        raise ValueError(f"{name.replace('_', '-')}: {problem}")
     return RunConfig(**values)
+
+
+DEFAULTS = RunConfig()
 
 
 def from_saved(data: dict[str, Any]) -> RunConfig:
@@ -182,4 +302,5 @@ def from_saved(data: dict[str, Any]) -> RunConfig:
     return RunConfig(**known)
 
 
-__all__ = ["CONDITIONS", "DEMO", "EXAMPLE_PROBLEMS", "RunConfig", "from_saved", "read_config_file", "resolve"]
+__all__ = ["CONDITIONS", "DEFAULTS", "DEMO", "EXAMPLE_PROBLEMS", "RunConfig", "from_saved", "read_config_file",
+           "resolve"]

@@ -157,11 +157,11 @@ def run_stage(
             advance(1)
     for table in stage.writes:
         run.clear_table(table, start=count)  # parts of problems no longer in the run
-    return finish(run, stage, settings, fingerprint, previous, stats, price)
+    return finish(run, stage, settings, fingerprint, previous, stats, price, backend)
 
 
 def finish(run: RunDir, stage: Stage, settings: Any, fingerprint: dict[str, Any], previous: dict[str, Any],
-           stats: CallStats, price: Price | None) -> dict[str, Any]:
+           stats: CallStats, price: Price | None, backend: Backend | None = None) -> dict[str, Any]:
     """The stage's manifest entry: rows, failures, calls (this run and in all), and the stage's own figures."""
     scans = {name: run.scan(name) for name in (*stage.reads, *stage.writes)}
     failed: Counter[str] = Counter()
@@ -175,6 +175,8 @@ def finish(run: RunDir, stage: Stage, settings: Any, fingerprint: dict[str, Any]
         total = CallStats.from_dict(previous.get("calls", {}))
         total.add(stats)
         entry |= {"calls": total.to_dict(price), "last_run": stats.to_dict(price)}
+        if backend is not None:  # how per-sample completion tokens are known: engine, tokenizer or estimated
+            entry["token_counts"] = getattr(backend, "token_counts", "estimated")
     entry |= stage.summarize(scans, settings)
     run.record_stage(stage.name, entry)
     return entry

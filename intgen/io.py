@@ -28,7 +28,8 @@ PROBLEM_SCHEMA = {name: pl.String for name in PROBLEM_COLUMNS}
 # Column names tried in order when no mapping is given (the conventions of common benchmarks).
 PROBLEM_NAMES = ("problem", "question", "Problem", "Question")
 ANSWER_NAMES = ("answer", "Short Answer", "final_answer", "expected_answer", "Answer")
-SOLUTION_NAMES = ("solution", "reference_solution", "Solution")
+# A dataset with both (the InT hard set) holds the curated reference in `reference_solution`.
+SOLUTION_NAMES = ("reference_solution", "solution", "Solution")
 ID_NAMES = ("id", "unique_id", "Problem ID", "problem_id")
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -121,7 +122,7 @@ def _read_frame(frame: pl.DataFrame, name: str) -> Iterator[tuple[str, Any]]:
         yield f"{name} row {index}", record
 
 
-def _records(source: str | Path, split: str, config: str | None) -> Iterator[tuple[str, Any]]:
+def _records(source: str | Path, split: str | None, config: str | None) -> Iterator[tuple[str, Any]]:
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -139,8 +140,9 @@ def _records(source: str | Path, split: str, config: str | None) -> Iterator[tup
     return _read_frame(_load_dataset(str(source), split, config), str(source))
 
 
-def _load_dataset(source: str, split: str, config: str | None) -> pl.DataFrame:
-    """A dataset folder (save_to_disk or data files) or a Hub id, through `datasets`."""
+def _load_dataset(source: str, split: str | None, config: str | None) -> pl.DataFrame:
+    """A dataset folder (save_to_disk or data files) or a Hub id, through `datasets`. Without a split, the
+    dataset's only split (MATH-500's `test`, the InT hard set's `train`); with several, the user must say."""
     import datasets
 
     path = Path(source)
@@ -154,6 +156,10 @@ def _load_dataset(source: str, split: str, config: str | None) -> pl.DataFrame:
     except ValueError as exc:  # unknown split or config
         raise BadInputError(f"{source}: {exc}") from exc
     if isinstance(loaded, datasets.DatasetDict):
+        if split is None and len(loaded) == 1:
+            split = next(iter(loaded))
+        if split is None:
+            raise BadInputError(f"{source}: several splits ({', '.join(loaded)}); pass --split")
         if split not in loaded:
             raise BadInputError(f"{source}: no split {split!r}; splits: {', '.join(loaded)}")
         loaded = loaded[split]
@@ -234,7 +240,7 @@ def _problem(record: dict[str, Any], names: dict[str, str | None], where: str, l
         return BadRow(where, f"empty or missing answer (column {names['answer'] or names['solution']!r})")
     source_id = _text(record.get(names["id"])) if names["id"] else None
     return {"problem_id": problem_id(label, problem), "problem": problem, "answer": answer.strip(),
-            "solution": solution, "source": label, "source_id": source_id}
+            "solution": solution, "source": _text(record.get("source")) or label, "source_id": source_id}
 
 
 def read_problems(
@@ -245,7 +251,7 @@ def read_problems(
     solution_column: str | None = None,
     id_column: str | None = None,
     source_name: str | None = None,
-    split: str = "test",
+    split: str | None = None,
     config: str | None = None,
     on_bad_row: Literal["error", "skip"] = "error",
     limit: int | None = None,

@@ -56,7 +56,8 @@ def make_math_reward(lenient: bool = False, ungradable: float | None = None) -> 
     return reward
 
 
-def compute_score(data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None) -> float:
-    """verl's `custom_reward_function` signature."""
+def compute_score(data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None,
+                  **kwargs: Any) -> float:
+    """verl's `custom_reward_function` signature (verl calls it with keywords, and may add its own)."""
     [verdict] = grade_many([ground_truth], [solution_str], workers=1)
     return 1.0 if verdict.correct else 0.0

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 
 MIN_STEP_CHARS = 12
+# Recorded with every proposal: a change to how text is split into steps must show in the settings.
+STEPS_VERSION = "blank-lines-v1"
 
 # Regions a paragraph break must not cut. An unclosed one runs to the end of the text.
 _PROTECTED = re.compile(
@@ -71,3 +73,17 @@ def join_steps(steps: list[str]) -> str:
 def number_steps(steps: list[str], label: str = "Substep") -> str:
     """Steps as the proposer sees them: `Substep 1: ...`, one per paragraph, counted from 1."""
     return "\n\n".join(f"{label} {i}: {step.strip()}" for i, step in enumerate(steps, start=1))
+
+
+def step_ends(steps: list[str]) -> list[int]:
+    """Where each step ends in the text it was split from (character offsets)."""
+    ends, total = [], 0
+    for step in steps:
+        total += len(step)
+        ends.append(total)
+    return ends
+
+
+def steps_at(text: str, ends: list[int]) -> list[str]:
+    """The steps of `text` as recorded by `step_ends` (the same steps, whatever the splitter does now)."""
+    return [text[start:end] for start, end in zip([0, *ends], ends)]

@@ -58,13 +58,13 @@ def reply(handler: BaseHTTPRequestHandler, status: int, data: bytes, headers: di
 class LlamaServer:
     """`python -m llama_cpp.server` with the SmolLM2 GGUF on a free loopback port; stopped by PID."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, n_ctx: int = 4096) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--host", "127.0.0.1",
-             "--port", str(self.port), "--n_ctx", "4096", "--model_alias", "smollm2"],
+             "--port", str(self.port), "--n_ctx", str(n_ctx), "--model_alias", "smollm2"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + 120
@@ -95,12 +95,17 @@ class Proxy:
     answer some requests itself with faults: 429 with Retry-After, 503, or a dropped connection.
 
     `faults` is consumed in order, one entry per incoming request ("429", "503", "drop", or None to
-    forward); `fault_every` answers every N-th request with a fault instead."""
+    forward); `fault_every` answers every N-th request with a fault instead. `max_tokens_limit` plays a
+    vLLM server with a small context: a request asking for more completion tokens gets vLLM's 400."""
 
-    def __init__(self, upstream: str, faults: list[str | None] | None = None, fault_every: int = 0) -> None:
+    PROMPT_TOKENS = 100  # what the played vLLM says the prompt holds
+
+    def __init__(self, upstream: str, faults: list[str | None] | None = None, fault_every: int = 0,
+                 max_tokens_limit: int | None = None) -> None:
         self.upstream = upstream.rstrip("/")
         self.faults = list(faults or [])
         self.fault_every = fault_every
+        self.max_tokens_limit = max_tokens_limit
         self.forwarded: list[tuple[str, dict[str, Any]]] = []  # (path, body) that reached the server
         self.received = 0
         self.in_flight = 0
@@ -128,6 +133,15 @@ class Proxy:
                 if fault in ("429", "503"):
                     payload = json.dumps({"error": {"message": f"injected {fault}", "type": "injected"}}).encode()
                     reply(self, int(fault), payload, {"Retry-After": "1"} if fault == "429" else None)
+                    return
+                asked = json.loads(body or b"{}").get("max_tokens") if self.command == "POST" else None
+                if proxy.max_tokens_limit is not None and isinstance(asked, int) and asked > proxy.max_tokens_limit:
+                    prompt, context = Proxy.PROMPT_TOKENS, Proxy.PROMPT_TOKENS + proxy.max_tokens_limit
+                    message = (f"This model's maximum context length is {context} tokens. However, you requested "
+                               f"{prompt + asked} tokens ({prompt} in the messages, {asked} in the completion). "
+                               "Please reduce the length of the messages or completion.")
+                    reply(self, 400, json.dumps({"object": "error", "message": message, "type": "BadRequestError",
+                                                 "param": None, "code": 400}).encode())
                     return
                 with proxy.lock:
                     proxy.in_flight += 1

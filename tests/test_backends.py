@@ -209,3 +209,44 @@ def test_gemini_retries_on_429(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         server.stop()
     assert completion.error is None and calls["n"] == 2
+
+
+def test_all_continuations_arrive_from_a_server_that_ignores_n(proxy: Proxy, tmp_path: Path) -> None:
+    # llama.cpp's server returns one choice whatever `n` is: M=8 must still give 8, and no failure
+    messages = QUESTION + [{"role": "assistant", "content": PREFIX}]
+    request = make_request(messages, Sampling(max_tokens=12, seed=5), n=8, continue_final=True)
+    stats = CallStats()
+    [completions] = run_requests(backend_for(proxy.url), [request], CallCache(tmp_path / "c.sqlite"), stats)
+    assert len(completions) == 8 and all(c.error is None for c in completions) and not stats.failures
+    sent = proxy.posts("/completions")
+    assert [body["n"] for body in sent] == [8] + [1] * 7  # once seen to ignore n: one sample per request
+    assert len({body["seed"] for body in sent}) == 8  # each with its own seed, so they differ
+
+
+def test_max_tokens_is_cut_to_the_context_the_server_reports(llama_server, tmp_path: Path) -> None:
+    proxy = Proxy(llama_server.url, max_tokens_limit=24)  # plays vLLM: 100 prompt + 24 completion tokens fit
+    try:
+        request = make_request(QUESTION, Sampling(max_tokens=4096, seed=3))
+        stats = CallStats()
+        [[completion]] = run_requests(backend_for(proxy.url), [request], CallCache(tmp_path / "c.sqlite"), stats)
+        assert completion.error is None and completion.text and not stats.failures
+        assert [body["max_tokens"] for body in proxy.posts("/chat/completions")] == [24]  # refused ones never forwarded
+    finally:
+        proxy.stop()
+
+
+def test_a_prompt_longer_than_the_context_is_too_long_not_a_failure(tmp_path: Path) -> None:
+    from intgen.backends.base import TOO_LONG
+    from servers import LlamaServer
+
+    server = LlamaServer(tmp_path / "small.log", n_ctx=256)
+    try:
+        messages = QUESTION + [{"role": "assistant", "content": "I count: " + " ".join(str(i) for i in range(400))}]
+        request = make_request(messages, Sampling(max_tokens=16, seed=1), n=2, continue_final=True)
+        cache, stats = CallCache(tmp_path / "c.sqlite"), CallStats()
+        [completions] = run_requests(backend_for(server.url), [request], cache, stats)
+        assert [c.finish_reason for c in completions] == [TOO_LONG, TOO_LONG]
+        assert all(c.error is None for c in completions) and not stats.failures
+        assert len(cache) == 0  # not cached: a larger context later may serve it
+    finally:
+        server.stop()

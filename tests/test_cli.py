@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import polars as pl
+import pytest
 from typer.testing import CliRunner
 
 from intgen import __version__
@@ -50,7 +51,15 @@ def test_build_dataset_on_the_bundled_examples_with_the_local_engine(tmp_path: P
     for name in ("sft", "rl", "interventions", "samples"):
         assert export_file(run_dir / "dataset", name).is_file()
     assert pl.read_parquet(export_file(run_dir / "dataset", "samples")).height == 6
-    assert "configs:" in (run_dir / "dataset/README.md").read_text()
+    card = (run_dir / "dataset/README.md").read_text()
+    assert "configs:" in card
+    # nothing is kept here (SmolLM2's single proposals do not survive): the empty sft config is said, not broken
+    assert pl.read_parquet(export_file(run_dir / "dataset", "sft")).height == 0
+    assert "config_name: sft" not in card and "**Empty:** `sft` (0 rows; no intervention was kept)" in card
+    assert "the sft config is empty" in result.output
+    result = runner.invoke(app, ["train", "sft", "--dataset", str(run_dir / "dataset"), "--output-dir",
+                                 str(tmp_path / "model")])
+    assert result.exit_code == 2 and "the sft config is empty (no intervention was kept)" in result.output
 
 
 def test_stage_commands_one_by_one(tmp_path: Path) -> None:
@@ -104,3 +113,80 @@ def test_a_retried_upstream_failure_recomputes_the_stages_after_it(tmp_path: Pat
     result = runner.invoke(app, ["grade", "--run-dir", str(run_dir), "--no-progress"])
     assert result.exit_code == 0, result.output  # not refused: only its input changed
     assert pl.read_parquet(run_dir / "graded")["error"].null_count() == 2
+
+
+def test_every_command_default_comes_from_run_config() -> None:
+    import typer.main
+
+    from intgen.config import DEFAULTS
+
+    command = typer.main.get_command(app)
+    checked = 0
+    for name in ("build-dataset", "sample", "grade", "propose", "verify"):
+        for param in command.commands[name].params:
+            field = param.name
+            if field in ("run_dir", "force", "progress", "config", "problems", "condition", "vllm_arg"):
+                continue
+            default = param.default.value if hasattr(param.default, "value") else param.default
+            assert default == getattr(DEFAULTS, field), (name, field, default)
+            checked += 1
+    assert checked > 60
+    assert DEFAULTS.max_tokens == 16384  # `intgen sample` and `build-dataset` agree (they used to differ)
+
+
+def test_build_dataset_takes_the_problem_options_on_the_command_line(tmp_path: Path) -> None:
+    folder = tmp_path / "hard"
+    (folder / "data").mkdir(parents=True)
+    pl.DataFrame({"question": ["1+1?"], "final": ["2"], "ref": ["One plus one is 2."]}).write_parquet(
+        folder / "data" / "train-00000-of-00001.parquet")
+    result = runner.invoke(app, ["build-dataset", "--problems", str(folder), "--split", "validation",
+                                 "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2 and 'split "validation"' in result.output
+    result = runner.invoke(app, ["problems", str(folder), "--problem-column", "question", "--answer-column", "final",
+                                 "--solution-column", "ref"])
+    assert result.exit_code == 0, result.output
+
+
+def test_engine_arguments_from_the_command_line_and_a_vllm_table(tmp_path: Path) -> None:
+    from intgen.cli import _key_values
+    from intgen.config import read_config_file, resolve
+
+    assert _key_values(["tensor_parallel_size=2", "dtype=bfloat16", "enforce-eager=true"], "--vllm-arg") == {
+        "tensor_parallel_size": 2, "dtype": "bfloat16", "enforce_eager": True}
+    config = tmp_path / "run.toml"
+    config.write_text('backend = "vllm"\nmodel = "m"\n[vllm]\ngpu_memory_utilization = 0.85\nmax_model_len = 20480\n')
+    settings = resolve({}, read_config_file(config))
+    assert settings.vllm_args == {"gpu_memory_utilization": 0.85, "max_model_len": 20480}
+    assert dict(settings.policy_backend().vllm_args) == settings.vllm_args
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("--samples", "0", "--samples: must be at least 1"), ("--continuations", "-1", "--continuations: must be at least 1"),
+     ("--proposals", "0", "--proposals: must be at least 1"), ("--limit", "0", "--limit: must be at least 1"),
+     ("--batch-size", "0", "--batch-size: must be at least 1"), ("--concurrency", "0", "--concurrency: must be at least 1"),
+     ("--grade-timeout", "-1", "--grade-timeout: must be at least 0.01"), ("--top-p", "1.5", "--top-p: must be between"),
+     ("--propose-style", "three-turn", "Invalid value"), ("--structured-output", "xml", "Invalid value"),
+     ("--continuation", "magic", "Invalid value"), ("--min-success", "9", "min-success: 9 is more than continuations")],
+)
+def test_bad_settings_are_one_clear_line(option: str, value: str, message: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["build-dataset", option, value, "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "r" / "config.json").exists()  # nothing saved
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [('samples = "four"', "samples: expected a whole number, got 'four'"),
+     ("samples = 2.5", "samples: expected a whole number, got 2.5"),
+     ('conditions = "intervention"', "conditions: expected a list of names"),
+     ('conditions = ["intervention", "nope"]', "unknown condition(s) nope"),
+     ("samples = ", "not a readable TOML file")],
+)
+def test_bad_config_files_name_the_file_and_the_setting(text: str, message: str, tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(text + "\n")
+    result = runner.invoke(app, ["build-dataset", "--config", str(config), "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2 and message in result.output and "run.toml" in result.output, result.output
+    result = runner.invoke(app, ["build-dataset", "--config", str(tmp_path / "missing.toml"), "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "missing.toml: no such config file" in result.output

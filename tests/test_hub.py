@@ -24,8 +24,8 @@ TOKEN = "hf_test_token_never_printed_0123456789"
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("hub") / "run"
     args = ["build-dataset", "--run-dir", str(run_dir), "--limit", "3", "--samples", "2", "--max-tokens", "96",
-            "--proposals", "1", "--propose-max-tokens", "160", "--continuations", "2", "--verify-max-tokens", "64",
-            "--include-truncated", "--no-progress"]
+            "--proposals", "4", "--propose-max-tokens", "160", "--continuations", "2", "--verify-max-tokens", "64",
+            "--include-truncated", "--min-success", "0", "--no-progress"]  # min-success 0: sft has rows
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return run_dir
@@ -37,7 +37,8 @@ def test_card_parses_and_tells_the_story(exported: Path) -> None:
     assert [c["config_name"] for c in data["configs"]] == ["sft", "rl", "interventions", "samples"]
     assert data["license"] == "other" and "text-generation" in data["task_categories"]
     text = card.text
-    for needle in ("## Funnel", "| attempts | 6 |", "| proposals |", "rejected, by reason", "## Tokens and cost",
+    for needle in ("## Funnel", "| attempts | 6 |", "## Where intgen differs from the paper's release",
+                   "without an end-of-turn", "## Intervention vs. the paper's baselines", "| proposals |", "rejected, by reason", "## Tokens and cost",
                    "math-verify", "solve.md", "propose_critique.md", "sha256", "## Caveats", "intgen train sft",
                    'load_dataset("' + str(exported / "dataset") + '", "sft"'):
         assert needle in text, needle

@@ -153,3 +153,23 @@ def test_imo_answerbench_reports_its_malformed_row(shared_data: Path) -> None:
     assert result.frame.height == 399
     assert [r.where for r in result.skipped] == ["answerbench_v2.csv row 36 (imo-bench-algebra-036)"]
     assert "imo-bench-algebra-036" not in result.frame["source_id"].to_list()
+
+
+def test_a_folder_shaped_like_the_int_hard_set_loads_as_it_is(tmp_path: Path) -> None:
+    # CMU-AIRe/InT-hard-set's layout: one `train` split, and both a curated `reference_solution` and a `solution`
+    folder = tmp_path / "InT-hard-set"
+    (folder / "data").mkdir(parents=True)
+    pl.DataFrame({
+        "problem": ["Find the number of subsets of {1,2,3}.", "Compute 2+2."],
+        "answer": ["8", "4"],
+        "reference_solution": ["Each element is in or out: $2^3=8$.", "Add: 4."],
+        "reference_solution_source": ["human", "gemini"],
+        "source": ["omni-math", "polaris"],
+        "solution": ["a model's own worked solution", "another one"],
+    }).write_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    problems = load_problems(str(folder))  # no split given: the only one, `train`
+    assert problems["solution"].to_list() == ["Each element is in or out: $2^3=8$.", "Add: 4."]
+    assert problems["answer"].to_list() == ["8", "4"] and problems["source"].to_list() == ["omni-math", "polaris"]
+    with pytest.raises(BadInputError, match='split "test"'):
+        load_problems(str(folder), split="test")
+    assert load_problems(str(folder), solution_column="solution")["solution"][0] == "a model's own worked solution"

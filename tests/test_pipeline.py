@@ -97,6 +97,17 @@ def test_ids_chain_and_manifest_counts_match_the_tables(finished_run: tuple[Path
     assert manifest["verify"]["rows"] == manifest["propose"]["accepted"]
     assert manifest["verify"]["continuation_rows"] == continuations.height == 2 * manifest["propose"]["accepted"]
     assert manifest["verify"]["kept"] == read_config(run_dir, "sft").height
+    # Table 1 and the paper's funnel figures are in the manifest, analysis.json and the card
+    analysis = json.loads((run_dir / "analysis.json").read_text())
+    assert analysis["table1"] == manifest["verify"]["table1"]
+    assert analysis["table1"]["conditions"]["intervention"]["continuations"] == continuations.height
+    funnel = analysis["funnel"]
+    assert funnel["intervention_continuations"] == continuations.height
+    assert funnel["intervention_correct"] == continuations["correct"].sum()
+    assert funnel["problems_with_kept"] == read_config(run_dir, "sft")["problem_id"].n_unique()
+    assert funnel["problems_without_reference"] == 0
+    card = (run_dir / "dataset" / "README.md").read_text()
+    assert "## Intervention vs. the paper's baselines (Table 1)" in card and "| intervention |" in card
 
 
 def test_dataset_loads_with_datasets(finished_run: tuple[Path, int]) -> None:
@@ -186,3 +197,36 @@ def test_sigkill_in_verify_then_resume(gsm8k: Path, tmp_path: Path) -> None:
     for name in ("interventions", "sft"):
         resumed, reference = read_config(run_dir, name), read_config(reference_dir, name)
         assert resumed.equals(reference), (name, resumed.height, reference.height)
+
+
+def test_rl_config_loads_through_verls_own_dataset_and_scores_like_its_reward_manager(
+    finished_run: tuple[Path, int], tmp_path: Path
+) -> None:
+    rl_dataset = pytest.importorskip("verl.utils.dataset.rl_dataset")  # CI installs verl (see .ci/run)
+    from transformers import AutoTokenizer
+
+    from intgen.backends.local import default_gguf
+    from intgen.rewards import compute_score
+
+    run_dir, _ = finished_run
+    gguf = default_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = {"prompt_key": "prompt", "max_prompt_length": 2048, "filter_overlong_prompts": True,
+              "filter_overlong_prompts_workers": 1, "cache_dir": str(tmp_path / "verl")}
+    dataset = rl_dataset.RLHFDataset(data_files=str(export_file(run_dir / "dataset", "rl")), tokenizer=tokenizer,
+                                     config=config)
+    rl = read_config(run_dir, "rl")
+    assert len(dataset) == rl.height == 4
+    for index in range(len(dataset)):
+        item, row = dataset[index], rl.row(index, named=True)
+        assert item["raw_prompt"] == row["prompt"] and item["prompt"][-1]["role"] == "user"
+        assert item["reward_model"] == {"style": "rule", "ground_truth": row["answer"]}
+        assert item["ability"] == "math" and item["data_source"] == row["source"]
+        assert item["extra_info"]["index"] == item["index"] == index
+        assert item["extra_info"]["problem_id"] == row["problem_id"]
+        # verl's reward managers call the custom function with keywords (reward_loop/reward_manager/naive.py)
+        right = compute_score(data_source=item["data_source"], solution_str=f"So it is \\boxed{{{row['answer']}}}.",
+                              ground_truth=item["reward_model"]["ground_truth"], extra_info=item["extra_info"])
+        wrong = compute_score(data_source=item["data_source"], solution_str="So it is \\boxed{-123456}.",
+                              ground_truth=item["reward_model"]["ground_truth"], extra_info=item["extra_info"])
+        assert (right, wrong) == (1.0, 0.0)

@@ -11,20 +11,14 @@ import pytest
 
 from intgen.grading import are_equivalent
 from intgen.resources import read_prompt
+from intgen.stages import Part
 from intgen.stages import grade as grade_stage
 from intgen.stages import propose
 from intgen.stages.export import completion_column, prompt_column
 from intgen.stages.sample import attempt_rows, sample_requests, solve_messages
-from intgen.stages.verify import Condition, continuation_id, continuation_prefix, intervened_text
-from intgen.steps import split_steps
+from intgen.stages.verify import Condition, continuation_id, continuation_prefix, intervened_text, prefix_id
 
-ATTEMPT = (
-    "We need the total number of apples.\n\n"
-    "Tom starts with 3 apples and buys 4 more, so 3 + 4 = 8.\n\n"
-    "Then he gives away 2, leaving 8 - 2 = 6.\n\n"
-    "So the answer is $\\boxed{6}$."
-)
-STEPS = split_steps(ATTEMPT)
+from examples import ATTEMPT, STEPS
 
 
 def test_attempt_has_four_steps() -> None:
@@ -59,11 +53,22 @@ def test_two_turn_and_single_turn_critique_prompts() -> None:
     assert "<error_step>" in one[0]["content"]
 
 
-def test_proposal_schema_bounds_the_step_to_the_attempt() -> None:
+def test_proposal_schema_bounds_the_step_to_the_attempt_and_allows_no_error() -> None:
     schema = propose.proposal_schema(4)
     assert list(schema["properties"]) == ["verification", "error_step", "intervention"]  # verification first
-    assert schema["properties"]["error_step"] == {"type": "integer", "minimum": 1, "maximum": 4}
-    assert schema["properties"]["intervention"]["minLength"] == 1
+    step = schema["properties"]["error_step"]
+    assert (step["type"], step["minimum"], step["maximum"]) == ("integer", 0, 4)  # 0: no critical error
+    assert step["enum"] == [0, 1, 2, 3, 4]  # llama.cpp's grammars ignore minimum/maximum
+    assert "minLength" not in schema["properties"]["intervention"]  # the paper's "empty" outcome is allowed
+    assert propose.parse_proposal('{"verification": "all fine", "error_step": 0, "intervention": ""}', 4).reject_reason \
+        == propose.NO_ERROR_FOUND
+
+
+def test_critique_prompt_holds_the_self_check_with_the_answer() -> None:
+    [message] = propose.critique_messages("P?", "Ref.", STEPS, read_prompt("propose_single.md"), answer="42")
+    assert 'Does it contain the exact final answer "42"?' in message["content"]
+    assert "key insight" in message["content"] and "later than the error" in message["content"]
+    assert "give 0 as the substep" in message["content"]
 
 
 # --- parsing: a corpus of messy proposer outputs ------------------------------------------------------
@@ -130,28 +135,74 @@ def test_corpus_is_large_enough() -> None:
 @pytest.mark.parametrize(
     "raw, expected",
     [(3, 3), ("3", 3), ("Substep 3", 3), ("step #3", 3), ("(3)", 3), ("3.", 3), ("three", 3), ("the third one", 3),
-     ("none", "none"), ("-1", "none"), (None, None), ("", None), ("many", None), (True, None)],
+     ("3rd", 3), ("the 5th substep", 5), ("2nd", 2), ("Step 12", 12),
+     ("none", "none"), ("-1", "none"), ("No error; step 3 is fine", "none"), ("There is no critical error", "none"),
+     ("All steps are correct", "none"), (None, None), ("", None), ("many", None), (True, None)],
 )
 def test_normalize_step(raw: object, expected: object) -> None:
     assert propose.normalize_step(raw) == expected
 
 
-# --- the leak test ----------------------------------------------------------------------------------
-
 @pytest.mark.parametrize(
-    "intervention, gold, leaks",
+    "reply, reason",
     [
-        ("So the answer is $\\boxed{7}$.", "7", True),
-        ("We get 3 + 4 = 7, then continue.", "7", True),
-        ("The answer is 0.5.", "\\frac{1}{2}", True),  # equivalence, not substring
-        ("We have 17 apples so far.", "7", False),  # "7" is a substring, not an answer
-        ("Set x = 17 and continue.", "7", False),
-        ("First find 3 + 4 = 8? No: recompute the sum carefully.", "7", False),
-        ("Multiply: 2 \\times 3 = 6, then add the rest.", "11", False),
-        ("I should instead add 4 to 3 before subtracting.", "5", False),
+        ('{"verification": "verification", "error_step": 1, "intervention": "verification"}', propose.ECHO),
+        ('{"verification": "x", "error_step": 1, "intervention": "intervention"}', propose.ECHO),
+        ('{"verification": "x", "error_step": 2, "intervention": "error_step"}', propose.ECHO),
+        ('{"verification": "The last one", "error_step": 2, "intervention": "The last one"}', propose.ECHO),
+        ('{"verification": "x", "error_step": 2, "intervention": "Tom starts with 3 apples and buys 4 more, so 3 + 4 = 8."}',
+         propose.ECHO),  # one of the attempt's own steps, verbatim
+        ('{"verification": "x", "error_step": 2, "intervention": "I add 3 + 4 carefully and get seven."}', None),
     ],
 )
-def test_leak_test_is_by_math_equivalence(intervention: str, gold: str, leaks: bool) -> None:
+def test_echoes_are_rejected(reply: str, reason: str | None) -> None:
+    assert propose.parse_proposal(reply, len(STEPS), STEPS).reject_reason == reason
+
+
+def test_a_reply_cut_at_the_token_limit_is_truncated_not_a_parse_failure() -> None:
+    from intgen.backends.base import Completion
+
+    row = propose.proposal_row({"problem_id": "p", "attempt_id": "p/a0"}, STEPS, 0)
+    cut = propose.read_reply(row, Completion("\n\n\n\n   \n\n", "length"), STEPS)
+    assert cut["reject_reason"] == propose.TRUNCATED
+    whole = propose.read_reply(row, Completion('{"verification": "v", "error_step": 2, "intervention": "Redo it."}',
+                                               "stop"), STEPS)
+    assert whole["reject_reason"] is None and whole["intervened_text"] == STEPS[0] + "Redo it."
+    assert whole["step_ends"] == [len(STEPS[0]), len(STEPS[0] + STEPS[1]), len("".join(STEPS[:3])), len(ATTEMPT)]
+
+
+# --- the leak test ----------------------------------------------------------------------------------
+
+LEAKS = [
+    # (intervention, gold, leaks): a stated final answer leaks, an intermediate equation does not
+    ("So the answer is $\\boxed{7}$.", "7", True),
+    ("We get 3 + 4 = 7, then continue.", "7", True),
+    ("The answer is 0.5.", "\\frac{1}{2}", True),  # equivalence, not substring
+    ("So there are 42 ways to choose them.", "42", True),
+    ("I think the answer should be 42 here.", "42", True),
+    ("The minimum value is 12.", "12", True),
+    ("Thus the maximum possible value of $x$ is $\\frac{3}{2}$.", "3/2", True),
+    ("So $(a,b)=(1, 2)$ works.", "(1,2)", True),
+    ("We compute $25 \\times 40 = 1,000$ apples in all.", "1000", True),
+    ("Therefore $n = 12$.", "12", True),
+    ("Thus we get 9 in total.", "9", True),
+    ("Final answer: 15.", "15", True),
+    ("We have 17 apples so far.", "7", False),  # "7" is a substring, not an answer
+    ("Set x = 17 and continue.", "7", False),
+    ("Set x = 1 and substitute back into the equation.", "1", False),
+    ("Note that f(1) = 0, so 1 is a root of the cubic.", "0", False),
+    ("Since a+b=7, I should rewrite the product using a and b.", "7", False),
+    ("Then $2x + 3 = 7$ gives the next relation to use.", "7", False),
+    ("First find 3 + 4 = 8? No: recompute the sum carefully.", "7", False),
+    ("Multiply: 2 \\times 3 = 6, then add the rest.", "11", False),
+    ("I should instead add 4 to 3 before subtracting.", "5", False),
+    ("Let me count the cases where $x^2 = 4$ first.", "4", False),
+    ("There are 3 cases to consider; start with the first.", "12", False),
+]
+
+
+@pytest.mark.parametrize("intervention, gold, leaks", LEAKS)
+def test_leak_test_is_about_stated_answers_by_math_equivalence(intervention: str, gold: str, leaks: bool) -> None:
     candidates = propose.leak_candidates(intervention)
     verdicts = are_equivalent([(gold, c) for c in candidates], workers=1) if candidates else []
     assert any(v is True for v in verdicts) is leaks, candidates
@@ -174,8 +225,11 @@ def test_continuation_prefixes_for_each_condition() -> None:
 def test_ids_chain() -> None:
     pid = propose.proposal_id("abc/a1", 2)
     assert pid == "abc/a1/p2"
-    assert continuation_id(pid, Condition.intervention, 5) == "abc/a1/p2/c5"
-    assert continuation_id(pid, Condition.problem_only, 0) == "abc/a1/p2/problem-only/c0"
+    proposal = {"proposal_id": pid, "attempt_id": "abc/a1", "problem_id": "abc", "error_step": 3}
+    assert continuation_id(prefix_id(Condition.intervention, proposal), 5) == "abc/a1/p2/c5"
+    assert prefix_id(Condition.original_step, proposal) == "abc/a1/s3/original-step"
+    assert prefix_id(Condition.resample_step, proposal) == "abc/a1/s3/resample-step"
+    assert continuation_id(prefix_id(Condition.problem_only, proposal), 0) == "abc/problem-only/c0"
 
 
 # --- grade rows and pass rates ----------------------------------------------------------------------
@@ -213,3 +267,70 @@ def test_export_rows_are_trl_conversational() -> None:
     row = out.row(0, named=True)
     assert row["prompt"] == [{"role": "system", "content": "Be careful."}, {"role": "user", "content": "1+1?\n\nBox it."}]
     assert row["completion"] == [{"role": "assistant", "content": "Step one.\n\nFix."}]
+
+
+# --- propose: problems without a reference, and a failed first turn -----------------------------------
+
+def propose_part(solution: str | None) -> Part:
+    problem = {"problem_id": "p", "problem": "Tom has 3 apples and buys 4. He gives 2 away. How many?", "answer": "5",
+               "solution": solution}
+    attempt = {"problem_id": "p", "attempt_id": "p/a0", "text": ATTEMPT, "correct": False, "truncated": False}
+    return Part(0, {"graded": [attempt], "problems": [problem], "pass_rates": [{"problem_id": "p", "selected": True}]})
+
+
+def propose_settings(allow: bool = False) -> "propose.ProposeSettings":
+    from intgen.backends.base import Sampling
+    from intgen.resources import load_prompt
+
+    return propose.ProposeSettings(2, Sampling(max_tokens=64), load_prompt("propose_critique.md"),
+                                   load_prompt("propose_reference.md"), allow_no_reference=allow)
+
+
+def test_a_problem_without_a_reference_is_skipped_and_counted() -> None:
+    from intgen.stages import run_by_hand
+
+    asked = []
+    out = run_by_hand(propose.compute(propose_part(None), propose_settings()), lambda ask: asked.append(ask) or [])
+    assert asked == [] and [row["reject_reason"] for row in out["proposals"]] == [propose.NO_REFERENCE] * 2
+    assert all(row["error"] is None for row in out["proposals"])  # not a failure: nothing to retry
+
+
+def test_allow_no_reference_tells_the_proposer_only_the_answer_is_known() -> None:
+    from intgen.backends.base import Completion
+    from intgen.stages import ModelCalls, run_by_hand
+
+    seen = []
+
+    def answer(ask):
+        if isinstance(ask, ModelCalls):
+            seen.extend(ask.requests)
+            return [[Completion("I solve it.", "stop")] * r.n for r in ask.requests]
+        return []
+
+    run_by_hand(propose.compute(propose_part(""), propose_settings(allow=True)), answer)
+    assert "Only the correct final answer is known: 5." in seen[0].messages[0][1]  # turn 1
+    assert len(seen) == 2 and seen[1].messages[-1][0] == "user"
+
+
+def test_a_failed_first_turn_is_an_error_to_retry() -> None:
+    from intgen.backends.base import error_completion
+    from intgen.stages import run_by_hand
+
+    out = run_by_hand(propose.compute(propose_part("Add, then subtract: 5."), propose_settings()),
+                      lambda ask: [[error_completion("http_503: down")]])
+    rows = out["proposals"]
+    assert [row["reject_reason"] for row in rows] == [propose.CALL_FAILED] * 2
+    assert all(row["error"] == "http_503: down" for row in rows)  # the part is computed again on the next run
+
+
+# --- token counts per sample ------------------------------------------------------------------------
+
+def test_token_counts_never_exceed_max_tokens_and_add_up() -> None:
+    from intgen.backends.base import share_usage
+
+    out = share_usage([("short", "stop"), ("cut off here", "length"), ("a much longer answer text", "stop")],
+                      prompt_tokens=50, completion_tokens=100, max_tokens=40)
+    assert [c.completion_tokens for c in out][1] == 40  # stopped at the limit: exactly max_tokens
+    assert all(c.completion_tokens <= 40 for c in out) and sum(c.prompt_tokens for c in out) == 50
+    counted = share_usage([("one two", "stop"), ("three", "stop")], 5, 999, count=lambda t: len(t.split()))
+    assert [c.completion_tokens for c in counted] == [2, 1]  # the model's tokenizer, where it is known

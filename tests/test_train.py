@@ -27,16 +27,54 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir / "dataset"
 
 
-def test_paper_defaults() -> None:
-    assert SFT_DEFAULTS["learning_rate"] == 1e-6 and SFT_DEFAULTS["num_train_epochs"] == 4
-    assert SFT_DEFAULTS["lr_scheduler_type"] == "cosine" and SFT_DEFAULTS["warmup_ratio"] == 0.1
-    assert SFT_DEFAULTS["completion_only_loss"] is True
+def test_paper_defaults_reach_the_trl_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trl import GRPOConfig, SFTConfig
+
+    from intgen.train import GRPO_DEFAULTS, _config, sft_batch_defaults
+
+    sft = _config(SFTConfig, SFT_DEFAULTS | sft_batch_defaults({}), {}, tmp_path)
+    assert (sft.learning_rate, sft.num_train_epochs, sft.completion_only_loss) == (1e-6, 4, True)
+    assert sft.lr_scheduler_type == "cosine_with_min_lr" and sft.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert sft.warmup_steps == 0.1  # a ratio (transformers 5 dropped warmup_ratio: it must not vanish silently)
+    assert sft.per_device_train_batch_size * sft.gradient_accumulation_steps == 64  # the paper's effective batch
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert sft_batch_defaults({"per_device_train_batch_size": 2}) == {"gradient_accumulation_steps": 8}
+    assert sft_batch_defaults({"gradient_accumulation_steps": 3}) == {}
+    grpo = _config(GRPOConfig, GRPO_DEFAULTS, {}, tmp_path)
+    assert (grpo.max_completion_length, grpo.num_generations, grpo.beta, grpo.learning_rate) == (8192, 8, 0.0, 1e-6)
+
+
+def test_sft_rows_end_with_the_intervention_and_no_end_of_turn_token() -> None:
+    from intgen.train import _load, resolve_model, tokenize_sft_row
+
+    _, tokenizer = _load(resolve_model(None))
+    intervention = "Instead, I should add 3 and 4 to get the total before subtracting."
+    completion = "We need the total.\n\n" + intervention
+    row = tokenize_sft_row([{"role": "user", "content": "Tom has 3 apples and buys 4. How many?"}],
+                           [{"role": "assistant", "content": completion}], tokenizer)
+    ids, mask = row["input_ids"], row["completion_mask"]
+    supervised = [t for t, m in zip(ids, mask) if m]
+    assert tokenizer.decode(supervised) == completion  # exactly the completion is trained on
+    assert tokenizer.decode(supervised).endswith(intervention)  # its last tokens are the intervention's
+    assert ids[-1] != tokenizer.eos_token_id and "<|im_end|>" not in tokenizer.decode(ids[-3:])
+    assert mask[: mask.index(1)] == [0] * mask.index(1) and set(mask[mask.index(1):]) == {1}
+    assert tokenizer.decode(ids[: mask.index(1)]).endswith("<|im_start|>assistant\n")
+
+
+def test_max_length_comes_from_the_data_and_long_rows_are_dropped_not_cut() -> None:
+    from intgen.train import sft_cutoff
+
+    assert sft_cutoff([300, 7000, 12000], None) == (12000, 0)  # the longest row, not TRL's 1024
+    assert sft_cutoff([300, 20000], None) == (16384, 1)  # capped at the paper's 16,384: one row dropped
+    assert sft_cutoff([300, 700], 512) == (512, 1)  # --set max_length= wins
 
 
 def test_sft_loss_on_the_completion_goes_down(dataset: Path, tmp_path: Path) -> None:
     history = train_sft(str(dataset), tmp_path / "sft", overrides={
-        "max_steps": 20, "learning_rate": 1e-4, "per_device_train_batch_size": 2, "max_length": 512,
+        "max_steps": 20, "learning_rate": 1e-4, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
     })
+    note = history[0]
+    assert note["max_length"] == note["longest_tokens"] and note["dropped_rows"] == 0
     losses = [row["loss"] for row in history if "loss" in row]
     assert len(losses) == 20
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from intgen.backends.base import Backend, Completion, Request, Sampling, make_request
 
@@ -28,11 +29,14 @@ class BackendConfig:
     api_key_env: str | None = None
     concurrency: int = 32
     max_tries: int = 6
+    request_timeout: float = 600.0  # seconds per try
     structured_output: str = "json_schema"  # openai: json_schema | json_object | none
     continuation: str = "chat"  # openai: chat (vLLM-style continue_final_message) | completions
     chat_template: str | None = None  # openai + completions: template file, .gguf or tokenizer
     thinking_budget: int | None = None  # gemini
     n_ctx: int = 8192  # local
+    max_model_len: int | None = None  # the model's context, where the server does not say
+    vllm_args: tuple[tuple[str, Any], ...] = ()  # vllm: engine arguments (dtype, tensor_parallel_size, ...)
 
 
 def make_backend(config: BackendConfig) -> Backend:
@@ -54,6 +58,8 @@ def make_backend(config: BackendConfig) -> Backend:
             api_key_env=config.api_key_env or "OPENAI_API_KEY",
             concurrency=config.concurrency,
             max_tries=config.max_tries,
+            timeout_s=config.request_timeout,
+            max_model_len=config.max_model_len,
             structured_output=config.structured_output,  # type: ignore[arg-type]
             continuation=config.continuation,  # type: ignore[arg-type]
             chat_template=template,
@@ -67,8 +73,9 @@ def make_backend(config: BackendConfig) -> Backend:
             api_key_env=config.api_key_env or "GEMINI_API_KEY",
             concurrency=config.concurrency,
             max_tries=config.max_tries,
+            timeout_s=config.request_timeout,
             thinking_budget=config.thinking_budget,
         )
     from intgen.backends.vllm_engine import VLLMBackend
 
-    return VLLMBackend(config.model)
+    return VLLMBackend(config.model, **dict(config.vllm_args))

@@ -10,6 +10,7 @@ again for the missing ones and caches everything.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 STOP = "stop"
 LENGTH = "length"  # hit max_tokens: the attempt is truncated
 ERROR = "error"
+TOO_LONG = "too_long"  # the prompt (with its prefix) does not fit the model's context: a final outcome, not a failure
 
 
 @dataclass(frozen=True)
@@ -75,13 +77,18 @@ class Completion:
     cached: bool = False
 
 
+OnDone = Callable[[int, list[Completion]], None]
+
+
 class Backend(Protocol):
     kind: str  # "openai", "vllm", "gemini", "local"
     model: str
     supports_continuation: bool  # can it truly continue an assistant message?
+    token_counts: str  # how per-sample completion tokens are known: "engine", "tokenizer" or "estimated"
 
-    def generate(self, requests: list[Request]) -> list[list[Completion]]:
-        """One list of completions per request, at most `request.n` each (fewer where the engine gave fewer)."""
+    def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
+        """One list of completions per request, at most `request.n` each (fewer where the engine gave fewer).
+        `on_done(i, completions)` is called as soon as request `i` is answered (before the batch ends)."""
         ...
 
     def close(self) -> None: ...
@@ -92,19 +99,31 @@ def error_completion(message: str) -> Completion:
 
 
 def share_usage(
-    texts: list[tuple[str, str | None]], prompt_tokens: int, completion_tokens: int, true_continuation: bool = True
+    texts: list[tuple[str, str | None]], prompt_tokens: int, completion_tokens: int, true_continuation: bool = True,
+    max_tokens: int | None = None, count: Callable[[str], int] | None = None,
 ) -> list[Completion]:
-    """Completions from one call's (text, finish reason) choices. The call's usage is shared out so that
-    the parts add up to what the engine billed: the prompt to the first choice, completion tokens in
-    proportion to length."""
-    total_chars = sum(len(t) for t, _ in texts) or 1
+    """Completions from one call's (text, finish reason) choices, with the call's token usage given out:
+    the prompt to the first choice; completion tokens exactly where they are known (one choice; a choice
+    stopped at `max_tokens` used exactly that many), counted by `count` (the model's tokenizer) where it
+    is given, and otherwise the rest shared in proportion to text length (never above `max_tokens`)."""
+    known: dict[int, int] = {}
+    if len(texts) == 1:
+        known[0] = completion_tokens
+    elif count is not None:
+        known = {i: count(text) for i, (text, _) in enumerate(texts)}
+    elif max_tokens is not None:
+        known = {i: max_tokens for i, (_, finish) in enumerate(texts) if finish == "length"}
+    rest = [i for i in range(len(texts)) if i not in known]
+    left = max(0, completion_tokens - sum(known.values()))
+    chars = sum(len(texts[i][0]) for i in rest) or 1
+    for position, i in enumerate(rest):
+        share = left if position == len(rest) - 1 else round(left * len(texts[i][0]) / chars)
+        known[i] = share if max_tokens is None else min(share, max_tokens)
+        left -= known[i]
     completions = []
-    given = 0
     for index, (text, finish) in enumerate(texts):
-        share = completion_tokens - given if index == len(texts) - 1 else round(completion_tokens * len(text) / total_chars)
-        given += share
         reason = LENGTH if finish == "length" else STOP if finish in ("stop", "eos", None, "end_turn") else finish
         completions.append(
-            Completion(text, reason or ERROR, prompt_tokens if index == 0 else 0, share, true_continuation)
+            Completion(text, reason or ERROR, prompt_tokens if index == 0 else 0, known[index], true_continuation)
         )
     return completions

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from intgen.backends.base import Completion, Request, error_completion, share_usage
+from intgen.backends.base import Completion, OnDone, Request, error_completion, share_usage
 from intgen.backends.retry import BackoffWait, bounded_gather, retrying, run_sync
 
 CONTINUE_INSTRUCTION = (
@@ -30,6 +30,7 @@ def _retryable(exc: BaseException) -> bool:
 class GeminiBackend:
     kind = "gemini"
     supports_continuation = False
+    token_counts = "estimated"
 
     def __init__(
         self,
@@ -40,6 +41,7 @@ class GeminiBackend:
         max_tries: int = 6,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
+        timeout_s: float = 600.0,
         thinking_budget: int | None = None,
     ) -> None:
         try:
@@ -48,7 +50,7 @@ class GeminiBackend:
         except ImportError as exc:
             raise RuntimeError("the gemini backend needs its extra: pip install 'intgen[gemini]'") from exc
         self.model = model
-        options = types.HttpOptions(base_url=base_url) if base_url else None
+        options = types.HttpOptions(base_url=base_url, timeout=int(timeout_s * 1000))  # milliseconds
         key = os.environ.get(api_key_env) or os.environ.get("GOOGLE_API_KEY")
         if not key:
             raise RuntimeError(f"the gemini backend needs an API key in ${api_key_env} (or $GOOGLE_API_KEY)")
@@ -61,19 +63,22 @@ class GeminiBackend:
     def __repr__(self) -> str:
         return f"GeminiBackend(model={self.model!r})"
 
-    def generate(self, requests: list[Request]) -> list[list[Completion]]:
-        return run_sync(self.agenerate(requests))
+    def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
+        return run_sync(self.agenerate(requests, on_done))
 
-    async def agenerate(self, requests: list[Request]) -> list[list[Completion]]:
-        async def one(request: Request) -> list[Completion]:
+    async def agenerate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
+        async def one(index: int, request: Request) -> list[Completion]:
             try:
-                return await retrying(lambda: self._call(request), _retryable, self.max_tries, self.wait)
+                completions = await retrying(lambda: self._call(request), _retryable, self.max_tries, self.wait)
             except Exception as exc:  # after the last try: this request's failure, not the run's
                 code = getattr(exc, "code", None)
                 label = f"http_{code}" if isinstance(code, int) else "bad_response"
-                return [error_completion(f"{label}: {type(exc).__name__}: {exc}"[:500])]
+                completions = [error_completion(f"{label}: {type(exc).__name__}: {exc}"[:500])]
+            if on_done is not None:
+                on_done(index, completions)
+            return completions
 
-        return await bounded_gather([one(r) for r in requests], self.concurrency)
+        return await bounded_gather([one(i, r) for i, r in enumerate(requests)], self.concurrency)
 
     def _config(self, request: Request, system: str | None) -> Any:
         from google.genai import types
@@ -124,7 +129,8 @@ class GeminiBackend:
             text = "".join(p.text or "" for p in parts if not getattr(p, "thought", False))
             finish = str(candidate.finish_reason.value if candidate.finish_reason else "STOP")
             texts.append((text, "length" if finish == "MAX_TOKENS" else "stop"))
-        return share_usage(texts, prompt_tokens, completion_tokens, true_continuation=not request.continue_final)
+        return share_usage(texts, prompt_tokens, completion_tokens, true_continuation=not request.continue_final,
+                           max_tokens=request.sampling.max_tokens)
 
     def close(self) -> None:
         pass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from intgen.backends.base import LENGTH, STOP, Completion, Request, error_completion
+from intgen.backends.base import LENGTH, STOP, TOO_LONG, Completion, OnDone, Request, error_completion
 from intgen.chat_template import ChatTemplate, template_from_llama
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,6 +30,7 @@ def default_gguf() -> Path:
 class LocalBackend:
     kind = "local"
     supports_continuation = True
+    token_counts = "engine"
 
     def __init__(self, model_path: str | Path | None = None, n_ctx: int = 8192, threads: int | None = None) -> None:
         from llama_cpp import Llama
@@ -42,9 +43,15 @@ class LocalBackend:
         self.template: ChatTemplate = template_from_llama(self.llm, str(self.path))
         self._lock = threading.Lock()  # one llama context: one sequence at a time
 
-    def generate(self, requests: list[Request]) -> list[list[Completion]]:
-        with self._lock:
-            return [[self._one(r, i) for i in range(r.n)] for r in requests]
+    def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
+        results = []
+        for index, request in enumerate(requests):
+            with self._lock:
+                completions = [self._one(request, i) for i in range(request.n)]
+            if on_done is not None:
+                on_done(index, completions)
+            results.append(completions)
+        return results
 
     def _one(self, request: Request, index: int) -> Completion:
         s = request.sampling
@@ -66,7 +73,9 @@ class LocalBackend:
                 fmt = None if schema is None else {"type": "json_object", "schema": schema}
                 out = self.llm.create_chat_completion(request.message_dicts(), response_format=fmt, **args)
                 text = out["choices"][0]["message"]["content"] or ""
-        except ValueError as exc:  # prompt longer than the context, mostly
+        except ValueError as exc:
+            if "exceed context window" in str(exc):  # the prompt alone does not fit: final, not retried
+                return Completion("", TOO_LONG)
             return error_completion(f"engine: {exc}"[:500])
         finish = out["choices"][0]["finish_reason"]
         usage = out["usage"]

@@ -10,6 +10,11 @@ Continuing an assistant message:
 - `continuation="completions"`: the completions endpoint with the chat rendered on the client from
   the model's chat template (any server with /v1/completions, llama.cpp's included).
 
+The model's context: a request whose prompt plus `max_tokens` does not fit is sent again once with
+`max_tokens` cut to what fits (the context comes from the server's error message, `/v1/models`, or
+`max_model_len`); a prompt that does not fit at all comes back as `too_long`, a final outcome that is
+not retried.
+
 Structured output, by the server's own mechanism:
 - `structured_output="json_schema"`: OpenAI's `response_format={"type": "json_schema", ...}` (OpenAI, vLLM, SGLang).
 - `structured_output="json_object"`: `response_format={"type": "json_object", "schema": ...}` (llama-cpp-python).
@@ -19,15 +24,32 @@ Structured output, by the server's own mechanism:
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import replace
 from typing import Any, Literal
 
 import openai
-from intgen.backends.base import Completion, Request, error_completion, share_usage
+from intgen.backends.base import TOO_LONG, Completion, OnDone, Request, error_completion, share_usage
 from intgen.backends.retry import BackoffWait, bounded_gather, retrying, run_sync
 from intgen.chat_template import ChatTemplate
 
 StructuredOutput = Literal["json_schema", "json_object", "none"]
 Continuation = Literal["chat", "completions"]
+
+
+_CONTEXT = re.compile(r"(?:maximum context length is|context window of|context length (?:is|of)|n_ctx[:=]?)\s*(\d+)", re.I)
+_PROMPT = re.compile(r"(\d+) in the messages|has (\d+) input tokens|messages resulted in (\d+) tokens|"
+                     r"Requested tokens \((\d+)\)|prompt (?:has|is|of) (\d+) tokens", re.I)
+
+
+def context_overflow(message: str, known_context: int | None) -> tuple[int | None, int | None] | None:
+    """(context, prompt tokens) read from a server's "does not fit the context" error; None if it is not one."""
+    context = _CONTEXT.search(message)
+    if context is None and not re.search(r"context|too long|exceed", message, re.I):
+        return None
+    prompt = _PROMPT.search(message)
+    return (int(context.group(1)) if context else known_context,
+            int(next(g for g in prompt.groups() if g)) if prompt else None)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -52,6 +74,7 @@ class OpenAIBackend:
         structured_output: StructuredOutput = "json_schema",
         continuation: Continuation = "chat",
         chat_template: ChatTemplate | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         if continuation == "completions" and chat_template is None:
             raise ValueError("continuation='completions' needs the model's chat template (--chat-template)")
@@ -67,36 +90,75 @@ class OpenAIBackend:
         self.structured_output = structured_output
         self.continuation = continuation
         self.chat_template = chat_template
+        self.max_model_len = max_model_len
         self.supports_continuation = True
+        count = chat_template.count_tokens if chat_template is not None else None
+        self._count = count
+        self.token_counts = "tokenizer" if count is not None else "estimated"
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"
 
-    def generate(self, requests: list[Request]) -> list[list[Completion]]:
-        return run_sync(self.agenerate(requests))
+    def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
+        return run_sync(self.agenerate(requests, on_done))
 
     def close(self) -> None:
         pass
 
-    async def agenerate(self, requests: list[Request]) -> list[list[Completion]]:
+    async def agenerate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
         client = openai.AsyncOpenAI(
             api_key=self._api_key, base_url=self.base_url, max_retries=0, timeout=self.timeout_s
         )
 
-        async def one(request: Request) -> list[Completion]:
-            try:
-                return await retrying(lambda: self._call(client, request), _retryable, self.max_tries, self.wait)
-            except openai.APIStatusError as exc:
-                return [error_completion(f"http_{exc.status_code}: {exc.message}"[:500])]
-            except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-                return [error_completion(f"connection: {type(exc).__name__}")]
-            except Exception as exc:  # a malformed reply is this request's failure, not the run's
-                return [error_completion(f"bad_response: {type(exc).__name__}: {exc}"[:500])]
+        async def one(index: int, request: Request) -> list[Completion]:
+            completions = await self._answer(client, request)
+            if on_done is not None:
+                on_done(index, completions)
+            return completions
 
         try:
-            return await bounded_gather([one(r) for r in requests], self.concurrency)
+            return await bounded_gather([one(i, r) for i, r in enumerate(requests)], self.concurrency)
         finally:
             await client.close()
+
+    async def _answer(self, client: openai.AsyncOpenAI, request: Request) -> list[Completion]:
+        """The request's completions after retries; failures and prompts too long for the context as rows."""
+        try:
+            return await self._try(client, request)
+        except openai.BadRequestError as exc:
+            overflow = context_overflow(str(exc.message), self.max_model_len)
+            if overflow is None:
+                return [error_completion(f"http_400: {exc.message}"[:500])]
+            context, prompt = overflow
+            context = context or await self._served_context(client)
+            if context is not None and prompt is not None and prompt < context:
+                try:  # cut max_tokens to what fits, once
+                    shorter = replace(request.sampling, max_tokens=context - prompt)
+                    return await self._try(client, replace(request, sampling=shorter))
+                except openai.BadRequestError as again:
+                    exc = again
+            return [Completion("", TOO_LONG) for _ in range(request.n)]
+        except openai.APIStatusError as exc:
+            return [error_completion(f"http_{exc.status_code}: {exc.message}"[:500])]
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            return [error_completion(f"connection: {type(exc).__name__} (after {self.max_tries} tries)")]
+        except Exception as exc:  # a malformed reply is this request's failure, not the run's
+            return [error_completion(f"bad_response: {type(exc).__name__}: {exc}"[:500])]
+
+    async def _served_context(self, client: openai.AsyncOpenAI) -> int | None:
+        """The model's context as the server reports it (vLLM's `/v1/models` gives `max_model_len`)."""
+        if self.max_model_len is None:
+            try:
+                for model in (await client.models.list()).data:
+                    extra = model.model_extra or {}
+                    if model.id == self.model and isinstance(extra.get("max_model_len"), int):
+                        self.max_model_len = extra["max_model_len"]
+            except openai.OpenAIError:
+                return None
+        return self.max_model_len
+
+    async def _try(self, client: openai.AsyncOpenAI, request: Request) -> list[Completion]:
+        return await retrying(lambda: self._call(client, request), _retryable, self.max_tries, self.wait)
 
     def _sampling(self, request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
         s = request.sampling
@@ -139,4 +201,5 @@ class OpenAIBackend:
             )
             texts = [(c.message.content or "", c.finish_reason) for c in response.choices]
         usage = response.usage
-        return share_usage(texts, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+        return share_usage(texts, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+                           max_tokens=args["max_tokens"], count=self._count)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from intgen.backends.base import LENGTH, STOP, Completion, Request
+from intgen.backends.base import LENGTH, STOP, TOO_LONG, Completion, OnDone, Request, error_completion
 
 
 class VLLMBackend:
     kind = "vllm"
     supports_continuation = True
+    token_counts = "engine"
 
     def __init__(self, model: str, **engine_args: Any) -> None:
         try:
@@ -41,35 +42,48 @@ class VLLMBackend:
             args |= _guided_json(self._vllm, schema)
         return self._vllm.SamplingParams(**args)
 
-    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+    def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
         results: list[list[Completion]] = [[] for _ in requests]
         # LLM.chat takes one continue_final_message flag per call: one call per kind, each a whole batch.
         for continue_final in (False, True):
             chosen = [i for i, r in enumerate(requests) if r.continue_final == continue_final]
-            if not chosen:
-                continue
+            if chosen:
+                for i, completions in zip(chosen, self._chat([requests[i] for i in chosen], continue_final)):
+                    results[i] = completions
+                    if on_done is not None:
+                        on_done(i, completions)
+        return results
+
+    def _chat(self, requests: list[Request], continue_final: bool) -> list[list[Completion]]:
+        """One batch through `LLM.chat`. vLLM refuses a whole batch when one prompt is longer than the
+        model's context: then each request is sent alone, and the ones that do not fit are `too_long`."""
+        try:
             outputs = self.llm.chat(
-                [requests[i].message_dicts() for i in chosen],
-                sampling_params=[self._params(requests[i]) for i in chosen],
+                [r.message_dicts() for r in requests],
+                sampling_params=[self._params(r) for r in requests],
                 continue_final_message=continue_final,
                 add_generation_prompt=not continue_final,
                 use_tqdm=False,
             )
-            for i, output in zip(chosen, outputs):
-                prompt_tokens = len(output.prompt_token_ids or [])
-                results[i] = [
-                    Completion(
-                        o.text,
-                        LENGTH if o.finish_reason == "length" else STOP,
-                        prompt_tokens if k == 0 else 0,
-                        len(o.token_ids),
-                    )
-                    for k, o in enumerate(output.outputs)
-                ]
-        return results
+        except ValueError as exc:
+            if len(requests) == 1:
+                too_long = "longer than the maximum model length" in str(exc) or "context" in str(exc).lower()
+                return [[Completion("", TOO_LONG)] * requests[0].n if too_long else [error_completion(f"engine: {exc}"[:500])]]
+            return [self._chat([r], continue_final)[0] for r in requests]
+        return [_completions(output) for output in outputs]
 
     def close(self) -> None:
         del self.llm
+
+
+def _completions(output: Any) -> list[Completion]:
+    """One request's outputs; vLLM counts every sample's tokens itself."""
+    prompt_tokens = len(output.prompt_token_ids or [])
+    return [
+        Completion(o.text, LENGTH if o.finish_reason == "length" else STOP, prompt_tokens if k == 0 else 0,
+                   len(o.token_ids))
+        for k, o in enumerate(output.outputs)
+    ]
 
 
 def _guided_json(vllm: Any, schema: dict[str, Any]) -> dict[str, Any]:

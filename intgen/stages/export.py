@@ -62,8 +62,12 @@ def dataset_tables(run: RunDir, solve: Prompt, system_prompt: str | None) -> dic
         .sort("proposal_id")
     )
     selected = run.scan("pass_rates").filter("selected").select("problem_id", "pass_rate")
-    rl = problems.join(selected, on="problem_id", maintain_order="left").select(
-        prompt, "answer", "solution", "problem_id", "source", "pass_rate"
+    rl = problems.join(selected, on="problem_id", maintain_order="left").with_row_index("index").select(
+        prompt, "answer", "solution", "problem_id", "source", "pass_rate",
+        # what verl's RLHFDataset and reward managers read (see intgen.rewards.compute_score)
+        pl.col("source").alias("data_source"), pl.lit("math").alias("ability"),
+        pl.struct(style=pl.lit("rule"), ground_truth=pl.col("answer")).alias("reward_model"),
+        pl.struct(index=pl.col("index").cast(pl.Int64), problem_id=pl.col("problem_id")).alias("extra_info"),
     )
     return {"sft": sft, "rl": rl, "interventions": interventions.sort("proposal_id"), "samples": run.scan("graded")}
 
@@ -90,6 +94,8 @@ def export(run: RunDir, config: RunConfig, skipped_rows: int = 0) -> dict[str, A
     for name in CONFIGS:
         write_config(run.path / "dataset" / name, tables[name])
     summary = funnel(run, skipped_rows)
+    run.write_json("analysis.json", {"table1": summary["table1"], "funnel": {
+        k: v for k, v in summary.items() if k not in ("table1", "tokens_by_stage")}})
     write_card(run, config, summary, str(run.path / "dataset"))
     return summary
 
@@ -110,6 +116,7 @@ def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
     return {
         "problems": sample.get("problems"),
         "skipped_problem_rows": skipped_rows,
+        "problems_without_reference": proposals.get("problems_without_reference", 0),
         "attempts": sample["rows"],
         "correct": graded["correct"],
         "incorrect": graded["incorrect"],
@@ -117,9 +124,13 @@ def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
         "problems_selected": graded["problems_selected"],
         "proposals": proposals["rows"],
         "rejected": proposals["rejected_by_reason"],
-        "verified": verify["by_condition"].get("intervention", {}).get("proposals", 0),
+        "verified": verify["verified"],
         "kept": verify["kept"],
-        "by_condition": verify["by_condition"],
+        "problems_with_kept": verify["problems_with_kept"],
+        "intervention_continuations": verify["intervention_continuations"],
+        "intervention_correct": verify["intervention_correct"],
+        "table1": verify["table1"],
+        "failed": {name: stages[name].get("failed_rows", {}) for name in STAGE_NAMES if stages[name].get("failed_rows")},
         "prompt_tokens": sum(t.get("prompt_tokens", 0) for t in tokens.values()),
         "completion_tokens": sum(t.get("completion_tokens", 0) for t in tokens.values()),
         "tokens_by_stage": {s: (t.get("prompt_tokens", 0), t.get("completion_tokens", 0)) for s, t in tokens.items()},
@@ -130,21 +141,49 @@ def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
 def funnel_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     rejected = ", ".join(f"{k}: {v}" for k, v in sorted(summary["rejected"].items())) or "none"
     cost = "n/a (no --prices)" if summary["cost_usd"] is None else f"${summary['cost_usd']:.4f}"
+    arrived = summary["intervention_continuations"]
     rows = [
         ("problems", str(summary["problems"])),
+        ("  without a reference solution", str(summary["problems_without_reference"])),
         ("attempts", str(summary["attempts"])),
         ("correct / incorrect / ungradable", f"{summary['correct']} / {summary['incorrect']} / {summary['ungradable']}"),
         ("problems selected for proposals", str(summary["problems_selected"])),
         ("proposals", str(summary["proposals"])),
         ("rejected, by reason", rejected),
-        ("verified", str(summary["verified"])),
+        ("verified (all continuations arrived)", str(summary["verified"])),
+        ("correct continuations / all", f"{summary['intervention_correct']} / {arrived}"
+         + (f" ({100 * summary['intervention_correct'] / arrived:.2f}%)" if arrived else "")),
         ("kept", str(summary["kept"])),
+        ("problems with a kept intervention", str(summary["problems_with_kept"])),
         ("tokens (prompt + completion)", f"{summary['prompt_tokens']} + {summary['completion_tokens']}"),
         ("cost", cost),
     ]
     if "seconds" in summary:
         rows.append(("time", f"{summary['seconds']} s"))
     return rows
+
+
+def table1_rows(table1: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Table 1 as text rows: condition, solved / problems, mean accuracy, and the two ratios to original-step."""
+    def interval(pair: list[float | None] | None) -> str:
+        if not pair:
+            return ""
+        return " [" + ", ".join("n/a" if v is None else f"{v:.2f}" for v in pair) + "]"
+
+    rows = []
+    for condition, row in table1["conditions"].items():
+        vs = row.get("vs_original_step")
+        solved = "" if not vs else ("n/a" if vs["solved_ratio"] is None else f"{vs['solved_ratio']:.2f}x") + interval(vs["solved_ratio_ci95"])
+        acc = "" if not vs else ("n/a" if vs["accuracy_ratio"] is None else f"{vs['accuracy_ratio']:.2f}x") + interval(vs["accuracy_ratio_ci95"])
+        rows.append((condition, f"{row['solved']}/{row['problems']}", f"{100 * row['mean_accuracy']:.2f}%", solved, acc))
+    return rows
+
+
+def table1_markdown(table1: dict[str, Any]) -> str:
+    if not table1["conditions"]:
+        return "(no continuations)"
+    head = "| continue from | solved / problems | mean accuracy | solved vs original-step | accuracy vs original-step |\n|---|---|---|---|---|\n"
+    return head + "\n".join("| " + " | ".join(row) + " |" for row in table1_rows(table1))
 
 
 def write_card(run: RunDir, config: RunConfig, summary: dict[str, Any], load_path: str) -> None:
@@ -159,11 +198,13 @@ def card_front_matter(config: RunConfig, rows: dict[str, int], files: dict[str, 
     """The card's YAML: configs with their data files, licence, language, task, size, tags."""
     size = max(rows.values())
     category = "n<1K" if size < 1_000 else "1K<n<10K" if size < 10_000 else "10K<n<100K" if size < 100_000 else "100K<n<1M"
+    # `datasets` cannot load an empty parquet config ("corresponds to no data"): an empty one is left out of
+    # the list (its file stays in the folder) and the card says so.
     front = {
         "configs": [
             {"config_name": name, "data_files": [{"split": "train", "path": f"{name}/{files[name].name}"}],
              **({"default": True} if name == "sft" else {})}
-            for name in CONFIGS
+            for name in CONFIGS if rows[name]
         ],
         "license": config.license,
         "language": ["en"],
@@ -188,8 +229,20 @@ def dataset_card(
     usage = "| stage | prompt tokens | completion tokens |\n|---|---|---|\n" + "\n".join(
         f"| {stage} | {p} | {c} |" for stage, (p, c) in summary["tokens_by_stage"].items()
     )
+    empty = [name for name in CONFIGS if not rows[name]]
     return fill(
         resource_path("data_cards", "card.md").read_text(encoding="utf-8"),
+        empty_note="" if not empty else (
+            f"\n**Empty:** {', '.join(f'`{n}`' for n in empty)} (0 rows"
+            + ("; no intervention was kept" if "sft" in empty else "")
+            + "). An empty config cannot be loaded with `datasets.load_dataset`, so it is not listed above.\n"),
+        decontamination="",
+        engine_args=", ".join(f"`{k}={v}`" for k, v in sorted(config.vllm_args.items())) or "none",
+        token_counts=", ".join(f"{name}: {stages[name].get('token_counts', 'n/a')}"
+                               for name in ("sample", "propose", "verify"))
+        + " (engine: counted by the engine per sample; tokenizer: counted with the model's tokenizer; estimated: the "
+          "request's usage shared by text length)",
+        table1=table1_markdown(summary["table1"]),
         yaml=card_front_matter(config, rows, files),
         title="intgen intervention dataset",
         intgen_version=__version__,

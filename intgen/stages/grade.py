@@ -12,12 +12,14 @@ from typing import Any
 
 import polars as pl
 
+from intgen.backends.base import TOO_LONG
 from intgen.grading import BOXED, LENIENT, Verdict
 from intgen.stages import Compute, Grading, Part, Stage
 from intgen.stages.sample import ATTEMPT_SCHEMA
 
 TRUNCATED = "truncated"
 SAMPLE_ERROR = "sample_error"
+PROMPT_TOO_LONG = "prompt_too_long"  # the prompt did not fit the model's context
 
 GRADE_COLUMNS = {"correct": pl.Boolean, "predicted": pl.String, "grade_reason": pl.String}
 PASS_RATE_SCHEMA = {
@@ -38,6 +40,8 @@ def needs_grading(attempt: dict) -> str | None:
     """None if the attempt can be graded, else the reason it cannot."""
     if attempt.get("error") is not None or attempt.get("text") is None:
         return SAMPLE_ERROR
+    if attempt.get("finish_reason") == TOO_LONG:
+        return PROMPT_TOO_LONG
     if attempt.get("truncated"):
         return TRUNCATED
     return None
