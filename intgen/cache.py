@@ -12,6 +12,8 @@ import hashlib
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from intgen.backends.base import TOO_LONG, Completion, Request
@@ -33,18 +35,51 @@ def sample_key(kind: str, model: str, request: Request, index: int) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def _lookup(db: sqlite3.Connection, keys: list[str]) -> dict[str, Completion]:
+    found: dict[str, Completion] = {}
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        rows = db.execute(
+            "SELECT key, text, finish_reason, prompt_tokens, completion_tokens, true_continuation FROM samples"
+            f" WHERE key IN ({','.join('?' * len(chunk))})",
+            chunk,
+        )
+        for key, text, finish, prompt, completion, true_cont in rows:
+            found[key] = Completion(text, finish, prompt, completion, bool(true_cont), cached=True)
+    return found
+
+
+class CacheError(OSError):
+    """The cache file cannot be read or written (full disk, corrupt file); the message names it."""
+
+
 class CallCache:
-    def __init__(self, path: Path | str) -> None:
+    """`fallback`: another cache file read (never written) for samples this one lacks, opened immutable: the Ray
+    executor's part caches read the run's cache.sqlite this way, on storage where locks cannot be trusted."""
+
+    def __init__(self, path: Path | str, fallback: Path | str | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fallback = Path(fallback) if fallback is not None and Path(fallback).is_file() else None
         self._local = threading.local()
-        with self._connection() as db:
-            db.execute(
+        with self._guard():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._connection().execute(
                 "CREATE TABLE IF NOT EXISTS samples ("
                 " key TEXT PRIMARY KEY, backend TEXT, model TEXT, text TEXT, finish_reason TEXT,"
                 " prompt_tokens INTEGER, completion_tokens INTEGER, true_continuation INTEGER,"
                 " created TEXT DEFAULT CURRENT_TIMESTAMP)"
             )
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            hint = ("free some space and run the same command again" if "full" in str(exc)
+                    else "delete it to start the cache again (model calls will be paid again)")
+            raise CacheError(f"{self.path}: {exc}; {hint}") from None
+        except OSError as exc:
+            raise CacheError(f"{self.path}: {exc.strerror or exc}") from None
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -56,28 +91,58 @@ class CallCache:
         return db
 
     def get_many(self, keys: list[str]) -> dict[str, Completion]:
-        found: dict[str, Completion] = {}
-        db = self._connection()
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            rows = db.execute(
-                "SELECT key, text, finish_reason, prompt_tokens, completion_tokens, true_continuation FROM samples"
-                f" WHERE key IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            for key, text, finish, prompt, completion, true_cont in rows:
-                found[key] = Completion(text, finish, prompt, completion, bool(true_cont), cached=True)
-        return found
+        with self._guard():
+            found = _lookup(self._connection(), keys)
+            if self.fallback is not None and len(found) < len(keys):
+                found = _lookup(self._fallback(), [k for k in keys if k not in found]) | found
+            return found
+
+    def _fallback(self) -> sqlite3.Connection:
+        db = getattr(self._local, "fallback", None)
+        if db is None:
+            assert self.fallback is not None
+            db = self._local.fallback = sqlite3.connect(f"{self.fallback.resolve().as_uri()}?mode=ro&immutable=1",
+                                                        uri=True)
+        return db
+
+    def checkpoint(self) -> None:
+        """Move everything written so far into the main file (readers that open it immutable see only that)."""
+        with self._guard():
+            self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def merge(self, other: Path) -> int:
+        """Copy another cache file's samples in (those this one lacks); returns how many it held."""
+        with self._guard():
+            db = self._connection()
+            db.execute("ATTACH DATABASE ? AS other", (str(other),))
+            try:
+                count = db.execute("SELECT COUNT(*) FROM other.samples").fetchone()[0]
+                db.execute("INSERT OR IGNORE INTO samples SELECT * FROM other.samples")
+            finally:
+                db.execute("DETACH DATABASE other")
+            return count
 
     def put(self, key: str, backend: str, model: str, completion: Completion) -> None:
-        if completion.error is not None or completion.finish_reason == TOO_LONG:
-            return  # failures are retried next time, never cached; so is a prompt too long for this context
-        self._connection().execute(
-            "INSERT OR REPLACE INTO samples (key, backend, model, text, finish_reason, prompt_tokens,"
-            " completion_tokens, true_continuation) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (key, backend, model, completion.text, completion.finish_reason, completion.prompt_tokens,
-             completion.completion_tokens, int(completion.true_continuation)),
-        )
+        self.put_many([(key, completion)], backend, model)
+
+    def put_many(self, samples: list[tuple[str, Completion]], backend: str, model: str) -> None:
+        """Store the samples of one answer in one transaction. Failures are retried next time, never cached;
+        so is a prompt too long for this context."""
+        rows = [(key, backend, model, c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens,
+                 int(c.true_continuation)) for key, c in samples if c.error is None and c.finish_reason != TOO_LONG]
+        if not rows:
+            return
+        with self._guard():
+            db = self._connection()
+            db.execute("BEGIN")
+            try:
+                db.executemany(
+                    "INSERT OR REPLACE INTO samples (key, backend, model, text, finish_reason, prompt_tokens,"
+                    " completion_tokens, true_continuation) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def __len__(self) -> int:
         return self._connection().execute("SELECT COUNT(*) FROM samples").fetchone()[0]
@@ -87,3 +152,7 @@ class CallCache:
         if db is not None:
             db.close()
             self._local.db = None
+        fallback = getattr(self._local, "fallback", None)
+        if fallback is not None:
+            fallback.close()
+            self._local.fallback = None

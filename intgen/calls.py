@@ -8,6 +8,7 @@ retries comes back as error completions, is counted, and is not cached, so a rer
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 from intgen.backends.base import Backend, Completion, Request, error_completion
 from intgen.cache import CallCache, sample_key
 
+log = logging.getLogger("intgen")
 MAX_ROUNDS = 4  # asks for missing samples of one request, in all (after the first short answer, one at a time)
 
 
@@ -124,14 +126,18 @@ def _record(backend: Backend, cache: CallCache | None, stats: CallStats, row: li
     if failed is not None:
         for j in missing:
             row[j] = failed
-        stats.failures[_failure_kind(failed.error)] += len(missing)
+        kind = _failure_kind(failed.error)
+        if not stats.failures[kind]:  # say it once per kind, as it happens; the summary counts them all
+            log.warning("a request to %s was given up (%s); the run goes on, and a rerun retries it",
+                        backend.model, (failed.error or "")[:200])
+        stats.failures[kind] += len(missing)
         return
     for j, completion in zip(missing, completions):
         row[j] = completion
         stats.prompt_tokens += completion.prompt_tokens
         stats.completion_tokens += completion.completion_tokens
-        if cache is not None:
-            cache.put(keys[j], backend.kind, backend.model, completion)
+    if cache is not None:
+        cache.put_many([(keys[j], c) for j, c in zip(missing, completions)], backend.kind, backend.model)
 
 
 def _ask_for(request: Request, missing: list[int]) -> Request:

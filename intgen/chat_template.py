@@ -18,6 +18,8 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from intgen.extras import need
+
 
 @dataclass(frozen=True)
 class ChatTemplate:
@@ -64,9 +66,10 @@ def load_chat_template(source: str | Path) -> ChatTemplate:
         return _from_gguf(path)
     if path.is_file():
         return ChatTemplate(str(path), path.read_text(encoding="utf-8"))
-    from transformers import AutoTokenizer  # optional: only for tokenizer sources
-
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if not (path.exists() or "/" in str(source)):
+        raise ValueError(f"--chat-template {source}: no such file, and not a tokenizer name (owner/name)")
+    transformers = need("transformers", "--chat-template with a tokenizer")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer {source} has no chat template")
     return ChatTemplate(str(source), tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "",
@@ -74,9 +77,10 @@ def load_chat_template(source: str | Path) -> ChatTemplate:
 
 
 def _from_gguf(path: Path) -> ChatTemplate:
-    from llama_cpp import Llama
-
-    return template_from_llama(Llama(str(path), vocab_only=True, verbose=False), str(path))
+    if not path.is_file():
+        raise ValueError(f"--chat-template {path}: no such file")
+    llama_cpp = need("llama_cpp", "--chat-template with a .gguf file")
+    return template_from_llama(llama_cpp.Llama(str(path), vocab_only=True, verbose=False), str(path))
 
 
 def template_from_llama(model: Any, source: str) -> ChatTemplate:

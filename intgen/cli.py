@@ -13,7 +13,7 @@ from rich.table import Table
 
 from intgen import __version__
 from intgen.backends import BackendKind
-from intgen.config import DEFAULTS, ContinuationMode, ProposeStyle, StructuredOutput
+from intgen.config import DEFAULTS, ContinuationMode, ExecutorKind, ProposeStyle, StructuredOutput
 from intgen.stages.verify import Condition
 
 if TYPE_CHECKING:
@@ -41,10 +41,19 @@ def main(
     ] = None,
 ) -> None:
     """Build intervention (InT) datasets for LLM math reasoning."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=errors, show_time=False, show_path=False, markup=False)
+    logging.getLogger("intgen").handlers[:] = [handler]
+    logging.getLogger("intgen").setLevel(logging.INFO)
 
 
 def _fail(message: str) -> NoReturn:
-    errors.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    from rich.markup import escape
+
+    errors.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -107,13 +116,20 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 def _run_or_fail(action: Callable[[], Any]) -> Any:
-    from intgen.io import BadInputError
+    """Run `action`; what goes wrong with the input, the settings or the run directory is one line, exit 2."""
+    from intgen.cache import CacheError
     from intgen.driver import StageConfigChanged
+    from intgen.extras import MissingExtra
+    from intgen.io import BadInputError
+    from intgen.rundir import RunDirError
 
     try:
         return action()
-    except (BadInputError, StageConfigChanged, FileNotFoundError, ValueError) as exc:
+    except (BadInputError, StageConfigChanged, ValueError, MissingExtra, RunDirError, CacheError) as exc:
         _fail(str(exc))
+    except OSError as exc:  # anything else the file system says, with the path it is about
+        where = exc.filename or "intgen"
+        _fail(f"{where}: {exc.strerror or exc}" if exc.strerror else str(exc) or type(exc).__name__)
 
 
 D = DEFAULTS  # every option's default comes from RunConfig
@@ -122,7 +138,7 @@ EXIT_FAILURES = 3  # the run finished, but some model calls failed: rerunning th
 
 BackendOpt = Annotated[BackendKind, typer.Option("--backend", help="Model engine.")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="Model name (local: a GGUF path; default: bundled SmolLM2-135M-Instruct).")]
-BaseUrlOpt = Annotated[Optional[str], typer.Option(help="Server URL (openai: e.g. http://127.0.0.1:8000/v1; gemini: API endpoint).")]
+BaseUrlOpt = Annotated[Optional[list[str]], typer.Option("--base-url", help="Server URL (openai: e.g. http://127.0.0.1:8000/v1; gemini: API endpoint). openai: repeatable, requests go to the server with the fewest in flight; one that fails is rested and retried later.")]
 ApiKeyEnvOpt = Annotated[Optional[str], typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY / GEMINI_API_KEY).")]
 ConcurrencyOpt = Annotated[int, typer.Option(help="Requests in flight at once (openai, gemini).")]
 RequestTimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for one try of a request (openai, gemini).")]
@@ -135,7 +151,12 @@ MaxModelLenOpt = Annotated[Optional[int], typer.Option(help="The model's context
 VllmArgOpt = Annotated[Optional[list[str]], typer.Option("--vllm-arg", help="vllm backend: one engine argument, key=value (repeatable), e.g. --vllm-arg tensor_parallel_size=2.")]
 ProposerBackendOpt = Annotated[Optional[BackendKind], typer.Option(help="Proposer engine (default: the policy's; self-proposed).")]
 ProposerModelOpt = Annotated[Optional[str], typer.Option(help="Proposer model (default: the policy model).")]
-ProposerUrlOpt = Annotated[Optional[str], typer.Option(help="Proposer server URL.")]
+ProposerUrlOpt = Annotated[Optional[list[str]], typer.Option("--proposer-base-url", help="Proposer server URL (repeatable, as --base-url).")]
+ExecutorOpt = Annotated[ExecutorKind, typer.Option(help="local: parts one after another in this process; ray: parts on Ray Data actors (one backend each), grading as Ray tasks.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(help="--executor ray: the cluster (auto, ray://host:10001); default: this machine's, started if needed.")]
+RayActorsOpt = Annotated[int, typer.Option(help="--executor ray: actors per model stage, each with its own backend.")]
+RayActorCpusOpt = Annotated[float, typer.Option(help="--executor ray: CPUs each actor holds.")]
+RayActorGpusOpt = Annotated[float, typer.Option(help="--executor ray: GPUs each actor holds (1 for an in-process vLLM engine per GPU).")]
 ProblemColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the problem text (default: problem, question, ...).")]
 AnswerColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the final answer (default: answer, ...).")]
 SolutionColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the reference solution (default: reference_solution, then solution).")]
@@ -176,7 +197,7 @@ RunDirOpt = Annotated[Path, typer.Option(help="Run directory (created if needed;
 ForceOpt = Annotated[bool, typer.Option(help="Recompute a stage whose settings changed (cached model calls are reused).")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
 
-NOT_SETTINGS = ("ctx", "config", "run_dir", "force", "progress")
+NOT_SETTINGS = ("ctx", "config", "run_dir", "force", "progress", "protocol")
 
 
 def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +212,9 @@ def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
         given["conditions"] = tuple(c.value if isinstance(c, Enum) else c for c in given.pop("condition"))
     if "vllm_arg" in given:
         given["vllm_args"] = _key_values(given.pop("vllm_arg"), "--vllm-arg")
+    for name in ("base_url", "proposer_base_url"):  # several servers: one setting, comma-separated
+        if name in given:
+            given[name] = ",".join(given[name]) if given[name] else None
     return given
 
 
@@ -273,6 +297,13 @@ def build_dataset(
     batch_size: BatchSizeOpt = D.batch_size,
     prices: PricesOpt = None,
     skip_bad_rows: SkipBadRowsOpt = D.skip_bad_rows,
+    executor: ExecutorOpt = ExecutorKind(D.executor),
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = D.ray_actors,
+    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
+    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
+    decontaminate: Annotated[Optional[list[str]], typer.Option("--decontaminate", help="Eval set (a benchmark name or a file; repeatable): problems sharing an n-gram with one of its problems are dropped before sampling.")] = None,
+    decontaminate_ngram: Annotated[int, typer.Option(help="Words per n-gram for --decontaminate (after normalising case, whitespace and LaTeX spacing).")] = D.decontaminate_ngram,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -289,9 +320,12 @@ def build_dataset(
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
     if settings.problems is None:
+        from intgen.config import DEMO_MINUTES
+
         console.print(
-            "No --problems: running the embedded demo (20 bundled example problems on the local SmolLM2 engine, "
-            f"K={settings.samples}, P={settings.proposals}, M={settings.continuations}).", highlight=False,
+            f"No --problems: running the embedded demo ({settings.limit} bundled example problems on the local "
+            f"SmolLM2 engine, K={settings.samples}, P={settings.proposals}, M={settings.continuations}). It takes "
+            f"about {DEMO_MINUTES} minutes on 2 CPU cores (less once the run directory has its cache).", highlight=False,
         )
     summary = _run_or_fail(lambda: build(settings, run_dir, force=force, progress=progress))
     _print_summary(summary, run_dir)
@@ -333,6 +367,11 @@ def sample(
     skip_bad_rows: SkipBadRowsOpt = D.skip_bad_rows,
     system_prompt: SystemPromptOpt = None,
     solve_prompt: SolvePromptOpt = D.solve_prompt,
+    executor: ExecutorOpt = ExecutorKind(D.executor),
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = D.ray_actors,
+    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
+    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -361,20 +400,25 @@ def sample(
 
 def _in_run(run_dir: Path, settings: "RunConfig", action: Callable[[Any, Any], dict[str, Any]],
             engine_config: Any = None) -> dict[str, Any]:
-    """Run one stage command in the run directory (with its engine, if it needs one); save the settings."""
-    from intgen.backends import make_backend
+    """Run one stage command in the run directory, held by this process (with its engine, if it needs one);
+    save the settings."""
+    from contextlib import nullcontext
+
+    from intgen.pipeline import open_engine
     from intgen.rundir import RunDir
 
-    engine = _run_or_fail(lambda: make_backend(engine_config)) if engine_config is not None else None
-    run = RunDir(run_dir)
-    try:
-        entry = _run_or_fail(lambda: action(run, engine))
-        run.write_json("config.json", settings.to_dict())
-    finally:
-        if engine is not None:
-            engine.close()
-        run.close()
-    return entry
+    def run_it() -> dict[str, Any]:
+        run = RunDir(run_dir)
+        try:
+            with run.locked():
+                with open_engine(settings, engine_config) if engine_config is not None else nullcontext() as engine:
+                    entry = action(run, engine)
+                run.write_json("config.json", settings.to_dict())
+                return entry
+        finally:
+            run.close()
+
+    return _run_or_fail(run_it)
 
 
 @app.command("grade")
@@ -386,6 +430,11 @@ def grade(
     grade_workers: GradeWorkersOpt = D.grade_workers,
     grade_timeout: GradeTimeoutOpt = D.grade_timeout,
     lenient_answers: LenientOpt = D.lenient_answers,
+    executor: ExecutorOpt = ExecutorKind(D.executor),
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = D.ray_actors,
+    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
+    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -416,6 +465,11 @@ def propose(
     allow_no_reference: AllowNoReferenceOpt = D.allow_no_reference,
     reference_prompt: ReferencePromptOpt = D.reference_prompt,
     critique_prompt: CritiquePromptOpt = None,
+    executor: ExecutorOpt = ExecutorKind(D.executor),
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = D.ray_actors,
+    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
+    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -440,6 +494,11 @@ def verify(
     verify_temperature: VerifyTemperatureOpt = D.verify_temperature,
     min_success: MinSuccessOpt = D.min_success,
     condition: ConditionOpt = None,
+    executor: ExecutorOpt = ExecutorKind(D.executor),
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = D.ray_actors,
+    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
+    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -462,12 +521,9 @@ def verify(
 def export(run_dir: RunDirOpt) -> None:
     """Write RUN_DIR/dataset/ (parquet per config and a README.md dataset card)."""
     from intgen.stages.export import export as write
-    from intgen.rundir import RunDir
 
     settings = _saved_config(run_dir, {})
-    run = RunDir(run_dir)
-    summary = _run_or_fail(lambda: write(run, settings))
-    run.close()
+    summary = _in_run(run_dir, settings, lambda run, _: write(run, settings))
     _print_summary(summary, run_dir)
 
 
@@ -479,21 +535,270 @@ def push(
     revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if needed).")] = None,
     endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint (default: $HF_ENDPOINT or huggingface.co).")] = None,
 ) -> None:
-    """Upload RUN_DIR/dataset to the Hub (token from $HF_TOKEN or `hf auth login`; never printed)."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from intgen.hub import push_dataset
-    from intgen.stages.export import funnel, write_card
-    from intgen.rundir import RunDir
+    """Upload RUN_DIR/dataset to the Hub: the card and each config's parquet file, in one commit (token from
+    $HF_TOKEN or `hf auth login`; never printed). The local card is changed only after a successful upload."""
+    from intgen.hub import PushError, push_dataset
+    from intgen.rundir import atomic_write_text
+    from intgen.stages.export import card_text, funnel
 
     settings = _saved_config(run_dir, {})
-    run = RunDir(run_dir)
-    _run_or_fail(lambda: write_card(run, settings, funnel(run), repo_id))  # the card's examples load the repo
+
+    def upload(run: Any, _: Any) -> str:
+        if not (run.path / "dataset" / "README.md").is_file():
+            raise ValueError(f"{run.path / 'dataset'}: no exported dataset (run `intgen export` first)")
+        card = card_text(run, settings, funnel(run), repo_id)  # the card's examples load the repo
+        try:
+            url = push_dataset(run.path / "dataset", repo_id, card, private=private, revision=revision,
+                               endpoint=endpoint)
+        except PushError as exc:
+            raise ValueError(str(exc)) from None
+        atomic_write_text(run.path / "dataset" / "README.md", card)
+        return url
+
+    url = _in_run(run_dir, settings, upload)
+    console.print(f"pushed {run_dir / 'dataset'} to {repo_id}: {url}", highlight=False)
+
+
+# --- measuring: intgen eval, intgen eval compare, intgen eval-localize ---------------------------------
+
+class Protocol(str, Enum):
+    intgen = "intgen"  # the options as given (defaults: RunConfig's)
+    paper = "paper"  # the paper's Table 4: 128 rollouts, 16,384 tokens, T 0.7, top_p 0.8, top_k 20
+
+
+eval_app = typer.Typer(help="Measure a model on a benchmark: avg@K, pass@k, maj@K (and `eval compare`).")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback(invoke_without_command=True)
+def eval_run(
+    ctx: typer.Context,
+    problems: Annotated[Optional[str], typer.Option(help="Benchmark: math500, gsm8k, aime24, amc23, imo-answerbench (from ../shared/data, ./data or $INTGEN_DATA), or a file, folder or Hub id.")] = None,
+    run_dir: RunDirOpt = Path("runs/eval"),
+    protocol: Annotated[Protocol, typer.Option(help="paper: K=128, 16,384 tokens, T 0.7, top_p 0.8, top_k 20 (options given here still win).")] = Protocol.intgen,
+    problem_column: ProblemColumnOpt = None,
+    answer_column: AnswerColumnOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    backend: BackendOpt = BackendKind(D.backend),
+    model: Annotated[Optional[str], typer.Option(help="Model (local: a GGUF file or a model folder from `intgen train`; default: the bundled SmolLM2).")] = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = D.concurrency,
+    request_timeout: RequestTimeoutOpt = D.request_timeout,
+    max_tries: MaxTriesOpt = D.max_tries,
+    chat_template: ChatTemplateOpt = None,
+    thinking_budget: ThinkingOpt = None,
+    max_model_len: MaxModelLenOpt = None,
+    vllm_arg: VllmArgOpt = None,
+    samples: SamplesOpt = D.samples,
+    max_tokens: MaxTokensOpt = D.max_tokens,
+    temperature: TemperatureOpt = D.temperature,
+    top_p: TopPOpt = D.top_p,
+    top_k: TopKOpt = D.top_k,
+    seed: SeedOpt = D.seed,
+    limit: LimitOpt = None,
+    system_prompt: SystemPromptOpt = None,
+    solve_prompt: SolvePromptOpt = D.solve_prompt,
+    grade_workers: GradeWorkersOpt = D.grade_workers,
+    grade_timeout: GradeTimeoutOpt = D.grade_timeout,
+    lenient_answers: LenientOpt = D.lenient_answers,
+    batch_size: BatchSizeOpt = D.batch_size,
+    prices: PricesOpt = None,
+    skip_bad_rows: SkipBadRowsOpt = D.skip_bad_rows,
+    executor: ExecutorOpt = ExecutorKind(D.executor),
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = D.ray_actors,
+    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
+    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Sample K attempts per problem with the dataset's solve prompt and grade them (the pipeline's sample and
+    grade stages: cached, resumable); write RUN_DIR/eval.json and print avg@K, pass@k, maj@K with 95% intervals."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from intgen.config import resolve
+    from intgen.evaluate import PAPER_PROTOCOL
+    from intgen.pipeline import run_eval
+
+    if problems is None:
+        _fail("--problems: name a benchmark (math500, gsm8k, aime24, amc23, imo-answerbench) or give a file")
+    given = _given(ctx, dict(locals()))
     try:
-        url = push_dataset(run.path / "dataset", repo_id, private=private, revision=revision, endpoint=endpoint)
-    except (HfHubHTTPError, OSError) as exc:
-        _fail(f"push to {repo_id} failed: {exc}")
-    console.print(f"pushed {run.path / 'dataset'} to {repo_id}: {url}", highlight=False)
+        settings = resolve((PAPER_PROTOCOL if protocol is Protocol.paper else {}) | given, {})
+    except (TypeError, ValueError) as exc:
+        _fail(str(exc))
+    prompt = _run_or_fail(lambda: settings.prompt("solve"))
+    console.print(
+        f"eval {problems}: {settings.backend} {settings.model or 'SmolLM2-135M-Instruct (bundled)'}; protocol "
+        f"{protocol.value}: K={settings.samples}, max tokens {settings.max_tokens}, T {settings.temperature}, top_p "
+        f"{settings.top_p}, top_k {settings.top_k}, seed {settings.seed}; prompt {Path(prompt.name).name} (sha256 "
+        f"{prompt.sha256[:12]})", highlight=False, markup=False)
+    report = _run_or_fail(lambda: run_eval(settings, run_dir, force=force, progress=progress))
+    _print_eval(report, settings.samples)
+    console.print(f"written: {run_dir / 'eval.json'} (graded attempts: {run_dir / 'graded'})", highlight=False)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _print_eval(report: dict[str, Any], samples: int) -> None:
+    from intgen.evaluate import ks
+
+    keys = [f"avg@{samples}", *(f"pass@{k}" for k in ks(samples)), f"maj@{samples}", "ungradable", "truncated"]
+    groups = {"all": report} | (report["by_source"] if len(report["by_source"]) > 1 else {})
+    table = Table(title=f"{report['problems']} problems (95% bootstrap intervals over problems)")
+    table.add_column("metric")
+    for name in groups:
+        table.add_column(name, justify="right")
+    for key in keys:
+        cells = []
+        for group in groups.values():
+            low, high = group["ci95"].get(key, (None, None))
+            cells.append(_percent(group.get(key)) + (f" [{_percent(low)}, {_percent(high)}]" if low is not None else ""))
+        table.add_row(key, *cells)
+    console.print(table)
+    for row in report.get("skipped_problem_rows", []):
+        console.print(f"skipped {row}", highlight=False, markup=False)
+
+
+@eval_app.command("compare")
+def eval_compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Eval run directories; the first is the baseline.")],
+) -> None:
+    """The runs side by side on the problems they share: avg@K, the difference to the first with a paired
+    bootstrap interval, and the problems solved (>= 1 correct) by one and not the other."""
+    from intgen.evaluate import compare
+    from intgen.rundir import RunDir
+
+    if len(run_dirs) < 2:
+        _fail("eval compare: give at least two eval run directories")
+    tables = {}
+    for index, path in enumerate(run_dirs):
+        name = path.name if path.name not in tables else f"{path.name}#{index + 1}"
+        if not (path / "eval.json").is_file():
+            _fail(f"{path}: no eval.json; run `intgen eval --run-dir {path}` first")
+        tables[name] = _run_or_fail(lambda: RunDir(path).table("graded"))
+    result = compare(tables)
+    base = next(iter(tables))
+    table = Table(title=f"{result['problems']} shared problems; differences to {base} (95% paired bootstrap)")
+    for column in ("run", "avg accuracy", "difference", "solved only here", f"solved only by {base}"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for name, entry in result["runs"].items():
+        low, high = entry.get("difference_ci95", (None, None))
+        difference = "" if low is None else f"{100 * entry['difference']:+.2f} pts [{100 * low:+.2f}, {100 * high:+.2f}]"
+        table.add_row(name, _percent(entry["avg"]), difference, str(len(entry.get("solved_only_here", []))) if low is not None else "",
+                      str(len(entry.get(f"solved_only_by_{base}", []))) if low is not None else "")
+    console.print(table)
+    for name, entry in result["runs"].items():
+        if entry.get("solved_only_here"):
+            console.print(f"solved only by {name}: {', '.join(entry['solved_only_here'])}", highlight=False, markup=False)
+        if entry.get(f"solved_only_by_{base}"):
+            console.print(f"solved by {base}, not by {name}: {', '.join(entry[f'solved_only_by_{base}'])}",
+                          highlight=False, markup=False)
+
+
+@app.command("eval-localize")
+def eval_localize(
+    ctx: typer.Context,
+    problems: Annotated[Optional[list[Path]], typer.Option("--problems", help="ProcessBench subset file(s): a JSON list or JSON lines of {id, problem, steps, label, ...} (repeatable: one subset each).")] = None,
+    run_dir: RunDirOpt = Path("runs/localize"),
+    critic_prompt: Annotated[str, typer.Option(help="intgen (the proposer's critique prompt, no reference solution), processbench (ProcessBench's protocol: paragraphs from 0, the index in \\boxed{}), or your own file with the markers of one of them.")] = "intgen",
+    backend: BackendOpt = BackendKind(D.backend),
+    model: Annotated[Optional[str], typer.Option(help="The proposer model to measure (local: a GGUF file or a model folder).")] = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = D.concurrency,
+    request_timeout: RequestTimeoutOpt = D.request_timeout,
+    max_tries: MaxTriesOpt = D.max_tries,
+    structured_output: StructuredOpt = StructuredOutput(D.structured_output),
+    chat_template: ChatTemplateOpt = None,
+    thinking_budget: ThinkingOpt = None,
+    max_model_len: MaxModelLenOpt = None,
+    vllm_arg: VllmArgOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="Token limit per reply.")] = D.propose_max_tokens,
+    temperature: Annotated[Optional[float], typer.Option(help="Default: 0 (greedy, ProcessBench's protocol); 0.7 with --vote > 1.")] = None,
+    vote: Annotated[int, typer.Option(help="Samples per item; the prediction is their majority (ProcessBench uses 8).")] = 1,
+    structured: Annotated[bool, typer.Option(help="intgen prompt: constrain the reply by the proposer's JSON schema where the backend can.")] = True,
+    seed: SeedOpt = D.seed,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N items of each file.")] = None,
+    batch_size: BatchSizeOpt = D.batch_size,
+    score_run: Annotated[Optional[Path], typer.Option(help="Instead of asking a model: score this run's own proposals against --labels.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="With --score-run: JSON (lines) of {attempt_id, label}, label the 0-based first wrong step of intgen's step split, -1 for none.")] = None,
+    force: ForceOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """How well does the proposer find the first wrong step? ProcessBench's metric (per subset: accuracy on
+    erroneous and on correct items, their harmonic mean F1; the mean F1 over subsets) into RUN_DIR/localize.json,
+    one row per item into RUN_DIR/localize.parquet. Resumable: a rerun sends nothing twice."""
+    from intgen.pipeline import run_localize, score_proposals
+
+    if score_run is not None or labels is not None:
+        if score_run is None or labels is None:
+            _fail("--score-run and --labels go together: a run directory and the labels of its attempts")
+        from intgen.stages.localize import read_labels
+
+        label_rows = _run_or_fail(lambda: read_labels(labels))
+        report = _run_or_fail(lambda: score_proposals(score_run, label_rows, run_dir))
+        _print_localize(report)
+        return
+    if not problems:
+        _fail("--problems: give a ProcessBench subset file, e.g. ../shared/data/processbench/gsm8k.json")
+    config, settings = _localize_settings(ctx, dict(locals()))
+    items = _run_or_fail(lambda: _read_items(problems, limit))
+    s = settings.sampling
+    console.print(
+        f"eval-localize {', '.join(map(str, problems))} ({items.height} items): {config.backend} "
+        f"{config.model or 'SmolLM2-135M-Instruct (bundled)'}; critic prompt {Path(settings.prompt.name).name} (sha256 "
+        f"{settings.prompt.sha256[:12]}), T {s.temperature}{' (greedy)' if s.temperature == 0 else ''}, max tokens "
+        f"{s.max_tokens}, vote {settings.vote}", highlight=False, markup=False)
+    report = _run_or_fail(lambda: run_localize(items, settings, config.policy_backend(), run_dir, batch_size, force,
+                                               progress))
+    _print_localize(report)
+    console.print(f"written: {run_dir / 'localize.json'}, {run_dir / 'localize.parquet'}", highlight=False)
+
+
+def _read_items(paths: list[Path], limit: int | None) -> Any:
+    from intgen.stages.localize import read_item_files
+
+    items = read_item_files(paths)
+    return items if limit is None else items.group_by("subset", maintain_order=True).head(limit).select(items.columns)
+
+
+def _localize_settings(ctx: typer.Context, values: dict[str, Any]) -> tuple["RunConfig", Any]:
+    """The backend's settings (checked as a run's are) and the localize stage's."""
+    from intgen.config import resolve
+    from intgen.resources import load_prompt
+    from intgen.stages.localize import LocalizeSettings, critic_kind
+
+    wanted = ("backend", "model", "base_url", "api_key_env", "concurrency", "request_timeout", "max_tries",
+              "structured_output", "chat_template", "thinking_budget", "max_model_len", "vllm_arg", "seed")
+    given = _given(ctx, {k: v for k, v in values.items() if k in wanted})
+    vote, temperature = values["vote"], values["temperature"]
+    if vote < 1:
+        _fail(f"--vote: must be at least 1, got {vote}")
+    try:
+        config = resolve(given | {"problems": str(values["problems"][0])}, {})
+        name = values["critic_prompt"]
+        prompt = load_prompt({"intgen": "localize_intgen.md", "processbench": "localize_processbench.md"}.get(name, name))
+        sampling = config.sampling(values["max_tokens"], temperature if temperature is not None else (0.0 if vote == 1 else 0.7))
+        settings = LocalizeSettings(critic_kind(prompt), prompt, sampling, vote, values["structured"])
+    except (TypeError, ValueError) as exc:
+        _fail(str(exc))
+    return config, settings
+
+
+def _print_localize(report: dict[str, Any]) -> None:
+    table = Table(title="ProcessBench metric (unparseable replies count as wrong)")
+    for column in ("subset", "items", "erroneous acc.", "correct acc.", "F1", "unparseable"):
+        table.add_column(column, justify="left" if column == "subset" else "right")
+    for name, row in report["subsets"].items():
+        table.add_row(name, str(row["items"]), f"{_percent(row['error_acc'])} of {row['erroneous']}",
+                      f"{_percent(row['correct_acc'])} of {row['correct']}", _percent(row["f1"]), str(row["unparseable"]))
+    console.print(table)
+    console.print(f"mean F1 over {len(report['subsets'])} subset(s): {_percent(report['mean_f1'])}", highlight=False)
 
 
 train_app = typer.Typer(help="The bundled TRL recipe: SFT on the sft config, then GRPO on the rl config.", no_args_is_help=True)
@@ -587,8 +892,7 @@ def problems(
             limit=limit,
         )
     except BadInputError as exc:
-        errors.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-        raise typer.Exit(code=2) from None
+        _fail(str(exc))
     frame = result.frame
     table = Table(title=f"problems from {source}")
     for name in ("problems", "with reference solution", "skipped rows", "duplicates dropped"):

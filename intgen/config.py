@@ -42,6 +42,11 @@ class StructuredOutput(str, Enum):
     none = "none"
 
 
+class ExecutorKind(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class ContinuationMode(str, Enum):
     chat = "chat"
     completions = "completions"
@@ -58,6 +63,8 @@ class RunConfig:
     subset: str | None = None
     skip_bad_rows: bool = False
     limit: int | None = None
+    decontaminate: tuple[str, ...] = ()  # eval sets (paths or benchmark names) whose problems' n-grams are dropped
+    decontaminate_ngram: int = 8  # words per n-gram
     # the policy model
     backend: str = "local"
     model: str | None = None
@@ -72,6 +79,7 @@ class RunConfig:
     thinking_budget: int | None = None
     max_model_len: int | None = None  # the model's context in tokens, where the server does not say
     n_ctx: int = 8192  # local engine context
+    local_engines: int = 1  # local: llama.cpp engines side by side, sharing the cores (small models: one per core)
     vllm_args: dict[str, Any] = field(default_factory=dict)  # engine arguments for the in-process vLLM backend
     # the proposer (default: the policy model itself)
     proposer_backend: str | None = None
@@ -111,6 +119,11 @@ class RunConfig:
     # run
     batch_size: int = 64
     prices: str | None = None
+    executor: str = "local"  # local: parts one after another in this process; ray: parts on Ray Data actors
+    ray_address: str | None = None  # None: join this machine's cluster or start one; "auto"; "ray://host:10001"
+    ray_actors: int = 2  # actors per model stage, each with its own backend
+    ray_actor_cpus: float = 0.5
+    ray_actor_gpus: float = 0.0  # 1 for an in-process vLLM engine per GPU
     license: str = "other"
 
     def __post_init__(self) -> None:
@@ -135,6 +148,7 @@ class RunConfig:
             structured_output=self.structured_output, continuation=self.continuation,
             chat_template=self.chat_template, thinking_budget=self.thinking_budget, n_ctx=self.n_ctx,
             max_model_len=self.max_model_len, vllm_args=tuple(sorted(self.vllm_args.items())),
+            local_engines=self.local_engines,
         )
 
     def proposer_config(self) -> BackendConfig | None:
@@ -169,35 +183,43 @@ class RunConfig:
         return self.problems or str(EXAMPLE_PROBLEMS)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "conditions": list(self.conditions)}
+        return {**asdict(self), **{name: list(getattr(self, name)) for name in LIST_FIELDS}}
 
 
-# The embedded demo's sizes: small enough for SmolLM2-135M on two CPU cores.
+# The embedded demo's sizes: SmolLM2-135M on two CPU cores generates about 60 tokens a second, so the demo is
+# cut to what finishes in under 5 minutes there (measured: README). It is a demonstration of the machinery,
+# not of the method: a 135M model's proposals are mostly rejected, and a few are kept.
 DEMO = {
+    "limit": 14,  # of the 20 bundled problems
     "samples": 4,
-    "max_tokens": 320,
-    "proposals": 2,
-    "propose_max_tokens": 400,
-    "continuations": 4,
-    "verify_max_tokens": 256,
-    "n_ctx": 4096,
-    "lenient_answers": True,  # SmolLM2-135M rarely writes \boxed{}
+    "max_tokens": 176,
+    "propose_style": "single-turn",  # the two-turn prompt's first turn doubles the proposer's prompt and time
+    "proposals": 3,
+    "propose_max_tokens": 64,  # SmolLM2's parsable replies are under 50 tokens; longer ones run away
+    "continuations": 8,
+    "verify_max_tokens": 160,
+    "verify_temperature": 0.3,  # a 135M model rambles at 0.7; cooler continuations finish more often
+    "n_ctx": 2048,
+    "local_engines": 2,  # two single-threaded engines: 1.2x the throughput of one with two threads
+    "lenient_answers": True,  # SmolLM2-135M rarely writes \\boxed{}
 }
+DEMO_MINUTES = 5  # what the demo takes on the project's 2-core machine, at most (README)
 
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
 
 # --- what a valid setting is ----------------------------------------------------------------------
 
+LIST_FIELDS = ("conditions", "decontaminate")
 CHOICES: dict[str, type[Enum]] = {
     "backend": BackendKind, "proposer_backend": BackendKind, "propose_style": ProposeStyle,
-    "structured_output": StructuredOutput, "continuation": ContinuationMode,
+    "structured_output": StructuredOutput, "continuation": ContinuationMode, "executor": ExecutorKind,
 }
 # (lowest, highest) allowed; None: no bound.
 BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "samples": (1, None), "proposals": (1, None), "continuations": (1, None), "min_success": (0, None),
     "limit": (1, None), "batch_size": (1, None), "concurrency": (1, None), "grade_workers": (1, None),
     "max_tokens": (1, None), "propose_max_tokens": (1, None), "verify_max_tokens": (1, None), "n_ctx": (128, None),
-    "max_model_len": (1, None), "max_tries": (1, None), "top_k": (0, None), "thinking_budget": (0, None),
+    "max_model_len": (1, None), "decontaminate_ngram": (1, None), "ray_actors": (1, None), "ray_actor_cpus": (0, None), "ray_actor_gpus": (0, None), "max_tries": (1, None), "local_engines": (1, 64), "top_k": (0, None), "thinking_budget": (0, None),
     "temperature": (0, None), "propose_temperature": (0, None), "verify_temperature": (0, None),
     "top_p": (0, 1), "grade_timeout": (0.01, None), "request_timeout": (0.01, None), "hard_threshold": (0, 1),
 }
@@ -285,8 +307,7 @@ def resolve(explicit: dict[str, Any], file_values: dict[str, Any]) -> RunConfig:
     values = dict(file_values) | explicit
     if values.get("problems") is None:
         values = DEMO | values
-    if "conditions" in values:
-        values["conditions"] = tuple(values["conditions"])
+    values |= {name: tuple(values[name]) for name in LIST_FIELDS if name in values}
     for name, problem in cross_checks(values):
         raise ValueError(f"{name.replace('_', '-')}: {problem}")
     return RunConfig(**values)
@@ -297,8 +318,7 @@ DEFAULTS = RunConfig()
 
 def from_saved(data: dict[str, Any]) -> RunConfig:
     known = {k: v for k, v in data.items() if k in FIELD_NAMES}
-    if "conditions" in known:
-        known["conditions"] = tuple(known["conditions"])
+    known |= {name: tuple(known[name]) for name in LIST_FIELDS if name in known}
     return RunConfig(**known)
 
 

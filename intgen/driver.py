@@ -13,16 +13,19 @@ failure retried, an upstream stage forced) is recomputed without asking.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from intgen.backends.base import Backend
+from intgen.cache import CallCache
 from intgen.calls import CallStats, Price, run_requests
 from intgen.grading import DEFAULT_TIMEOUT_S, grade_items
 from intgen.rundir import RunDir, digest
@@ -64,31 +67,37 @@ def begin(run: RunDir, name: str, tables: list[str], fingerprint: dict[str, Any]
     return {}
 
 
-def write_problems(run: RunDir, problems: pl.DataFrame, batch_size: int, force: bool = False) -> None:
-    """The problem set as the first table, in parts of `batch_size` problems: part `i` of every later
-    table covers the problems of part `i`."""
-    fingerprint = {"problems": digest(problems["problem_id"].to_list()), "batch_size": batch_size}
-    begin(run, PROBLEMS, [PROBLEMS], fingerprint, force)
+def write_input(run: RunDir, table: str, frame: pl.DataFrame, id_column: str, batch_size: int,
+                force: bool = False, facts: dict[str, Any] | None = None) -> None:
+    """An input set (the problems; eval-localize's items) as the first table, in parts of `batch_size` rows:
+    part `i` of every later table covers the rows of part `i`."""
+    fingerprint = {table: digest(frame[id_column].to_list()), "batch_size": batch_size}
+    begin(run, table, [table], fingerprint, force)
     count = 0
-    for index, start in enumerate(range(0, problems.height, batch_size)):
-        if run.part_marker(PROBLEMS, index) is None:
-            run.write_part(PROBLEMS, index, problems.slice(start, batch_size))
-            run.finish_part(PROBLEMS, index, [PROBLEMS], {"failed": {}})
+    for index, start in enumerate(range(0, frame.height, batch_size)):
+        if run.part_marker(table, index) is None:
+            run.write_part(table, index, frame.slice(start, batch_size))
+            run.finish_part(table, index, [table], {"failed": {}})
         count += 1
-    run.clear_table(PROBLEMS, start=count)
-    run.record_stage(PROBLEMS, {"status": "done", "fingerprint": fingerprint, "rows": problems.height})
+    run.clear_table(table, start=count)
+    run.record_stage(table, {"status": "done", "fingerprint": fingerprint, "rows": frame.height} | (facts or {}))
+
+
+def write_problems(run: RunDir, problems: pl.DataFrame, batch_size: int, force: bool = False,
+                   facts: dict[str, Any] | None = None) -> None:
+    write_input(run, PROBLEMS, problems, "problem_id", batch_size, force, facts)
 
 
 def producers(stages: list[Stage]) -> dict[str, str]:
-    """For each table, the table whose part markers record it (a stage's main table)."""
-    return {PROBLEMS: PROBLEMS} | {table: stage.table for stage in stages for table in stage.writes}
+    """For each table, the table whose part markers record it (a stage's main table; an input table itself)."""
+    return {table: stage.table for stage in stages for table in stage.writes}
 
 
 def input_digest(run: RunDir, stage: Stage, index: int, producer: dict[str, str]) -> str | None:
     """A digest of the input parts `index` a stage reads; None while one of them is not finished."""
     found = []
     for table in stage.reads:
-        marker = run.part_marker(producer[table], index)
+        marker = run.part_marker(producer.get(table, table), index)
         if marker is None or table not in marker["files"]:
             return None
         found.append(marker["files"][table]["sha256"])
@@ -100,68 +109,119 @@ def read_part(run: RunDir, stage: Stage, index: int) -> Part:
 
 
 class Executor:
-    """Answers a stage's asks in this process: model calls through the cache, grading in worker processes."""
+    """Answers a stage's asks: model calls through the cache, grading in worker processes (here, or as Ray
+    tasks under the Ray executor: `grade`)."""
 
-    def __init__(self, run: RunDir, backend: Backend | None, grader: Grader, stats: CallStats) -> None:
+    def __init__(self, run: RunDir, backend: Backend | None, grader: Grader, stats: CallStats,
+                 cache: CallCache | None = None, grade: Callable[..., list[Any]] = grade_items) -> None:
         self.run, self.backend, self.grader, self.stats = run, backend, grader, stats
+        self.cache = cache if cache is not None else run.cache
+        self.grade = grade
+        self.progress: StageProgress | None = None
 
     def __call__(self, ask: Ask) -> Answer:
+        # progress counts a model stage's samples, and a stage without a model's answers graded
+        counted = self.progress if (isinstance(ask, ModelCalls)) is (self.backend is not None) else None
         if isinstance(ask, ModelCalls):
             if self.backend is None:
                 raise RuntimeError("this stage asked for model calls but was given no backend")
-            return run_requests(self.backend, ask.requests, self.run.cache, self.stats)
+            return run_requests(self.backend, ask.requests, self.cache, self.stats,
+                                counted.advance if counted is not None else None)
         if isinstance(ask, Grading):
-            return grade_items(ask.items, workers=self.grader.workers, timeout=self.grader.timeout)
+            verdicts = self.grade(ask.items, workers=self.grader.workers, timeout=self.grader.timeout)
+            if counted is not None:
+                counted.advance(len(ask.items))
+            return verdicts
         raise TypeError(f"unknown ask {type(ask).__name__}")
 
 
-def failures(frame: pl.DataFrame) -> dict[str, int]:
-    """Failed rows by kind (the text of `error` before its first colon)."""
-    if "error" not in frame.columns:
-        return {}
-    kinds = frame.filter(pl.col("error").is_not_null()).select(pl.col("error").str.split(":").list.first())
-    return dict(Counter(kinds.to_series().to_list()))
-
-
-def compute_part(run: RunDir, stage: Stage, settings: Any, index: int, execute: Executor, record: dict[str, Any]) -> None:
-    tables = run_by_hand(stage.compute(read_part(run, stage, index), settings), execute)
+def compute_part(run: RunDir, stage: Stage, settings: Any, index: int, execute: Executor, record: dict[str, Any]) -> int:
+    """Compute part `index` of a stage and write it, marked finished; returns its units of work."""
+    part = read_part(run, stage, index)
+    work = stage.work(part, settings) if stage.work is not None else 0
+    if execute.progress is not None and stage.work is not None:
+        execute.progress.expect(index, work)
+    tables = run_by_hand(stage.compute(part, settings), execute)
     frames = {name: pl.DataFrame(tables[name], schema=schema) for name, schema in stage.writes.items()}
     for name, frame in frames.items():
         run.write_part(name, index, frame)
-    run.finish_part(stage.table, index, list(frames), record | {"failed": failures(frames[stage.table])})
+    run.finish_part(stage.table, index, list(frames), record | {"failed": stage.failures(frames[stage.table])})
+    return work
+
+
+def due_parts(run: RunDir, stage: Stage, fingerprint: dict[str, Any], stages: list[Stage]) -> list[tuple[int, dict[str, Any]]]:
+    """The parts to compute, each with the record its marker will carry: those without a current marker (other
+    settings, other input parts, or failed rows to retry)."""
+    producer = producers(stages)
+    due = []
+    for index in range(run.part_count(stage.reads[0])):
+        inputs = input_digest(run, stage, index, producer)
+        if inputs is None:
+            raise FileNotFoundError(f"{run.path}: the input of stage {stage.name!r} ({', '.join(stage.reads)}) "
+                                    f"is not finished; run the stages before it first")
+        marker = run.part_marker(stage.table, index)
+        record = {"fingerprint": digest(fingerprint), "input": inputs}
+        if marker is None or marker.get("failed") or {k: marker.get(k) for k in record} != record:
+            due.append((index, record))
+    return due
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What answers a stage's model calls: a backend in this process (the local executor), or, under the Ray
+    executor, the backend's settings, from which each actor makes its own."""
+
+    backend: Backend | None = None
+    config: Any = None  # BackendConfig, for Ray actors
+    ray: Any = None  # RaySettings: None runs the parts here
+
+    def identity(self) -> dict[str, str]:
+        if self.backend is not None:
+            return {"backend": self.backend.kind, "model": self.backend.model}
+        kind, model = self.config.identity()
+        return {"backend": kind, "model": model}
 
 
 def run_stage(
     run: RunDir, stage: Stage, settings: Any, stages: list[Stage], *, backend: Backend | None = None,
     grader: Grader = Grader(), price: Price | None = None, force: bool = False, progress: bool = True,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
-    """Run `stage` over every part of its input (`stages`: all the pipeline's stages, to find its inputs)."""
+    """Run `stage` over every part of its input (`stages`: all the pipeline's stages, to find its inputs).
+    Model calls go to `backend` here, or to `engine` (a backend, or Ray actors made from its settings)."""
+    engine = engine or Engine(backend)
+    has_model = engine.backend is not None or engine.config is not None
     fingerprint = stage.fingerprint(settings)
-    if stage.uses_model and backend is not None:
-        fingerprint |= {"backend": backend.kind, "model": backend.model}
+    if stage.uses_model and has_model:
+        fingerprint |= engine.identity()
     previous = begin(run, stage.name, list(stage.writes), fingerprint, force)
-    producer = producers(stages)
     count = run.part_count(stage.reads[0])
     stats = CallStats()
-    execute = Executor(run, backend, grader, stats)
-    with stage_progress(stage.name, count, progress) as advance:
-        for index in range(count):
-            inputs = input_digest(run, stage, index, producer)
-            if inputs is None:
-                raise FileNotFoundError(f"{run.path}: the input of stage {stage.name!r} ({', '.join(stage.reads)}) "
-                                        f"is not finished; run the stages before it first")
-            marker = run.part_marker(stage.table, index)
-            record = {"fingerprint": digest(fingerprint), "input": inputs}
-            if marker is None or marker.get("failed") or {k: marker.get(k) for k in record} != record:
+    due = due_parts(run, stage, fingerprint, stages)
+    token_counts = getattr(engine.backend, "token_counts", "estimated") if engine.backend is not None else None
+    with StageProgress(stage.name, count, progress) as shown:
+        if engine.ray is not None:
+            from intgen.ray_executor import merge_part_caches, run_parts
+
+            merge_part_caches(run)  # a killed run's part caches first: their calls are paid for
+            try:
+                token_counts = run_parts(run, stage, settings, due, engine.config if stage.uses_model else None,
+                                         grader, engine.ray, stats, shown)
+            finally:
+                merge_part_caches(run)
+        else:
+            execute = Executor(run, engine.backend, grader, stats)
+            execute.progress = shown
+            for index, record in due:
                 compute_part(run, stage, settings, index, execute, record)
-            advance(1)
     for table in stage.writes:
         run.clear_table(table, start=count)  # parts of problems no longer in the run
-    return finish(run, stage, settings, fingerprint, previous, stats, price, backend)
+    return finish(run, stage, settings, fingerprint, previous, stats, price,
+                  token_counts if stage.uses_model and has_model else None)
 
 
 def finish(run: RunDir, stage: Stage, settings: Any, fingerprint: dict[str, Any], previous: dict[str, Any],
-           stats: CallStats, price: Price | None, backend: Backend | None = None) -> dict[str, Any]:
+           stats: CallStats, price: Price | None, token_counts: str | None = None) -> dict[str, Any]:
     """The stage's manifest entry: rows, failures, calls (this run and in all), and the stage's own figures."""
     scans = {name: run.scan(name) for name in (*stage.reads, *stage.writes)}
     failed: Counter[str] = Counter()
@@ -175,8 +235,10 @@ def finish(run: RunDir, stage: Stage, settings: Any, fingerprint: dict[str, Any]
         total = CallStats.from_dict(previous.get("calls", {}))
         total.add(stats)
         entry |= {"calls": total.to_dict(price), "last_run": stats.to_dict(price)}
-        if backend is not None:  # how per-sample completion tokens are known: engine, tokenizer or estimated
-            entry["token_counts"] = getattr(backend, "token_counts", "estimated")
+        # how per-sample completion tokens are known: engine, tokenizer or estimated
+        token_counts = token_counts or previous.get("token_counts")
+        if token_counts is not None:
+            entry["token_counts"] = token_counts
     entry |= stage.summarize(scans, settings)
     run.record_stage(stage.name, entry)
     return entry
@@ -189,16 +251,75 @@ def finished_entry(run: RunDir, name: str) -> dict[str, Any]:
     return entry
 
 
-@contextmanager
-def stage_progress(stage: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    with Progress(
-        TextColumn(f"[bold]{stage:<8}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    ) as progress:
-        task = progress.add_task(stage, total=total)
-        yield lambda n: progress.advance(task, n)
+class StageProgress:
+    """What the user waits for: samples (model calls) and answers graded, with a rate and an ETA. The total
+    grows as each part says what it needs; parts not yet started are estimated from the ones seen. On a
+    terminal it is a live bar; elsewhere (a log file, CI) a line every `every` seconds."""
+
+    def __init__(self, stage: str, parts: int, enabled: bool, every: float = 30.0) -> None:
+        self.stage, self.parts, self.enabled, self.every = stage, parts, enabled, every
+        self.done = self.known = 0
+        self.parts_seen: set[int] = set()
+        self.part = 0
+        self.started = self.logged = time.monotonic()
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> StageProgress:
+        console = Console(stderr=True)
+        if self.enabled and console.is_terminal:
+            self._bar = Progress(
+                TextColumn(f"[bold]{self.stage:<8}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.stage, total=None, unit="", rate="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        elif self.enabled and self.known:
+            self._log(final=True)
+
+    def expect(self, part: int, n: int) -> None:
+        """Part `part` asks for `n` more units of work."""
+        self.part = part
+        self.parts_seen.add(part)
+        self.known += n
+        self._show()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self._show()
+
+    def estimated_total(self) -> int:
+        """The work known so far, plus the parts not started yet at the average of the ones seen."""
+        seen = len(self.parts_seen)
+        if not seen:
+            return self.known
+        return self.known + round(self.known / seen * max(0, self.parts - self.part - 1))
+
+    def _rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-9)
+
+    def _show(self) -> None:
+        total = max(self.estimated_total(), self.done)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, total=total or None, unit="done",
+                             rate=f"{self._rate():.2f}/s, part {self.part + 1}/{self.parts}")
+        elif self.enabled and time.monotonic() - self.logged >= self.every:
+            self._log()
+
+    def _log(self, final: bool = False) -> None:
+        self.logged = time.monotonic()
+        total = max(self.estimated_total(), self.done)
+        rate = self._rate()
+        eta = "" if final or not rate else f", about {format_seconds((total - self.done) / rate)} left"
+        print(f"{self.stage}: {self.done}/{total} done (part {self.part + 1}/{self.parts}, {rate:.2f}/s{eta})",
+              file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

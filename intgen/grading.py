@@ -247,12 +247,36 @@ def _grade_json(item: list) -> list:
     return [verdict.correct, verdict.predicted, verdict.reason]
 
 
+def warm_up() -> None:
+    """Run by each grading worker before it takes items: the imports and parser start-up (about a second,
+    more on a busy machine) must not count against the first item's time limit."""
+    _grade_now(("x+1", "so it is \\boxed{1+x}", BOXED))
+    _grade_now(("\\frac{1}{2}", "0.5", BARE))
+
+
+def provisional(verdict: Verdict) -> str | None:
+    """An error text for a verdict that must not be final (the grader timed out or its worker died), else None."""
+    if verdict.reason in (TIMEOUT, WORKER_DIED):
+        return f"grade_{verdict.reason}: no verdict within the grading time limit; it is tried again on the next run"
+    return None
+
+
+# A timed-out item is tried once more, in the same call, with this many times the limit; if it times out
+# again its verdict says `timeout` — provisional: the stages record it as a failure to retry on the next run.
+RETRY_FACTOR = 3
+
+
 def _grade_in_workers(
     items: list[tuple[object, str | None, str]], workers: int | None, timeout: float
 ) -> list[Verdict]:
     pool = shared_pool("intgen.grading:_grade_json", workers)
+    results = pool.map(items, timeout)
+    again = [i for i, r in enumerate(results) if isinstance(r, Failure) and r.reason == TIMEOUT]
+    if again:
+        for i, result in zip(again, pool.map([items[i] for i in again], timeout * RETRY_FACTOR)):
+            results[i] = result
     verdicts = []
-    for (_, text, mode), result in zip(items, pool.map(items, timeout)):
+    for (_, text, mode), result in zip(items, results):
         if isinstance(result, Failure):
             reason = result.reason if result.reason in (TIMEOUT, WORKER_DIED) else PARSE_ERROR
             verdicts.append(Verdict(None, text if mode == BARE else extract_answer(text), reason))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -73,22 +74,53 @@ def _source_label(source: str | Path) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
             where = f"{path.name}:{number}"
             try:
-                yield where, json.loads(line)
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, BadRow(where, f"not UTF-8 text (byte {exc.start}); save the file as UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line, object_pairs_hook=_object)
             except json.JSONDecodeError as exc:
                 yield where, BadRow(where, f"not valid JSON ({exc.msg}, column {exc.colno})")
+            except _DuplicateKey as exc:
+                yield where, BadRow(where, f"the key {exc.args[0]!r} appears twice")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a key given twice is an error (json keeps the last silently)."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _DuplicateKey(key)
+        found[key] = value
+    return found
+
+
+def _text_of(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8 "
+                            "(a spreadsheet export may be Latin-1)") from None
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_text_of(path), object_pairs_hook=_object)
     except json.JSONDecodeError as exc:
-        raise BadInputError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+        raise BadInputError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except _DuplicateKey as exc:
+        raise BadInputError(f"{path}: the key {exc.args[0]!r} appears twice in an object") from None
     if isinstance(data, dict):  # {"data": [...]} or similar: the one list-valued key
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -101,20 +133,29 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            return
-        for number, fields in enumerate(reader, start=1):
-            where = f"{path.name} row {number}"
-            if len(fields) != len(header):
-                label = f" ({fields[0]})" if fields else ""
-                yield where, BadRow(
-                    where + label, f"{len(fields)} fields where the header has {len(header)} (broken quoting?)"
-                )
-                continue
-            yield where, dict(zip(header, fields))
+    reader = csv.reader(io.StringIO(_text_of(path), newline=""))  # utf-8-sig: a BOM before the header is not a name
+    header = next(reader, None)
+    if header is None:
+        return
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise BadInputError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once")
+    for number, fields in enumerate(reader, start=1):
+        where = f"{path.name} row {number}"
+        if len(fields) != len(header):
+            label = f" ({fields[0]})" if fields else ""
+            yield where, BadRow(where + label, f"{len(fields)} fields where the header has {len(header)} (broken quoting?)")
+            continue
+        yield where, dict(zip(header, fields))
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        frame = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInputError(f"{path}: not a readable parquet file ({reason})") from None
+    return _read_frame(frame, path.name)
 
 
 def _read_frame(frame: pl.DataFrame, name: str) -> Iterator[tuple[str, Any]]:
@@ -122,20 +163,19 @@ def _read_frame(frame: pl.DataFrame, name: str) -> Iterator[tuple[str, Any]]:
         yield f"{name} row {index}", record
 
 
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+# A source that ends like a file name (or starts like a path) is a file, never a Hub dataset id.
+_LOOKS_LIKE_A_FILE = re.compile(r"(^[.~/]|\.[A-Za-z0-9]{1,8}$)")
+
+
 def _records(source: str | Path, split: str | None, config: str | None) -> Iterator[tuple[str, Any]]:
     path = Path(source)
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return _read_jsonl(path)
-        if suffix == ".json":
-            return _read_json(path)
-        if suffix == ".csv":
-            return _read_csv(path)
-        if suffix == ".parquet":
-            return _read_frame(pl.read_parquet(path), path.name)
-        raise BadInputError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
-    if path.suffix.lower() in FILE_SUFFIXES and not path.exists():
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise BadInputError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+        return reader(path)
+    if not path.exists() and _LOOKS_LIKE_A_FILE.search(str(source)):
         raise BadInputError(f"{path}: no such file")
     return _read_frame(_load_dataset(str(source), split, config), str(source))
 
@@ -179,10 +219,17 @@ def _pick(columns: Sequence[str], asked: str | None, defaults: Sequence[str], ro
     return next((name for name in defaults if name in columns), None)
 
 
+class _NotText(ValueError):
+    pass
+
+
 def _text(value: Any) -> str | None:
-    """A cell as text: numbers lose a useless `.0` (AMC's answer 27.0), blanks become None."""
+    """A cell as text: numbers lose a useless `.0` (AMC's answer 27.0), blanks become None; a list or an
+    object where text is expected is an error (never its Python repr)."""
     if value is None:
         return None
+    if isinstance(value, (list, tuple, dict)):
+        raise _NotText(f"holds {'an object' if isinstance(value, dict) else 'a list'}, not text")
     if isinstance(value, float):
         if math.isnan(value):
             return None
@@ -225,9 +272,13 @@ def _columns(record: dict[str, Any], asked: dict[str, str | None], where: str) -
 
 def _problem(record: dict[str, Any], names: dict[str, str | None], where: str, label: str) -> dict[str, Any] | BadRow:
     """One problem row from a record, or why the record is bad."""
-    problem = _text(record.get(names["problem"]))  # type: ignore[arg-type]
-    answer = _text(record.get(names["answer"])) if names["answer"] else None
-    solution = _text(record.get(names["solution"])) if names["solution"] else None
+    cells = {}
+    for role in ("problem", "answer", "solution", "id"):
+        try:
+            cells[role] = _text(record.get(names[role])) if names[role] else None  # type: ignore[arg-type]
+        except _NotText as exc:
+            return BadRow(where, f"column {names[role]!r} {exc}")
+    problem, answer, solution = cells["problem"], cells["answer"], cells["solution"]
     if problem is None:
         return BadRow(where, f"empty or missing problem (column {names['problem']!r})")
     if answer is not None and solution is None and (gsm8k := _gsm8k(answer)):
@@ -238,9 +289,10 @@ def _problem(record: dict[str, Any], names: dict[str, str | None], where: str, l
         answer = extract_answer(solution)
     if answer is None:
         return BadRow(where, f"empty or missing answer (column {names['answer'] or names['solution']!r})")
-    source_id = _text(record.get(names["id"])) if names["id"] else None
+    source = record.get("source")
     return {"problem_id": problem_id(label, problem), "problem": problem, "answer": answer.strip(),
-            "solution": solution, "source": _text(record.get("source")) or label, "source_id": source_id}
+            "solution": solution, "source": source if isinstance(source, str) and source.strip() else label,
+            "source_id": cells["id"]}
 
 
 def read_problems(

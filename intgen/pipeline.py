@@ -7,20 +7,26 @@ stage commands and `build-dataset` both go through it.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from intgen.backends import make_backend
-from intgen.backends.base import Backend
+from intgen.backends import BackendConfig, make_backend
 from intgen.calls import Price
 from intgen.config import RunConfig
-from intgen.driver import Grader, run_stage, write_problems
+from intgen.driver import Engine, Grader, run_stage, write_input, write_problems
+from intgen.benchmarks import resolve_benchmark
+from intgen.decontaminate import NgramIndex, drop_contaminated
 from intgen.io import LoadResult, read_problems
+from intgen.ray_executor import RaySettings
 from intgen.rundir import RunDir
 from intgen.stages import Stage
-from intgen.stages import grade, propose, sample, verify
+from intgen.evaluate import eval_report
+from intgen.grading import are_equivalent
+from intgen.stages import grade, localize, propose, sample, verify
 from intgen.stages.export import export
 from intgen.stages.verify import Condition
 
@@ -32,18 +38,27 @@ def load_price(path: str | Path | None, model: str) -> Price | None:
     if path is None:
         return None
     path = Path(path)
-    if path.suffix == ".json":
-        import json
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            import json
 
-        table = json.loads(path.read_text())
-    else:
-        import tomllib
+            table = json.loads(text)
+        else:
+            import tomllib
 
-        table = tomllib.loads(path.read_text())
-    entry = table.get(model)
+            table = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a readable price table ({exc})") from None
+    entry = table.get(model) if isinstance(table, dict) else None
     if entry is None:
-        raise ValueError(f"{path}: no price for model {model!r}; models priced: {', '.join(table) or '(none)'}")
-    return Price(float(entry["input"]), float(entry["output"]))
+        priced = ", ".join(table) if isinstance(table, dict) else ""
+        raise ValueError(f"{path}: no price for model {model!r}; models priced: {priced or '(none)'}")
+    try:
+        return Price(float(entry["input"]), float(entry["output"]))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: the price of {model!r} needs numbers `input` and `output` "
+                         "(USD per million tokens)") from None
 
 
 # --- each stage's settings, from the run's ---------------------------------------------------------
@@ -76,52 +91,195 @@ def verify_settings(config: RunConfig) -> verify.VerifySettings:
 SETTINGS = {"sample": sample_settings, "grade": grade_settings, "propose": propose_settings, "verify": verify_settings}
 
 
-def run_named_stage(run: RunDir, config: RunConfig, name: str, backend: Backend | None = None, force: bool = False,
+def ray_settings(config: RunConfig) -> RaySettings | None:
+    if config.executor != "ray":
+        return None
+    return RaySettings(config.ray_address, config.ray_actors, config.ray_actor_cpus, config.ray_actor_gpus)
+
+
+@contextmanager
+def open_engine(config: RunConfig, backend_config: BackendConfig) -> Iterator[Engine]:
+    """What answers a stage's model calls: a backend made here (local executor), closed after; under the Ray
+    executor, only its settings: each actor makes its own."""
+    ray = ray_settings(config)
+    if ray is not None:
+        backend_config.identity()  # a missing --model is said here, not in an actor
+        yield Engine(config=backend_config, ray=ray)
+        return
+    backend = make_backend(backend_config)
+    try:
+        yield Engine(backend)
+    finally:
+        backend.close()
+
+
+def run_named_stage(run: RunDir, config: RunConfig, name: str, engine: Engine | None = None, force: bool = False,
                     progress: bool = True) -> dict[str, Any]:
-    """Run one stage of the pipeline (`sample`, `grade`, `propose` or `verify`) with the run's settings."""
+    """Run one stage of the pipeline (`sample`, `grade`, `propose` or `verify`) with the run's settings; a stage
+    without a model still runs its grading on Ray under the Ray executor."""
     stage = next(s for s in STAGES if s.name == name)
-    price = load_price(config.prices, backend.model) if backend is not None else None
-    return run_stage(run, stage, SETTINGS[name](config), STAGES, backend=backend,
+    if engine is None:
+        engine = Engine(ray=ray_settings(config))
+    has_model = engine.backend is not None or engine.config is not None
+    price = load_price(config.prices, engine.identity()["model"]) if has_model else None
+    return run_stage(run, stage, SETTINGS[name](config), STAGES, engine=engine,
                      grader=Grader(config.grade_workers, config.grade_timeout), price=price, force=force,
                      progress=progress)
 
 
-def sample_problems(run: RunDir, config: RunConfig, backend: Backend, problems: pl.DataFrame, force: bool = False,
-                    progress: bool = True) -> dict[str, Any]:
-    """The problem set into `RUN/problems/`, then the sample stage."""
-    write_problems(run, problems, config.batch_size, force)
-    return run_named_stage(run, config, "sample", backend, force, progress)
+def sample_problems(run: RunDir, config: RunConfig, engine: Engine, problems: pl.DataFrame, force: bool = False,
+                    progress: bool = True, decontamination: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The problem set into `RUN/problems/` (with what decontamination dropped), then the sample stage."""
+    write_problems(run, problems, config.batch_size, force, {"decontamination": decontamination})
+    return run_named_stage(run, config, "sample", engine, force, progress)
 
 
 def load_config_problems(config: RunConfig) -> LoadResult:
+    """The run's problem set (a benchmark name, a file, a folder or a Hub id)."""
+    return load_problem_set(config.problem_source(), config)
+
+
+def load_problem_set(name: str, config: RunConfig | None = None) -> LoadResult:
+    source, options = resolve_benchmark(name)
+    known_bad = options.pop("on_bad_row", None)  # a benchmark with a known malformed row: skipped, reported
+    if config is None:  # an eval set to check against: its own columns, bad rows skipped
+        return read_problems(source, on_bad_row="skip", **options)
+    on_bad_row = known_bad or ("skip" if config.skip_bad_rows else "error")
     return read_problems(
-        config.problem_source(), problem_column=config.problem_column, answer_column=config.answer_column,
-        solution_column=config.solution_column, split=config.split, config=config.subset,
-        on_bad_row="skip" if config.skip_bad_rows else "error", limit=config.limit,
+        source, problem_column=config.problem_column, answer_column=config.answer_column,
+        solution_column=config.solution_column, split=config.split or options.pop("split", None),
+        config=config.subset or options.pop("config", None), on_bad_row=on_bad_row, limit=config.limit,
     )
 
 
+def decontaminate(problems: pl.DataFrame, config: RunConfig) -> tuple[pl.DataFrame, dict[str, Any] | None]:
+    """Drop the problems that share an n-gram with a problem of `config.decontaminate`'s eval sets (before
+    sampling: nothing is spent on them). Returns the kept problems and what was checked and dropped."""
+    if not config.decontaminate:
+        return problems, None
+    index = NgramIndex(config.decontaminate_ngram)
+    checked = []
+    for name in config.decontaminate:
+        texts = load_problem_set(name).frame["problem"].to_list()
+        index.add(texts)
+        checked.append({"set": name, "problems": len(texts)})
+    kept, dropped = drop_contaminated(problems, index)
+    return kept, {"ngram": config.decontaminate_ngram, "sets": checked, "dropped": len(dropped),
+                  "dropped_ids": dropped}
+
+
 def build_dataset(config: RunConfig, run_dir: Path, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run every stage (resuming what is done) and export the dataset; returns the funnel summary."""
+    """Run every stage (resuming what is done) and export the dataset; returns the funnel summary. The run
+    directory is held by this process: a second one is refused at once."""
     started = time.monotonic()
     run = RunDir(run_dir)
+    try:
+        with run.locked():
+            summary = _build(run, config, force, progress)
+    finally:
+        run.close()
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    return summary
+
+
+def _build(run: RunDir, config: RunConfig, force: bool, progress: bool) -> dict[str, Any]:
     if run.read_json("config.json") is None:
         run.write_json("config.json", config.to_dict())
     loaded = load_config_problems(config)
-    policy = make_backend(config.policy_backend())
+    problems, decontamination = decontaminate(loaded.frame, config)
     proposer_config = config.proposer_config()
-    proposer = make_backend(proposer_config) if proposer_config else policy
-    try:
-        sample_problems(run, config, policy, loaded.frame, force, progress)
+    with ExitStack() as engines:
+        policy = engines.enter_context(open_engine(config, config.policy_backend()))
+        proposer = engines.enter_context(open_engine(config, proposer_config)) if proposer_config else policy
+        sample_problems(run, config, policy, problems, force, progress, decontamination)
         run_named_stage(run, config, "grade", None, force, progress)
         run_named_stage(run, config, "propose", proposer, force, progress)
         run_named_stage(run, config, "verify", policy, force, progress)
-    finally:
-        if proposer is not policy:
-            proposer.close()
-        policy.close()
     run.write_json("config.json", config.to_dict())
-    summary = export(run, config, skipped_rows=len(loaded.skipped))
-    summary["seconds"] = round(time.monotonic() - started, 1)
-    run.close()
-    return summary
+    return export(run, config, skipped_rows=len(loaded.skipped))
+
+
+# --- measuring: intgen eval and intgen eval-localize ----------------------------------------------
+
+def eval_protocol(config: RunConfig, model: str) -> dict[str, Any]:
+    """What an eval's numbers mean: the sampling and the prompt (printed first, saved in eval.json)."""
+    prompt = config.prompt("solve")
+    return {"problems": config.problem_source(), "backend": config.backend, "model": model,
+            "samples": config.samples, "max_tokens": config.max_tokens, "temperature": config.temperature,
+            "top_p": config.top_p, "top_k": config.top_k, "seed": config.seed, "prompt": Path(prompt.name).name,
+            "prompt_sha256": prompt.sha256, "system_prompt": config.system_prompt,
+            "lenient_answers": config.lenient_answers}
+
+
+def run_eval(config: RunConfig, run_dir: Path, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Sample K attempts per problem and grade them (the pipeline's own stages, cache and resume), then
+    write RUN/eval.json: avg@K, pass@k, maj@K and the ungradable and truncated shares, per source too."""
+    run = RunDir(run_dir)
+    try:
+        with run.locked():
+            loaded = load_config_problems(config)
+            with open_engine(config, config.policy_backend()) as engine:
+                sample_problems(run, config, engine, loaded.frame, force, progress)
+                model = engine.identity()["model"]
+            run_named_stage(run, config, "grade", None, force, progress)
+            run.write_json("config.json", config.to_dict())
+
+            def equivalent(answer: str, representatives: list[str]) -> list[bool | None]:
+                pairs = [(r, answer) for r in representatives]
+                return are_equivalent(pairs, workers=config.grade_workers, timeout=config.grade_timeout)
+
+            sources = run.table("problems").select("problem_id", "source")
+            report = {"protocol": eval_protocol(config, model), "skipped_problem_rows": [str(r) for r in loaded.skipped]}
+            report |= eval_report(run.table("graded"), sources, config.samples, equivalent)
+            run.write_json("eval.json", report)
+            return report
+    finally:
+        run.close()
+
+
+def localize_protocol(settings: localize.LocalizeSettings, model: str) -> dict[str, Any]:
+    return {"model": model, "critic": settings.critic, "prompt": Path(settings.prompt.name).name,
+            "prompt_sha256": settings.prompt.sha256, "vote": settings.vote, **settings.sampling.to_dict()}
+
+
+def run_localize(items: pl.DataFrame, settings: localize.LocalizeSettings, backend_config: Any, run_dir: Path,
+                 batch_size: int, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """ProcessBench's protocol on the items: RUN/localize.parquet (one row per item: id, label, predicted,
+    reply, ...) and RUN/localize.json (the metric per subset and the mean F1). Resumable like every stage."""
+    run = RunDir(run_dir)
+    try:
+        with run.locked():
+            write_input(run, "items", items, "id", batch_size, force)
+            backend = make_backend(backend_config)
+            try:
+                run_stage(run, localize.STAGE, settings, [localize.STAGE], engine=Engine(backend), force=force,
+                          progress=progress)
+                model = backend.model
+            finally:
+                backend.close()
+            table = run.table("localize")
+            run.write_frame("localize.parquet", table)
+            report = {"protocol": localize_protocol(settings, model)} | localize.metrics(table)
+            run.write_json("localize.json", report)
+            return report
+    finally:
+        run.close()
+
+
+def score_proposals(run_dir: Path, labels: pl.DataFrame, out_dir: Path) -> dict[str, Any]:
+    """ProcessBench's metric for a run's own proposals, on the attempts a label file covers."""
+    run = RunDir(run_dir)
+    try:
+        proposals = run.table("proposals")
+    finally:
+        run.close()
+    table = localize.proposal_rows(proposals, labels)
+    out = RunDir(out_dir)
+    try:
+        with out.locked():
+            out.write_frame("localize.parquet", table)
+            report = {"protocol": {"run": str(run_dir), "proposals": table.height}} | localize.metrics(table)
+            out.write_json("localize.json", report)
+            return report
+    finally:
+        out.close()

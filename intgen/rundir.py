@@ -9,11 +9,15 @@ stale or disagrees with the files on disk is computed again (its model calls com
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,14 +28,54 @@ from intgen import __version__
 from intgen.cache import CallCache
 
 
+class RunDirError(OSError):
+    """The run directory cannot be used as asked (full disk, not writable, busy, unreadable file); the
+    message names the path."""
+
+
+def _unwritable(path: Path, exc: BaseException) -> RunDirError:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) \
+            or "disk is full" in str(exc):
+        reason = "no space left on the device; free some and run the same command again (finished work is kept)"
+    elif isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "not writable"
+    else:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return RunDirError(f"{path}: cannot write ({reason})")
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """`write(tmp)` a temporary file beside `path`, then rename it into place; nothing is left behind on failure."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _unwritable(path, exc) from None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    _write_atomically(path, write)
+
+
+def read_json_file(path: Path) -> Any:
+    """A JSON file of the run; an unreadable one is an error naming it (never a traceback)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{path}: unreadable ({exc}); delete it to start that part of the run again") from None
 
 
 def digest(value: Any) -> str:
@@ -50,8 +94,51 @@ def file_digest(path: Path) -> str:
 class RunDir:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: not a directory (a run directory is a folder)")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from None
         self._cache: CallCache | None = None
+        self._lock: Any = None
+
+    @contextmanager
+    def locked(self) -> Iterator[RunDir]:
+        """Hold the run directory for this process: a second process is refused at once, naming the holder.
+        The lock dies with its process (flock), so a killed run's lock is taken over by the next one. While
+        held, temporary files of interrupted writes are cleaned up."""
+        import fcntl
+
+        path = self.path / ".lock"
+        try:
+            handle = open(path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise _unwritable(path, exc) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirError(f"{self.path}: in use by {holder}; wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}")
+        handle.flush()
+        self._lock = handle
+        try:
+            self.remove_temporary_files()
+            yield self
+        finally:
+            self._lock = None
+            handle.close()
+
+    def remove_temporary_files(self) -> None:
+        """Leftovers of writes that were interrupted (a kill, a full disk): never read, never pushed."""
+        for tmp in self.path.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     @property
     def cache(self) -> CallCache:
@@ -66,7 +153,11 @@ class RunDir:
 
     def manifest(self) -> dict[str, Any]:
         if self.manifest_path.exists():
-            return json.loads(self.manifest_path.read_text())
+            manifest = read_json_file(self.manifest_path)
+            if isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict):
+                return manifest
+            raise RunDirError(f"{self.manifest_path}: not an intgen manifest; delete it to start the run's "
+                              "bookkeeping again (cached model calls are kept)")
         return {"intgen_version": __version__, "python": platform.python_version(), "stages": {}}
 
     def stage_entry(self, stage: str) -> dict[str, Any]:
@@ -82,9 +173,13 @@ class RunDir:
     def write_json(self, name: str, data: Any) -> None:
         atomic_write_text(self.path / name, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
+    def write_frame(self, name: str, frame: pl.DataFrame) -> None:
+        """A whole table as one parquet file at the top of the run (an eval's results)."""
+        _write_atomically(self.path / name, frame.write_parquet)
+
     def read_json(self, name: str) -> Any:
         path = self.path / name
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json_file(path) if path.exists() else None
 
     # --- stage tables ---
     def part_path(self, table: str, index: int) -> Path:
@@ -97,12 +192,7 @@ class RunDir:
         return self.part_path(table, index).exists()
 
     def write_part(self, table: str, index: int, frame: pl.DataFrame) -> None:
-        path = self.part_path(table, index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        frame.write_parquet(tmp)
-        os.replace(tmp, path)
+        _write_atomically(self.part_path(table, index), frame.write_parquet)
 
     def finish_part(self, table: str, index: int, files: list[str], record: dict[str, Any]) -> None:
         """Mark part `index` finished: `files` are the tables it wrote (their size and digest are recorded)."""

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import yaml
+
+from intgen.extras import need
 
 # The paper's SFT: lr 1e-6, 4 epochs, cosine to a floor of 0.1 x lr, 10% warm-up, effective batch 64 (the
 # gradient accumulation is set from the per-device batch and the number of processes), no truncation
@@ -192,7 +194,8 @@ def train_sft(dataset: str, output_dir: Path, model: str | None = None, override
     """SFT on the `sft` config: tokenized here (no end-of-turn token after the completion), loss on the
     completion only, `max_length` from the data. Returns TRL's log history; its first entry says how
     long the rows were, the cutoff and how many rows were dropped for it."""
-    from trl import SFTConfig, SFTTrainer
+    trl = need("trl", "intgen train")
+    SFTConfig, SFTTrainer = trl.SFTConfig, trl.SFTTrainer  # noqa: N806
 
     overrides = dict(overrides or {})
     data = load_config_rows(dataset, "sft", ["prompt", "completion"])
@@ -219,7 +222,8 @@ def train_grpo(
     lenient: bool = False,
 ) -> list[dict[str, Any]]:
     """GRPO on the `rl` config with the math-accuracy reward. Returns TRL's log history."""
-    from trl import GRPOConfig, GRPOTrainer
+    trl = need("trl", "intgen train")
+    GRPOConfig, GRPOTrainer = trl.GRPOConfig, trl.GRPOTrainer  # noqa: N806
 
     from intgen.rewards import make_math_reward
 

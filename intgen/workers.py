@@ -3,7 +3,9 @@
 `concurrent.futures` cannot stop one stuck task, and math-verify's own timeouts use SIGALRM, which
 neither works outside the main thread nor interrupts long C calls (a huge integer power, say). Here
 every worker is a separate Python process fed one item at a time; a worker that overruns its item's
-deadline is killed and replaced, and that item alone is reported as timed out.
+limit is killed and replaced, and that item alone is reported as timed out. The limit is on the item's
+own work — the worker's CPU time, measured from when the item is sent — so a busy machine does not turn
+a slow item into a timeout; workers import and warm up before they take items, and die with their parent.
 
 Workers are plain subprocesses (`python -m intgen.workers module:function`) that speak JSON lines on
 stdin/stdout: untrusted text travels as data, never as pickle, and the caller's `__main__` is never
@@ -31,6 +33,10 @@ from typing import Any
 DEFAULT_MEMORY_LIMIT_BYTES = 4 * 1024**3
 
 _START_TIMEOUT_S = 120.0
+POLL_S = 0.1
+# An item is also given up when it has been off the CPU this many times its limit (a swapping machine).
+WALL_FACTOR = 20.0
+MIN_WALL_S = 60.0
 # Each worker imports sympy (~100 MB); more than this rarely pays off for grading.
 MAX_DEFAULT_WORKERS = 8
 TIMEOUT = "timeout"
@@ -44,14 +50,21 @@ class Failure:
     reason: str
 
 
-def serve(target: str, memory_limit: int | None) -> None:
-    """Worker loop: one JSON item per stdin line, one JSON result per stdout line."""
+def serve(target: str, memory_limit: int | None, parent: int = 0) -> None:
+    """Worker loop: one JSON item per stdin line, one JSON result per stdout line. The worker dies with its
+    parent, and warms up (imports, first call) before it says it is ready, so no item's time limit pays for it."""
+    if parent:
+        _die_with(parent)
     if memory_limit:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
-    module, name = target.split(":")
-    fn = getattr(importlib.import_module(module), name)
+    module_name, name = target.split(":")
+    module = importlib.import_module(module_name)
+    fn = getattr(module, name)
+    warm_up = getattr(module, "warm_up", None)
+    if warm_up is not None:
+        warm_up()
     out = sys.stdout
     sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the protocol
     out.write(json.dumps({"ready": True}) + "\n")
@@ -65,6 +78,41 @@ def serve(target: str, memory_limit: int | None) -> None:
         out.flush()
 
 
+def _die_with(parent: int) -> None:
+    """End this process when `parent` ends, even in the middle of a long computation: Linux's parent-death
+    signal where there is one, and everywhere a watchdog thread that notices the parent is gone."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was set up
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used; None where it cannot be read (not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
 def _worker_env() -> dict[str, str]:
     # The worker imports intgen by name: make that work from a source checkout too.
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +124,7 @@ class _Worker:
     def __init__(self, target: str, memory_limit: int | None) -> None:
         self.target = target
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "intgen.workers", target, str(memory_limit or 0)],
+            [sys.executable, "-m", "intgen.workers", target, str(memory_limit or 0), str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -85,9 +133,29 @@ class _Worker:
             encoding="utf-8",
             errors="surrogatepass",
         )
-        self.ready = False  # set once the worker has imported its function
+        self.ready = False  # set once the worker has imported its function and warmed up
         self.index = -1  # the item being worked on
-        self.deadline = 0.0
+        self.sent = 0.0  # when the item was sent (monotonic seconds)
+        self.cpu_at_send: float | None = None  # the worker's CPU time then
+        self.limit = 0.0
+
+    def start(self, index: int, item: Any, limit: float) -> None:
+        self.index, self.limit = index, limit
+        self.sent, self.cpu_at_send = time.monotonic(), cpu_seconds(self.process.pid)
+        self.send(item)
+
+    def spent(self) -> float:
+        """Seconds of the current item's own work: CPU time where it can be read (so that a loaded machine
+        does not turn slow items into timeouts), wall time elsewhere."""
+        cpu = cpu_seconds(self.process.pid)
+        if cpu is None or self.cpu_at_send is None:
+            return time.monotonic() - self.sent
+        return cpu - self.cpu_at_send
+
+    def overdue(self) -> bool:
+        """Over its limit in work, or stuck off the CPU for far longer than any item takes."""
+        wall = time.monotonic() - self.sent
+        return self.spent() >= self.limit or wall >= max(WALL_FACTOR * self.limit, MIN_WALL_S)
 
     def stream(self) -> Any:
         return self.process.stdout
@@ -169,18 +237,17 @@ class HardTimeoutPool:
         while pending or busy:
             while pending and idle:
                 worker = idle.pop()
-                worker.index = pending.popleft()
-                worker.deadline = time.monotonic() + timeout
+                index = pending.popleft()
                 try:
-                    worker.send(items[worker.index])
+                    worker.start(index, items[index], timeout)
                     busy[worker.stream()] = worker
                 except OSError:
+                    worker.index = index
                     finish(worker, Failure(WORKER_DIED))
             if not busy and not starting:
                 continue
-            now = time.monotonic()
-            wait_for = min((w.deadline - now for w in busy.values()), default=_START_TIMEOUT_S)
-            ready = wait(list(busy) + list(starting), timeout=max(0.0, wait_for))
+            # CPU time cannot be waited on: look again every POLL_S while items are running
+            ready = wait(list(busy) + list(starting), timeout=POLL_S if busy else _START_TIMEOUT_S)
             if not ready and not busy:
                 raise RuntimeError(f"worker processes for {self.target} did not start in {_START_TIMEOUT_S} s")
             for stream in ready:
@@ -191,9 +258,8 @@ class HardTimeoutPool:
                 else:
                     worker = busy.pop(stream)
                     finish(worker, worker.receive())
-            now = time.monotonic()
             for stream, worker in list(busy.items()):
-                if now >= worker.deadline:
+                if worker.overdue():
                     del busy[stream]
                     finish(worker, Failure(TIMEOUT))
         return results
@@ -237,4 +303,4 @@ def _close_shared() -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]) or None)
+    serve(sys.argv[1], int(sys.argv[2]) or None, int(sys.argv[3]) if len(sys.argv) > 3 else 0)

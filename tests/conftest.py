@@ -37,3 +37,12 @@ def proxy(llama_server):
     p = Proxy(llama_server.url)
     yield p
     p.stop()
+
+
+@pytest.fixture(scope="session")
+def gsm8k(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 4 GSM8K test problems as a JSON-lines file."""
+    rows = (shared_data / "gsm8k/test.jsonl").read_text().splitlines()[:4]
+    path = tmp_path_factory.mktemp("problems") / "gsm8k4.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path

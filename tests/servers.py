@@ -94,18 +94,23 @@ class Proxy:
     """An HTTP proxy on a free loopback port that records every request it forwards upstream and can
     answer some requests itself with faults: 429 with Retry-After, 503, or a dropped connection.
 
-    `faults` is consumed in order, one entry per incoming request ("429", "503", "drop", or None to
-    forward); `fault_every` answers every N-th request with a fault instead. `max_tokens_limit` plays a
+    `faults` is consumed in order, one entry per incoming request ("429", "500", "503", "drop", "hang", or
+    None to forward); `fault_every` answers every N-th request with a fault instead; `fail_if(path, body)`
+    picks a fault (or None) from what a request asks. `answered` counts the answers forwarded back. `max_tokens_limit` plays a
     vLLM server with a small context: a request asking for more completion tokens gets vLLM's 400."""
 
     PROMPT_TOKENS = 100  # what the played vLLM says the prompt holds
 
     def __init__(self, upstream: str, faults: list[str | None] | None = None, fault_every: int = 0,
-                 max_tokens_limit: int | None = None) -> None:
+                 max_tokens_limit: int | None = None,
+                 fail_if: Callable[[str, dict[str, Any]], str | None] | None = None) -> None:
         self.upstream = upstream.rstrip("/")
         self.faults = list(faults or [])
         self.fault_every = fault_every
         self.max_tokens_limit = max_tokens_limit
+        self.fail_if = fail_if
+        self.answered = 0
+        self.answered_paths: list[str] = []
         self.forwarded: list[tuple[str, dict[str, Any]]] = []  # (path, body) that reached the server
         self.received = 0
         self.in_flight = 0
@@ -126,11 +131,16 @@ class Proxy:
                     fault = proxy.faults.pop(0) if proxy.faults else None
                     if proxy.fault_every and proxy.received % proxy.fault_every == 0:
                         fault = "429" if (proxy.received // proxy.fault_every) % 2 else "503"
+                    if fault is None and proxy.fail_if is not None and self.command == "POST":
+                        fault = proxy.fail_if(self.path, json.loads(body or b"{}"))
+                if fault == "hang":  # accept, then never answer
+                    time.sleep(3600)
+                    return
                 if fault == "drop":
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
                     return
-                if fault in ("429", "503"):
+                if fault in ("429", "500", "503"):
                     payload = json.dumps({"error": {"message": f"injected {fault}", "type": "injected"}}).encode()
                     reply(self, int(fault), payload, {"Retry-After": "1"} if fault == "429" else None)
                     return
@@ -162,6 +172,9 @@ class Proxy:
                     with proxy.lock:
                         proxy.in_flight -= 1
                 reply(self, status, data)
+                with proxy.lock:
+                    proxy.answered += 1
+                    proxy.answered_paths.append(self.path)
 
         self.server, url = serve(Handler)
         self.url = url + "/v1"

@@ -125,7 +125,7 @@ def test_every_command_default_comes_from_run_config() -> None:
     for name in ("build-dataset", "sample", "grade", "propose", "verify"):
         for param in command.commands[name].params:
             field = param.name
-            if field in ("run_dir", "force", "progress", "config", "problems", "condition", "vllm_arg"):
+            if field in ("run_dir", "force", "progress", "config", "problems", "condition", "vllm_arg", "decontaminate"):
                 continue
             default = param.default.value if hasattr(param.default, "value") else param.default
             assert default == getattr(DEFAULTS, field), (name, field, default)

@@ -39,7 +39,7 @@ def test_card_parses_and_tells_the_story(exported: Path) -> None:
     text = card.text
     for needle in ("## Funnel", "| attempts | 6 |", "## Where intgen differs from the paper's release",
                    "without an end-of-turn", "## Intervention vs. the paper's baselines", "| proposals |", "rejected, by reason", "## Tokens and cost",
-                   "math-verify", "solve.md", "propose_critique.md", "sha256", "## Caveats", "intgen train sft",
+                   "math-verify", "solve.md", "propose_single.md", "sha256", "## Caveats", "intgen train sft",
                    'load_dataset("' + str(exported / "dataset") + '", "sft"'):
         assert needle in text, needle
 

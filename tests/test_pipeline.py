@@ -24,14 +24,6 @@ runner = CliRunner()
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def gsm8k(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rows = (shared_data / "gsm8k/test.jsonl").read_text().splitlines()[:4]
-    path = tmp_path_factory.mktemp("problems") / "gsm8k4.jsonl"
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 def pipeline_args(problems: Path, run_dir: Path, url: str) -> list[str]:
     return [
         "build-dataset", "--problems", str(problems), "--run-dir", str(run_dir),
@@ -152,42 +144,50 @@ def test_config_file_values_are_overridden_by_flags(gsm8k: Path, tmp_path: Path)
     assert result.exit_code == 2 and "unknown setting(s) sample" in result.output
 
 
-def test_sigkill_in_verify_then_resume(gsm8k: Path, tmp_path: Path) -> None:
+def test_sigkill_late_in_verify_then_resume(gsm8k: Path, tmp_path: Path) -> None:
     # The comparison needs a deterministic engine: llama.cpp's server reuses the previous request's KV cache,
     # so the same seeded request can sample differently after a different predecessor. Each run therefore
     # gets a fresh server and sends one request at a time, in a fixed order.
-    deterministic = ["--concurrency", "1"]
+    def args(run_dir: Path, url: str) -> list[str]:
+        small = pipeline_args(gsm8k, run_dir, url) + ["--concurrency", "1"]
+        for option, value in (("--proposals", "2"), ("--max-tokens", "160"), ("--propose-max-tokens", "120"),
+                              ("--continuations", "4"), ("--verify-max-tokens", "48")):
+            small[small.index(option) + 1] = value
+        return small
 
-    def fresh_server(name: str) -> tuple[LlamaServer, Proxy]:
-        server = LlamaServer(tmp_path / f"{name}.log")
-        return server, Proxy(server.url)
+    def continuations_answered(proxy: Proxy) -> int:  # verify's requests: raw completions (prefill)
+        return sum(path.endswith("/completions") and not path.endswith("/chat/completions")
+                   for path in proxy.answered_paths)
 
-    server, proxy = fresh_server("reference")
+    server, proxy = LlamaServer(tmp_path / "reference.log"), None
     try:
+        proxy = Proxy(server.url)
         reference_dir = tmp_path / "reference"
-        result = runner.invoke(app, pipeline_args(gsm8k, reference_dir, proxy.url) + deterministic)
+        result = runner.invoke(app, args(reference_dir, proxy.url))
         assert result.exit_code == 0, result.output
-        reference_requests = len(proxy.forwarded)
+        reference_requests, verify_requests = len(proxy.forwarded), continuations_answered(proxy)
     finally:
-        proxy.stop()
+        if proxy:
+            proxy.stop()
         server.stop()
+    assert verify_requests >= 8
 
-    server, proxy = fresh_server("killed")
+    server = LlamaServer(tmp_path / "killed.log")
+    proxy = Proxy(server.url)
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "intgen", *pipeline_args(gsm8k, run_dir, proxy.url), *deterministic]
     try:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-m", "intgen", *args(run_dir, proxy.url)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and process.poll() is None:
-            if len(proxy.posts("/completions")) > len(proxy.posts("/chat/completions")):
-                break  # verify's continuations are raw completions: it is under way
+        while continuations_answered(proxy) < verify_requests // 2 + 1 and process.poll() is None:
+            assert time.monotonic() < deadline, "verify did not get under way"
             time.sleep(0.05)
         assert process.poll() is None, "the run finished before it could be killed"
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # late in verify: more than half of its calls answered
         process.wait()
         manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
         assert manifest["verify"]["status"] == "running"
-        result = runner.invoke(app, pipeline_args(gsm8k, run_dir, proxy.url) + deterministic)
+        result = runner.invoke(app, args(run_dir, proxy.url))
         assert result.exit_code == 0, result.output
         repeated = len(proxy.forwarded) - reference_requests
     finally:

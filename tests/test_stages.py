@@ -310,6 +310,8 @@ def test_allow_no_reference_tells_the_proposer_only_the_answer_is_known() -> Non
     run_by_hand(propose.compute(propose_part(""), propose_settings(allow=True)), answer)
     assert "Only the correct final answer is known: 5." in seen[0].messages[0][1]  # turn 1
     assert len(seen) == 2 and seen[1].messages[-1][0] == "user"
+    # progress knows the work before the part starts: one first turn, P proposals
+    assert propose.work(propose_part(""), propose_settings(allow=True)) == sum(r.n for r in seen) == 3
 
 
 def test_a_failed_first_turn_is_an_error_to_retry() -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 from typer.testing import CliRunner
 
 from intgen.cli import app
+from intgen.config import EXAMPLE_PROBLEMS
 from intgen.train import SFT_DEFAULTS, read_overrides, train_sft
 
 runner = CliRunner()
@@ -79,6 +81,15 @@ def test_sft_loss_on_the_completion_goes_down(dataset: Path, tmp_path: Path) -> 
     assert len(losses) == 20
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     assert (tmp_path / "sft" / "model.safetensors").is_file()
+    # the trained folder is evaluable as it is: `intgen eval --model FOLDER` on the local backend
+    result = runner.invoke(app, ["eval", "--problems", str(EXAMPLE_PROBLEMS), "--model", str(tmp_path / "sft"),
+                                 "--samples", "2", "--max-tokens", "16", "--limit", "2", "--lenient-answers",
+                                 "--run-dir", str(tmp_path / "eval"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["problems"] == 2 and report["protocol"]["model"] == "sft"
+    attempts = pl.read_parquet(tmp_path / "eval" / "samples")
+    assert attempts.height == 4 and attempts["completion_tokens"].min() > 0 and attempts["error"].is_null().all()
 
 
 def test_grpo_runs_two_steps_and_logs_rewards(dataset: Path, tmp_path: Path) -> None:

@@ -104,6 +104,9 @@ def test_compute_counts_each_prefix_once_and_keeps_by_the_rule() -> None:
     answer, state = answer_with({intervened})
     out = run_by_hand(compute(part, settings(continuations=3)), answer)
     assert len(state["requests"]) == 2 + 1 + 1 + 1  # two interventions, one of each baseline
+    from intgen.stages.verify import work
+
+    assert work(part, settings(continuations=3)) == sum(r.n for r in state["requests"])  # progress knows ahead
     verify = {row["prefix_id"]: row for row in out["verify"]}
     assert verify["p/a0/p0"]["successes"] == 3 and verify["p/a0/p0"]["kept"]
     assert verify["p/a0/p1"]["successes"] == 0 and not verify["p/a0/p1"]["kept"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from intgen.backends.base import Backend, Completion, Request, Sampling, make_request
@@ -24,7 +25,7 @@ class BackendConfig:
     environment variable that holds the key."""
 
     kind: BackendKind = BackendKind.local
-    model: str | None = None  # local: a GGUF path (default: the bundled SmolLM2); others: the model name
+    model: str | None = None  # local: a GGUF file or a model folder (default: the bundled SmolLM2); others: its name
     base_url: str | None = None
     api_key_env: str | None = None
     concurrency: int = 32
@@ -35,8 +36,22 @@ class BackendConfig:
     chat_template: str | None = None  # openai + completions: template file, .gguf or tokenizer
     thinking_budget: int | None = None  # gemini
     n_ctx: int = 8192  # local
+    local_engines: int = 1  # local: llama.cpp engines side by side, sharing the cores
     max_model_len: int | None = None  # the model's context, where the server does not say
     vllm_args: tuple[tuple[str, Any], ...] = ()  # vllm: engine arguments (dtype, tensor_parallel_size, ...)
+
+
+    def identity(self) -> tuple[str, str]:
+        """(kind, model) as the backend made from this config names itself (in fingerprints and cache keys),
+        known without loading it (the Ray executor's driver makes no engine of its own)."""
+        kind = BackendKind(self.kind)
+        if kind is BackendKind.local:
+            from intgen.backends.local import SMOLLM2_FILE
+
+            return kind.value, Path(self.model).name if self.model else SMOLLM2_FILE
+        if self.model is None:
+            raise ValueError(f"the {kind.value} backend needs --model")
+        return kind.value, self.model
 
 
 def make_backend(config: BackendConfig) -> Backend:
@@ -44,7 +59,12 @@ def make_backend(config: BackendConfig) -> Backend:
     if kind is BackendKind.local:
         from intgen.backends.local import LocalBackend
 
-        return LocalBackend(config.model, n_ctx=config.n_ctx)
+        if config.model is not None and Path(config.model).is_dir():  # a Hugging Face model folder (intgen train)
+            from intgen.backends.transformers_engine import TransformersBackend
+
+            return TransformersBackend(config.model)
+
+        return LocalBackend(config.model, n_ctx=config.n_ctx, engines=config.local_engines)
     if config.model is None:
         raise ValueError(f"the {kind.value} backend needs --model")
     if kind is BackendKind.openai:
@@ -66,6 +86,9 @@ def make_backend(config: BackendConfig) -> Backend:
         )
     if kind is BackendKind.gemini:
         from intgen.backends.gemini import GeminiBackend
+
+        if config.base_url and "," in config.base_url:
+            raise ValueError("the gemini backend takes one --base-url (the API endpoint)")
 
         return GeminiBackend(
             config.model,

@@ -10,8 +10,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from intgen.backends.base import Completion, OnDone, Request, error_completion, share_usage
+from intgen.backends.base import (
+    Completion,
+    OnDone,
+    Request,
+    error_completion,
+    share_usage,
+)
 from intgen.backends.retry import BackoffWait, bounded_gather, retrying, run_sync
+from intgen.extras import need
 
 CONTINUE_INSTRUCTION = (
     "Below is the beginning of your answer to the problem above. Continue it from exactly where it stops, "
@@ -44,11 +51,9 @@ class GeminiBackend:
         timeout_s: float = 600.0,
         thinking_budget: int | None = None,
     ) -> None:
-        try:
-            from google import genai
-            from google.genai import types
-        except ImportError as exc:
-            raise RuntimeError("the gemini backend needs its extra: pip install 'intgen[gemini]'") from exc
+        need("google.genai", "the gemini backend")
+        from google import genai
+        from google.genai import types
         self.model = model
         options = types.HttpOptions(base_url=base_url, timeout=int(timeout_s * 1000))  # milliseconds
         key = os.environ.get(api_key_env) or os.environ.get("GOOGLE_API_KEY")

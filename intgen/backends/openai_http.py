@@ -1,9 +1,10 @@
 """Any OpenAI-compatible HTTP server: OpenAI, vLLM serve, SGLang, llama.cpp's servers, hosted providers.
 
-Requests go out concurrently (asyncio, a bounded number in flight) through the `openai` client, with
+Requests go out concurrently (asyncio, a bounded number in flight per server) through the `openai` client, with
 retries (tenacity): exponential backoff with jitter on 429, 5xx, timeouts and dropped connections, and
 a server's `Retry-After` honoured. After the last try the request comes back as an error completion —
-recorded against its row, never a crashed run.
+recorded against its row, never a crashed run. Several servers (a comma-separated `base_url`; the CLI's
+`--base-url` is repeatable) share the load, least in flight first, and a failing one is rested (`ServerPool`).
 
 Continuing an assistant message:
 - `continuation="chat"`: the chat endpoint with vLLM's `continue_final_message` (vLLM, SGLang).
@@ -23,13 +24,23 @@ Structured output, by the server's own mechanism:
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import openai
-from intgen.backends.base import TOO_LONG, Completion, OnDone, Request, error_completion, share_usage
+
+from intgen.backends.base import (
+    TOO_LONG,
+    Completion,
+    OnDone,
+    Request,
+    error_completion,
+    share_usage,
+)
 from intgen.backends.retry import BackoffWait, bounded_gather, retrying, run_sync
 from intgen.chat_template import ChatTemplate
 
@@ -56,6 +67,50 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError)):
         return True
     return isinstance(exc, openai.APIStatusError) and (exc.status_code >= 500 or exc.status_code in (408, 409, 429))
+
+
+@dataclass
+class Server:
+    url: str | None
+    client: openai.AsyncOpenAI
+    in_flight: int = 0
+    failures: int = 0  # in a row
+    resting_until: float = 0.0
+
+
+class ServerPool:
+    """Several servers of one model (8 `vllm serve` processes, or replicas behind no router): each call goes to
+    the server with the fewest requests in flight among those not resting; a server whose call fails (a dropped
+    connection, a timeout, a 5xx or 429) rests for `rest_s` (doubling while it keeps failing, at most
+    `max_rest_s`) and is then tried again. When every server rests, the one back soonest is used."""
+
+    def __init__(self, servers: list[Server], rest_s: float = 5.0, max_rest_s: float = 120.0) -> None:
+        self.servers, self.rest_s, self.max_rest_s = servers, rest_s, max_rest_s
+
+    def pick(self) -> Server:
+        now = time.monotonic()
+        ready = [s for s in self.servers if s.resting_until <= now]
+        if not ready:
+            return min(self.servers, key=lambda s: s.resting_until)
+        return min(ready, key=lambda s: s.in_flight)
+
+    def failed(self, server: Server) -> None:
+        server.failures += 1
+        server.resting_until = time.monotonic() + min(self.max_rest_s, self.rest_s * 2 ** (server.failures - 1))
+
+    def succeeded(self, server: Server) -> None:
+        server.failures = 0
+        server.resting_until = 0.0
+
+    async def close(self) -> None:
+        for server in self.servers:
+            await server.client.close()
+
+
+def base_urls(base_url: str | None) -> list[str | None]:
+    """The servers of a `--base-url` setting: several are comma-separated (the option is repeatable)."""
+    urls = [u.strip() for u in (base_url or "").split(",") if u.strip()]
+    return urls or [None]
 
 
 class OpenAIBackend:
@@ -106,35 +161,38 @@ class OpenAIBackend:
         pass
 
     async def agenerate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
-        client = openai.AsyncOpenAI(
-            api_key=self._api_key, base_url=self.base_url, max_retries=0, timeout=self.timeout_s
-        )
+        pool = ServerPool([
+            Server(url, openai.AsyncOpenAI(api_key=self._api_key, base_url=url, max_retries=0, timeout=self.timeout_s))
+            for url in base_urls(self.base_url)
+        ])
 
         async def one(index: int, request: Request) -> list[Completion]:
-            completions = await self._answer(client, request)
+            completions = await self._answer(pool, request)
             if on_done is not None:
                 on_done(index, completions)
             return completions
 
         try:
-            return await bounded_gather([one(i, r) for i, r in enumerate(requests)], self.concurrency)
+            # `concurrency` in flight per server
+            return await bounded_gather([one(i, r) for i, r in enumerate(requests)],
+                                        self.concurrency * len(pool.servers))
         finally:
-            await client.close()
+            await pool.close()
 
-    async def _answer(self, client: openai.AsyncOpenAI, request: Request) -> list[Completion]:
+    async def _answer(self, pool: ServerPool, request: Request) -> list[Completion]:
         """The request's completions after retries; failures and prompts too long for the context as rows."""
         try:
-            return await self._try(client, request)
+            return await self._try(pool, request)
         except openai.BadRequestError as exc:
             overflow = context_overflow(str(exc.message), self.max_model_len)
             if overflow is None:
                 return [error_completion(f"http_400: {exc.message}"[:500])]
             context, prompt = overflow
-            context = context or await self._served_context(client)
+            context = context or await self._served_context(pool.pick().client)
             if context is not None and prompt is not None and prompt < context:
                 try:  # cut max_tokens to what fits, once
                     shorter = replace(request.sampling, max_tokens=context - prompt)
-                    return await self._try(client, replace(request, sampling=shorter))
+                    return await self._try(pool, replace(request, sampling=shorter))
                 except openai.BadRequestError as again:
                     exc = again
             return [Completion("", TOO_LONG) for _ in range(request.n)]
@@ -157,49 +215,61 @@ class OpenAIBackend:
                 return None
         return self.max_model_len
 
-    async def _try(self, client: openai.AsyncOpenAI, request: Request) -> list[Completion]:
-        return await retrying(lambda: self._call(client, request), _retryable, self.max_tries, self.wait)
+    async def _try(self, pool: ServerPool, request: Request) -> list[Completion]:
+        return await retrying(lambda: self._call_one(pool, request), _retryable, self.max_tries, self.wait)
 
-    def _sampling(self, request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def _call_one(self, pool: ServerPool, request: Request) -> list[Completion]:
+        """One try, on the server with the fewest requests in flight."""
+        server = pool.pick()
+        server.in_flight += 1
+        try:
+            completions = await self._call(server.client, request)
+        except BaseException as exc:
+            if _retryable(exc):
+                pool.failed(server)
+            raise
+        finally:
+            server.in_flight -= 1
+        pool.succeeded(server)
+        return completions
+
+    def body(self, request: Request) -> tuple[str, dict[str, Any]]:
+        """The endpoint and the JSON body of one request (the OpenAI wire format, with vLLM's extras)."""
         s = request.sampling
-        args: dict[str, Any] = {
-            "model": self.model,
-            "n": request.n,
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "max_tokens": s.max_tokens,
-        }
+        body: dict[str, Any] = {"model": self.model, "n": request.n, "temperature": s.temperature, "top_p": s.top_p,
+                                "max_tokens": s.max_tokens}
         if s.stop:
-            args["stop"] = list(s.stop)
+            body["stop"] = list(s.stop)
         if s.seed is not None:
-            args["seed"] = s.seed
-        extra: dict[str, Any] = {}
+            body["seed"] = s.seed
         if s.top_k is not None:
-            extra["top_k"] = s.top_k
-        return args, extra
-
-    async def _call(self, client: openai.AsyncOpenAI, request: Request) -> list[Completion]:
-        args, extra = self._sampling(request)
+            body["top_k"] = s.top_k
         if request.continue_final and self.continuation == "completions":
             assert self.chat_template is not None
-            prompt = self.chat_template.render(request.message_dicts(), continue_final=True)
-            response = await client.completions.create(prompt=prompt, extra_body=extra or None, **args)
-            texts = [(c.text, c.finish_reason) for c in response.choices]
+            body["prompt"] = self.chat_template.render(request.message_dicts(), continue_final=True)
+            return "/completions", body
+        body["messages"] = request.message_dicts()
+        if request.continue_final:
+            body |= {"continue_final_message": True, "add_generation_prompt": False}
+        schema = request.schema()
+        if schema is not None and self.structured_output == "json_schema":
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+        elif schema is not None and self.structured_output == "json_object":
+            body["response_format"] = {"type": "json_object", "schema": schema}
+        return "/chat/completions", body
+
+    async def _call(self, client: openai.AsyncOpenAI, request: Request) -> list[Completion]:
+        # The client's own transport, auth, timeouts and error types, without its typed request transform and
+        # response models: they cost about as much CPU as everything else per request (bench/scale.py).
+        path, body = self.body(request)
+        raw = await client.post(path, body=body, cast_to=bytes)
+        reply = json.loads(raw)
+        reply["choices"] = sorted(reply["choices"], key=lambda c: c.get("index") or 0)
+        if path == "/completions":
+            texts = [(c.get("text") or "", c.get("finish_reason")) for c in reply["choices"]]
         else:
-            if request.continue_final:
-                extra |= {"continue_final_message": True, "add_generation_prompt": False}
-            schema = request.schema()
-            if schema is not None and self.structured_output == "json_schema":
-                args["response_format"] = {
-                    "type": "json_schema",
-                    "json_schema": {"name": "reply", "schema": schema, "strict": True},
-                }
-            elif schema is not None and self.structured_output == "json_object":
-                args["response_format"] = {"type": "json_object", "schema": schema}
-            response = await client.chat.completions.create(
-                messages=request.message_dicts(), extra_body=extra or None, **args  # type: ignore[arg-type]
-            )
-            texts = [(c.message.content or "", c.finish_reason) for c in response.choices]
-        usage = response.usage
-        return share_usage(texts, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
-                           max_tokens=args["max_tokens"], count=self._count)
+            texts = [((c.get("message") or {}).get("content") or "", c.get("finish_reason")) for c in reply["choices"]]
+        usage = reply.get("usage") or {}
+        return share_usage(texts, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0,
+                           max_tokens=body["max_tokens"], count=self._count)

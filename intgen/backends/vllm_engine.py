@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from intgen.backends.base import LENGTH, STOP, TOO_LONG, Completion, OnDone, Request, error_completion
+from intgen.extras import need
 
 
 class VLLMBackend:
@@ -18,10 +19,7 @@ class VLLMBackend:
     token_counts = "engine"
 
     def __init__(self, model: str, **engine_args: Any) -> None:
-        try:
-            import vllm
-        except ImportError as exc:
-            raise RuntimeError("the vllm backend needs its extra: pip install 'intgen[vllm]'") from exc
+        vllm = need("vllm", "the vllm backend")
         self.model = model
         self._vllm = vllm
         self.llm = vllm.LLM(model=model, enable_prefix_caching=True, **engine_args)

@@ -11,7 +11,8 @@ progress. A stage can be tested alone by driving its generator with plain data.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
@@ -64,6 +65,10 @@ class Stage:
     - `fingerprint(settings)`: the settings that decide its output (a changed one is refused unless forced).
     - `compute(part, settings)`: the generator described above.
     - `summarize(tables, settings)`: the figures the manifest records, from the whole finished tables.
+    - `failures(frame)`: the stage's own failed rows in a part of its main table, by kind (a part with any is
+      computed again on the next run); by default, the rows with an `error`.
+    - `work(part, settings)`: how many units progress counts for a part (model samples, or answers graded
+      for a stage without a model), known before it starts; None: counted as the stage asks.
     """
 
     name: str
@@ -73,10 +78,20 @@ class Stage:
     compute: Callable[[Part, Any], Compute]
     summarize: Callable[[dict[str, pl.LazyFrame], Any], dict[str, Any]]
     uses_model: bool = True
+    failures: Callable[[pl.DataFrame], dict[str, int]] = field(default_factory=lambda: count_failures)
+    work: Callable[[Part, Any], int] | None = None
 
     @property
     def table(self) -> str:
         return next(iter(self.writes))
+
+
+def count_failures(frame: pl.DataFrame, prefix: str = "") -> dict[str, int]:
+    """Rows with an `error` (starting with `prefix`), by kind: the error's text before its first colon."""
+    if "error" not in frame.columns:
+        return {}
+    errors = frame.filter(pl.col("error").is_not_null() & pl.col("error").str.starts_with(prefix))
+    return dict(Counter(errors["error"].str.split(":").list.first().to_list()))
 
 
 def run_by_hand(compute: Compute, answer: Callable[[Ask], Answer]) -> dict[str, Rows]:

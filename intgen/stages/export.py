@@ -116,6 +116,8 @@ def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
     return {
         "problems": sample.get("problems"),
         "skipped_problem_rows": skipped_rows,
+        "decontamination": {k: v for k, v in (stages.get("problems", {}).get("decontamination") or {}).items()
+                            if k != "dropped_ids"} or None,
         "problems_without_reference": proposals.get("problems_without_reference", 0),
         "attempts": sample["rows"],
         "correct": graded["correct"],
@@ -138,11 +140,26 @@ def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
     }
 
 
+def decontamination_text(checked: dict[str, Any]) -> str:
+    sets = ", ".join(f"{c['set']} ({c['problems']})" for c in checked["sets"])
+    return f"{checked['dropped']} (sharing {checked['ngram']} consecutive words with {sets})"
+
+
+def card_decontamination(checked: dict[str, Any] | None) -> str:
+    if not checked:
+        return "; not checked against any eval set (`--decontaminate`)"
+    sets = ", ".join(f"`{c['set']}` ({c['problems']} problems)" for c in checked["sets"])
+    return (f"; {checked['dropped']} more dropped before sampling for sharing {checked['ngram']} consecutive words "
+            f"with a problem of {sets}")
+
+
 def funnel_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     rejected = ", ".join(f"{k}: {v}" for k, v in sorted(summary["rejected"].items())) or "none"
     cost = "n/a (no --prices)" if summary["cost_usd"] is None else f"${summary['cost_usd']:.4f}"
     arrived = summary["intervention_continuations"]
-    rows = [
+    checked = summary.get("decontamination")
+    rows = [("dropped before sampling: in an eval set", decontamination_text(checked))] if checked else []
+    rows += [
         ("problems", str(summary["problems"])),
         ("  without a reference solution", str(summary["problems_without_reference"])),
         ("attempts", str(summary["attempts"])),
@@ -186,12 +203,17 @@ def table1_markdown(table1: dict[str, Any]) -> str:
     return head + "\n".join("| " + " | ".join(row) + " |" for row in table1_rows(table1))
 
 
-def write_card(run: RunDir, config: RunConfig, summary: dict[str, Any], load_path: str) -> None:
-    """RUN/dataset/README.md; `load_path` is what the card's examples load (a folder or a Hub repo id)."""
+def card_text(run: RunDir, config: RunConfig, summary: dict[str, Any], load_path: str) -> str:
+    """The card of RUN/dataset; `load_path` is what its examples load (a folder or a Hub repo id)."""
     out = run.path / "dataset"
     files = {name: export_file(out, name) for name in CONFIGS}
     rows = {name: pl.scan_parquet(path).select(pl.len()).collect().item() for name, path in files.items()}
-    atomic_write_text(out / "README.md", dataset_card(run, config, rows, files, summary, load_path))
+    return dataset_card(run, config, rows, files, summary, load_path)
+
+
+def write_card(run: RunDir, config: RunConfig, summary: dict[str, Any], load_path: str) -> None:
+    """RUN/dataset/README.md (see `card_text`)."""
+    atomic_write_text(run.path / "dataset" / "README.md", card_text(run, config, summary, load_path))
 
 
 def card_front_matter(config: RunConfig, rows: dict[str, int], files: dict[str, Path]) -> str:
@@ -236,7 +258,7 @@ def dataset_card(
             f"\n**Empty:** {', '.join(f'`{n}`' for n in empty)} (0 rows"
             + ("; no intervention was kept" if "sft" in empty else "")
             + "). An empty config cannot be loaded with `datasets.load_dataset`, so it is not listed above.\n"),
-        decontamination="",
+        decontamination=card_decontamination(summary.get("decontamination")),
         engine_args=", ".join(f"`{k}={v}`" for k, v in sorted(config.vllm_args.items())) or "none",
         token_counts=", ".join(f"{name}: {stages[name].get('token_counts', 'n/a')}"
                                for name in ("sample", "propose", "verify"))

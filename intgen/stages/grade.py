@@ -13,8 +13,8 @@ from typing import Any
 import polars as pl
 
 from intgen.backends.base import TOO_LONG
-from intgen.grading import BOXED, LENIENT, Verdict
-from intgen.stages import Compute, Grading, Part, Stage
+from intgen.grading import BOXED, LENIENT, Verdict, provisional
+from intgen.stages import Compute, Grading, Part, Stage, count_failures
 from intgen.stages.sample import ATTEMPT_SCHEMA
 
 TRUNCATED = "truncated"
@@ -88,6 +88,8 @@ def compute(part: Part, s: GradeSettings) -> Compute:
     mode = LENIENT if s.lenient else BOXED
     verdicts = yield Grading([(answers[attempts[i]["problem_id"]], attempts[i]["text"], mode) for i in todo])
     graded = [a | v for a, v in zip(attempts, verdict_columns(attempts, dict(zip(todo, verdicts))))]
+    for i, verdict in zip(todo, verdicts):
+        graded[i]["error"] = graded[i]["error"] or provisional(verdict)  # a timeout is retried, never final
     rates = pass_rates(pl.LazyFrame(graded, schema=ATTEMPT_SCHEMA | GRADE_COLUMNS)).with_columns(
         (pl.col("pass_rate") <= s.hard_threshold if s.hard_only else pl.lit(True)).alias("selected")
     )
@@ -115,4 +117,7 @@ STAGE = Stage(
     name="grade", reads=("samples", "problems"),
     writes={"graded": ATTEMPT_SCHEMA | GRADE_COLUMNS, "pass_rates": PASS_RATE_SCHEMA},
     fingerprint=fingerprint, compute=compute, summarize=summarize, uses_model=False,
+    # a failed sample is the sample stage's failure (retried there); only the grader's own timeouts count here
+    failures=lambda frame: count_failures(frame, prefix="grade_"),
+    work=lambda part, s: sum(needs_grading(a) is None for a in part.tables["samples"]),
 )

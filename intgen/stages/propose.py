@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 
 from intgen.backends.base import ERROR, LENGTH, Completion, Request, Sampling, make_request
-from intgen.grading import BARE, boxed_answers
+from intgen.grading import BARE, boxed_answers, provisional
 from intgen.resources import Prompt, fill
 from intgen.stages import Answer, Ask, Compute, Grading, ModelCalls, Part, Stage
 from intgen.stages.verify import intervened_text
@@ -35,6 +35,7 @@ NO_STEPS = "no_steps"
 TRUNCATED = "truncated"  # the reply stopped at the token limit
 ECHO = "echo"  # the intervention repeats a key name, the verification text or one of the attempt's own steps
 NO_REFERENCE = "no_reference"  # the problem has no reference solution (see --allow-no-reference)
+LEAK_TEST_FAILED = "leak_test_failed"  # the leak test could not decide in time (retried on the next run)
 
 # Small models echo the format's placeholder instead of writing an intervention.
 PLACEHOLDERS = {"the replacement step", "replacement step", "..."}
@@ -385,9 +386,12 @@ def check_leaks(rows: list[dict[str, Any]], answers: dict[str, str]) -> Generato
             owners.append(n)
     verdicts = (yield Grading(items)) if items else []
     leaks = {owners[k] for k, verdict in enumerate(verdicts) if verdict.correct is True}
+    undecided = {owners[k]: provisional(v) for k, v in enumerate(verdicts) if provisional(v)}
     for n, row in enumerate(rows):
         if n in leaks:
             row |= {"reject_reason": LEAKS_ANSWER, "intervened_text": None}
+        elif n in undecided:  # the leak test timed out: not accepted now, tried again on the next run
+            row |= {"reject_reason": LEAK_TEST_FAILED, "intervened_text": None, "error": undecided[n]}
         else:
             row["accepted"] = True
 
@@ -463,7 +467,16 @@ def summarize(tables: dict[str, pl.LazyFrame], s: ProposeSettings) -> dict[str, 
     }
 
 
+def work(part: Part, s: ProposeSettings) -> int:
+    """Samples asked for: P per failed attempt, and one first turn per problem (two-turn)."""
+    problems = part.problems()
+    failed = [a for a in failed_attempts(part, s.include_truncated)
+              if reference_text(problems[a["problem_id"]], s.allow_no_reference) is not None]
+    first_turns = len({a["problem_id"] for a in failed}) if s.reference_prompt is not None else 0
+    return len(failed) * s.proposals + first_turns
+
+
 STAGE = Stage(
     name="propose", reads=("graded", "problems", "pass_rates"), writes={"proposals": PROPOSAL_SCHEMA},
-    fingerprint=fingerprint, compute=compute, summarize=summarize,
+    fingerprint=fingerprint, compute=compute, summarize=summarize, work=work,
 )

@@ -103,4 +103,5 @@ def summarize(tables: dict[str, pl.LazyFrame], s: SampleSettings) -> dict[str, A
 STAGE = Stage(
     name="sample", reads=("problems",), writes={"samples": ATTEMPT_SCHEMA},
     fingerprint=fingerprint, compute=compute, summarize=summarize,
+    work=lambda part, s: len(part.tables["problems"]) * s.samples,
 )

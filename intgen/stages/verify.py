@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from intgen.backends.base import STOP, TOO_LONG, Completion, Request, Sampling, make_request
-from intgen.grading import BOXED, LENIENT, Verdict
+from intgen.grading import BOXED, LENIENT, Verdict, provisional
 from intgen.resources import Prompt
 from intgen.stages import Compute, Grading, ModelCalls, Part, Stage
 from intgen.stages.grade import SAMPLE_ERROR, TRUNCATED
@@ -154,7 +154,8 @@ def continuation_row(job: Job, index: int, c: Completion, verdict: Verdict | Non
         "problem_id": job.proposal["problem_id"], "condition": job.condition.value, "prefix_chars": len(job.prefix),
         "text": c.text, "finish_reason": c.finish_reason, "true_continuation": c.true_continuation,
         "correct": verdict.correct if verdict else None, "predicted": verdict.predicted if verdict else None,
-        "grade_reason": reason, "error": c.error, "completion_tokens": c.completion_tokens,
+        "grade_reason": reason, "error": c.error or (provisional(verdict) if verdict else None),
+        "completion_tokens": c.completion_tokens,
     }
 
 
@@ -162,7 +163,7 @@ def verify_row(job: Job, rows: list[dict[str, Any]], completions: list[Completio
     """A prefix's success count and rate; `kept`: the intervention condition with at least `min_success`
     correct continuations, all of which arrived."""
     successes = sum(row["correct"] is True for row in rows)
-    errors = [c.error for c in completions if c.error is not None]
+    errors = [row["error"] for row in rows if row["error"] is not None]  # failed calls and grading timeouts
     problem_only = job.condition is Condition.problem_only
     return {
         "prefix_id": job.prefix_id, "condition": job.condition.value, "problem_id": job.proposal["problem_id"],
@@ -291,8 +292,15 @@ def summarize(tables: dict[str, pl.LazyFrame], s: VerifySettings) -> dict[str, A
     }
 
 
+def work(part: Part, s: VerifySettings) -> int:
+    """Samples asked for: M per distinct prefix of the accepted proposals."""
+    texts = {row["attempt_id"]: row["text"] for row in part.tables["samples"]}
+    return len(verify_jobs([p for p in part.tables["proposals"] if p["accepted"]], part.problems(), texts, s)) \
+        * s.continuations
+
+
 STAGE = Stage(
-    name="verify", reads=("proposals", "problems", "samples"),
+    name="verify", reads=("proposals", "problems", "samples"), work=work,
     writes={"verify": VERIFY_SCHEMA, "continuations": CONTINUATION_SCHEMA},
     fingerprint=fingerprint, compute=compute, summarize=summarize,
 )

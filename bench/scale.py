@@ -1,0 +1,189 @@
+"""How far one driver goes: the whole pipeline against an OpenAI-compatible server that answers at once.
+
+    python bench/scale.py [--sizes 500 5500] [--delay 0.05] [--ray-problems 400]
+
+1. Local executor. For each size (problems; each problem costs 1 sample request of n=4, 4 proposal requests
+   of n=4 and 16 verify requests of n=4: 21 requests), `intgen build-dataset` runs in a fresh child process against
+   the instant server (its own process). The child reports its own CPU time (user + system) for the model
+   stages, the requests sent, and its peak RSS. The driver's CPU per request is the difference between the
+   two sizes (start-up and imports cancel out); peak RSS of the larger over the smaller shows whether memory
+   grows with the rows.
+2. Ray executor. The sample stage for `--ray-problems` problems against the server answering after
+   `--delay` seconds, with 1 and with 2 actors (on a local Ray cluster): requests per second of each.
+
+Grading runs in worker processes (not the driver) and is not part of the driver's CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STEPS = "First, I add the two numbers ({n}).\n\nThen I multiply the sum by three.\n\nSo the answer is \\boxed{{7}}."
+PROPOSAL = {"verification": "Substep 2 multiplies instead of dividing.", "error_step": 2,
+            "intervention": "Instead, divide the sum by three, since the total is shared ({n})."}
+
+
+# --- the instant server ---------------------------------------------------------------------------
+
+COUNTER = iter(range(10**12))  # every reply differs: identical attempts would make identical (deduplicated) requests
+
+
+def reply_for(body: dict) -> dict:
+    n = int(body.get("n") or 1)
+    if "prompt" in body:  # /v1/completions
+        choices = [{"index": i, "text": " " + STEPS.format(n=next(COUNTER)), "finish_reason": "stop"} for i in range(n)]
+        return {"id": "c", "object": "text_completion", "created": 0, "model": body.get("model"), "choices": choices,
+                "usage": {"prompt_tokens": 100, "completion_tokens": 30 * n, "total_tokens": 100 + 30 * n}}
+    def text() -> str:
+        if body.get("response_format"):
+            return json.dumps(PROPOSAL | {"intervention": PROPOSAL["intervention"].format(n=next(COUNTER))})
+        return STEPS.format(n=next(COUNTER))
+
+    choices = [{"index": i, "message": {"role": "assistant", "content": text()}, "finish_reason": "stop"}
+               for i in range(n)]
+    return {"id": "c", "object": "chat.completion", "created": 0, "model": body.get("model"), "choices": choices,
+            "usage": {"prompt_tokens": 100, "completion_tokens": 30 * n, "total_tokens": 100 + 30 * n}}
+
+
+async def serve(port: int, delay: float) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = json.loads(await reader.readexactly(length) or b"{}")
+                if delay:
+                    await asyncio.sleep(delay)
+                payload = json.dumps(reply_for(body)).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                             + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+def start_server(delay: float) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--delay", str(delay)])
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return process, f"http://127.0.0.1:{port}/v1"
+
+
+# --- one measured run (a child process) -----------------------------------------------------------
+
+def problems_file(folder: Path, count: int) -> Path:
+    path = folder / f"problems-{count}.jsonl"
+    with path.open("w") as out:
+        for i in range(count):
+            out.write(json.dumps({"problem": f"Problem {i}: what is {i} + 3, times 2?", "answer": str(2 * i + 6),
+                                  "solution": f"{i} + 3 = {i + 3}.\n\nTimes 2 is {2 * i + 6}."}) + "\n")
+    return path
+
+
+def measured_run(count: int, url: str, executor: str, actors: int, stages: str) -> dict:
+    from intgen.config import resolve
+    from intgen.pipeline import STAGES, open_engine, run_named_stage, sample_problems, load_config_problems
+    from intgen.rundir import RunDir
+
+    folder = Path(tempfile.mkdtemp(prefix="intgen-scale-"))
+    settings = resolve({
+        "problems": str(problems_file(folder, count)), "backend": "openai", "model": "instant", "base_url": url,
+        "samples": 4, "max_tokens": 64, "proposals": 4, "propose_style": "single-turn", "continuations": 4,
+        "verify_max_tokens": 64, "min_success": 0, "batch_size": 512, "concurrency": 64, "executor": executor,
+        "ray_actors": actors, "ray_actor_cpus": 0.5,
+    }, {})
+    run = RunDir(folder / "run")
+    problems = load_config_problems(settings).frame
+    cpu = 0.0
+    sent = 0
+    started = time.monotonic()
+    with open_engine(settings, settings.policy_backend()) as engine:
+        for name in stages.split(","):
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            if name == "sample":
+                entry = sample_problems(run, settings, engine, problems, progress=False)
+            else:
+                entry = run_named_stage(run, settings, name, None if name == "grade" else engine, progress=False)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            if name != "grade":  # the driver's own work for model calls (grading runs in worker processes)
+                cpu += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                sent += entry["last_run"]["requests_sent"]
+    run.close()
+    del STAGES
+    return {"problems": count, "requests": sent, "cpu_s": cpu, "wall_s": time.monotonic() - started,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rows": count * (4 + 16 + 16)}
+
+
+def child(args: list[str]) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[240, 2400])
+    parser.add_argument("--delay", type=float, default=0.05)
+    parser.add_argument("--ray-problems", type=int, default=400)
+    parser.add_argument("--serve", type=int)
+    parser.add_argument("--child", nargs=5)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(args.serve, args.delay))
+        return
+    if args.child:
+        count, url, executor, actors, stages = args.child
+        print(json.dumps(measured_run(int(count), url, executor, int(actors), stages)))
+        return
+
+    server, url = start_server(0.0)
+    try:
+        small, large = (child([str(n), url, "local", "1", "sample,grade,propose,verify"]) for n in args.sizes)
+    finally:
+        server.terminate()
+    for run in (small, large):
+        print(f"local executor, {run['problems']} problems: {run['requests']} requests in {run['wall_s']:.1f} s "
+              f"({run['requests'] / run['wall_s']:.0f} requests/s end to end, grading included); driver CPU "
+              f"{run['cpu_s']:.1f} s for the model stages; peak RSS {run['peak_rss_mb']:.0f} MB")
+    per_request = (large["cpu_s"] - small["cpu_s"]) / (large["requests"] - small["requests"])
+    print(f"driver CPU per request (difference of the two sizes): {per_request * 1000:.2f} ms; peak RSS "
+          f"{large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x at {large['problems'] / small['problems']:.0f}x the rows")
+
+    server, url = start_server(args.delay)
+    try:
+        for actors in (1, 2):
+            run = child([str(args.ray_problems), url, "ray", str(actors), "sample"])
+            print(f"ray executor, {actors} actor(s), server answering after {args.delay * 1000:.0f} ms: "
+                  f"{run['requests']} sample requests in {run['wall_s']:.1f} s ({run['requests'] / run['wall_s']:.0f}/s)")
+    finally:
+        server.terminate()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    main()
