@@ -405,18 +405,14 @@ def _in_run(run_dir: Path, settings: "RunConfig", action: Callable[[Any, Any], d
     from contextlib import nullcontext
 
     from intgen.pipeline import open_engine
-    from intgen.rundir import RunDir
+    from intgen.rundir import held
 
     def run_it() -> dict[str, Any]:
-        run = RunDir(run_dir)
-        try:
-            with run.locked():
-                with open_engine(settings, engine_config) if engine_config is not None else nullcontext() as engine:
-                    entry = action(run, engine)
-                run.write_json("config.json", settings.to_dict())
-                return entry
-        finally:
-            run.close()
+        with held(run_dir) as run:
+            with open_engine(settings, engine_config) if engine_config is not None else nullcontext() as engine:
+                entry = action(run, engine)
+            run.write_json("config.json", settings.to_dict())
+            return entry
 
     return _run_or_fail(run_it)
 

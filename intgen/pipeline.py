@@ -22,7 +22,7 @@ from intgen.benchmarks import resolve_benchmark
 from intgen.decontaminate import NgramIndex, drop_contaminated
 from intgen.io import LoadResult, read_problems
 from intgen.ray_executor import RaySettings
-from intgen.rundir import RunDir
+from intgen.rundir import RunDir, held
 from intgen.stages import Stage
 from intgen.evaluate import eval_report
 from intgen.grading import are_equivalent
@@ -172,12 +172,8 @@ def build_dataset(config: RunConfig, run_dir: Path, force: bool = False, progres
     """Run every stage (resuming what is done) and export the dataset; returns the funnel summary. The run
     directory is held by this process: a second one is refused at once."""
     started = time.monotonic()
-    run = RunDir(run_dir)
-    try:
-        with run.locked():
-            summary = _build(run, config, force, progress)
-    finally:
-        run.close()
+    with held(run_dir) as run:
+        summary = _build(run, config, force, progress)
     summary["seconds"] = round(time.monotonic() - started, 1)
     return summary
 
@@ -214,27 +210,23 @@ def eval_protocol(config: RunConfig, model: str) -> dict[str, Any]:
 def run_eval(config: RunConfig, run_dir: Path, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Sample K attempts per problem and grade them (the pipeline's own stages, cache and resume), then
     write RUN/eval.json: avg@K, pass@k, maj@K and the ungradable and truncated shares, per source too."""
-    run = RunDir(run_dir)
-    try:
-        with run.locked():
-            loaded = load_config_problems(config)
-            with open_engine(config, config.policy_backend()) as engine:
-                sample_problems(run, config, engine, loaded.frame, force, progress)
-                model = engine.identity()["model"]
-            run_named_stage(run, config, "grade", None, force, progress)
-            run.write_json("config.json", config.to_dict())
+    with held(run_dir) as run:
+        loaded = load_config_problems(config)
+        with open_engine(config, config.policy_backend()) as engine:
+            sample_problems(run, config, engine, loaded.frame, force, progress)
+            model = engine.identity()["model"]
+        run_named_stage(run, config, "grade", None, force, progress)
+        run.write_json("config.json", config.to_dict())
 
-            def equivalent(answer: str, representatives: list[str]) -> list[bool | None]:
-                pairs = [(r, answer) for r in representatives]
-                return are_equivalent(pairs, workers=config.grade_workers, timeout=config.grade_timeout)
+        def equivalent(answer: str, representatives: list[str]) -> list[bool | None]:
+            pairs = [(r, answer) for r in representatives]
+            return are_equivalent(pairs, workers=config.grade_workers, timeout=config.grade_timeout)
 
-            sources = run.table("problems").select("problem_id", "source")
-            report = {"protocol": eval_protocol(config, model), "skipped_problem_rows": [str(r) for r in loaded.skipped]}
-            report |= eval_report(run.table("graded"), sources, config.samples, equivalent)
-            run.write_json("eval.json", report)
-            return report
-    finally:
-        run.close()
+        sources = run.table("problems").select("problem_id", "source")
+        report = {"protocol": eval_protocol(config, model), "skipped_problem_rows": [str(r) for r in loaded.skipped]}
+        report |= eval_report(run.table("graded"), sources, config.samples, equivalent)
+        run.write_json("eval.json", report)
+        return report
 
 
 def localize_protocol(settings: localize.LocalizeSettings, model: str) -> dict[str, Any]:
@@ -246,24 +238,20 @@ def run_localize(items: pl.DataFrame, settings: localize.LocalizeSettings, backe
                  batch_size: int, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """ProcessBench's protocol on the items: RUN/localize.parquet (one row per item: id, label, predicted,
     reply, ...) and RUN/localize.json (the metric per subset and the mean F1). Resumable like every stage."""
-    run = RunDir(run_dir)
-    try:
-        with run.locked():
-            write_input(run, "items", items, "id", batch_size, force)
-            backend = make_backend(backend_config)
-            try:
-                run_stage(run, localize.STAGE, settings, [localize.STAGE], engine=Engine(backend), force=force,
-                          progress=progress)
-                model = backend.model
-            finally:
-                backend.close()
-            table = run.table("localize")
-            run.write_frame("localize.parquet", table)
-            report = {"protocol": localize_protocol(settings, model)} | localize.metrics(table)
-            run.write_json("localize.json", report)
-            return report
-    finally:
-        run.close()
+    with held(run_dir) as run:
+        write_input(run, "items", items, "id", batch_size, force)
+        backend = make_backend(backend_config)
+        try:
+            run_stage(run, localize.STAGE, settings, [localize.STAGE], engine=Engine(backend), force=force,
+                      progress=progress)
+            model = backend.model
+        finally:
+            backend.close()
+        table = run.table("localize")
+        run.write_frame("localize.parquet", table)
+        report = {"protocol": localize_protocol(settings, model)} | localize.metrics(table)
+        run.write_json("localize.json", report)
+        return report
 
 
 def score_proposals(run_dir: Path, labels: pl.DataFrame, out_dir: Path) -> dict[str, Any]:
@@ -274,12 +262,8 @@ def score_proposals(run_dir: Path, labels: pl.DataFrame, out_dir: Path) -> dict[
     finally:
         run.close()
     table = localize.proposal_rows(proposals, labels)
-    out = RunDir(out_dir)
-    try:
-        with out.locked():
-            out.write_frame("localize.parquet", table)
-            report = {"protocol": {"run": str(run_dir), "proposals": table.height}} | localize.metrics(table)
-            out.write_json("localize.json", report)
-            return report
-    finally:
-        out.close()
+    with held(out_dir) as out:
+        out.write_frame("localize.parquet", table)
+        report = {"protocol": {"run": str(run_dir), "proposals": table.height}} | localize.metrics(table)
+        out.write_json("localize.json", report)
+        return report

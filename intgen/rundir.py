@@ -243,3 +243,14 @@ class RunDir:
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
+
+
+@contextmanager
+def held(path: Path | str) -> Iterator[RunDir]:
+    """A run directory held by this process (a second one is refused at once), closed after."""
+    run = RunDir(path)
+    try:
+        with run.locked():
+            yield run
+    finally:
+        run.close()
