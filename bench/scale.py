@@ -1,17 +1,19 @@
-"""How far one driver goes: the whole pipeline against an OpenAI-compatible server that answers at once.
+"""How far one driver goes: the pipeline against an OpenAI-compatible server that answers at once.
 
-    python bench/scale.py [--sizes 500 5500] [--delay 0.05] [--ray-problems 400]
+    python bench/scale.py [--sample-sizes 10000 100000] [--sizes 240 2400] [--delay 0.5] [--ray-problems 4000]
 
-1. Local executor. For each size (problems; each problem costs 1 sample request of n=4, 4 proposal requests
-   of n=4 and 16 verify requests of n=4: 21 requests), `intgen build-dataset` runs in a fresh child process against
-   the instant server (its own process). The child reports its own CPU time (user + system) for the model
-   stages, the requests sent, and its peak RSS. The driver's CPU per request is the difference between the
-   two sizes (start-up and imports cancel out); peak RSS of the larger over the smaller shows whether memory
-   grows with the rows.
-2. Ray executor. The sample stage for `--ray-problems` problems against the server answering after
+1. The sample stage (issue 12's measure). `--sample-sizes` problems, one request of n=4 each, in a fresh child
+   process against the instant server (its own process). The child reports its own CPU time (user + system) for
+   the stage, the requests sent and its peak RSS. The driver's CPU per request is the difference between the two
+   sizes (start-up and imports cancel out); peak RSS of the larger over the smaller shows whether memory grows
+   with the problems.
+2. The whole pipeline. For each of `--sizes` (problems; each costs 1 sample request of n=4, 4 proposal
+   requests of n=4 and 16 verify requests of n=4: 21 requests), the model stages and grading, measured the same
+   way. Verify's CPU includes handing its continuations to the grading workers and reading their verdicts.
+3. Ray executor. The sample stage for `--ray-problems` problems against the server answering after
    `--delay` seconds, with 1 and with 2 actors (on a local Ray cluster): requests per second of each.
 
-Grading runs in worker processes (not the driver) and is not part of the driver's CPU time.
+Grading itself runs in worker processes (not the driver) and is not part of the driver's CPU time.
 """
 
 from __future__ import annotations
@@ -136,8 +138,7 @@ def measured_run(count: int, url: str, executor: str, actors: int, stages: str) 
     run.close()
     del STAGES
     return {"problems": count, "requests": sent, "cpu_s": cpu, "wall_s": time.monotonic() - started,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rows": count * (4 + 16 + 16)}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def child(args: list[str]) -> dict:
@@ -145,11 +146,23 @@ def child(args: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def report(what: str, small: dict, large: dict) -> None:
+    for run in (small, large):
+        print(f"{what}, local executor, {run['problems']} problems: {run['requests']} requests in {run['wall_s']:.1f} s "
+              f"({run['requests'] / run['wall_s']:.0f} requests/s end to end); driver CPU {run['cpu_s']:.1f} s for "
+              f"the model stages; peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
+    per_request = (large["cpu_s"] - small["cpu_s"]) / (large["requests"] - small["requests"])
+    print(f"{what}: driver CPU per request of n=4 (difference of the two sizes) {per_request * 1000:.2f} ms; peak RSS "
+          f"{large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x at {large['problems'] / small['problems']:.0f}x the "
+          "problems", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sample-sizes", type=int, nargs=2, default=[10_000, 100_000])
     parser.add_argument("--sizes", type=int, nargs=2, default=[240, 2400])
-    parser.add_argument("--delay", type=float, default=0.05)
-    parser.add_argument("--ray-problems", type=int, default=400)
+    parser.add_argument("--delay", type=float, default=0.5)
+    parser.add_argument("--ray-problems", type=int, default=4000)
     parser.add_argument("--serve", type=int)
     parser.add_argument("--child", nargs=5)
     args = parser.parse_args()
@@ -163,23 +176,20 @@ def main() -> None:
 
     server, url = start_server(0.0)
     try:
+        small, large = (child([str(n), url, "local", "1", "sample"]) for n in args.sample_sizes)
+        report("sample stage", small, large)
         small, large = (child([str(n), url, "local", "1", "sample,grade,propose,verify"]) for n in args.sizes)
+        report("whole pipeline", small, large)
     finally:
         server.terminate()
-    for run in (small, large):
-        print(f"local executor, {run['problems']} problems: {run['requests']} requests in {run['wall_s']:.1f} s "
-              f"({run['requests'] / run['wall_s']:.0f} requests/s end to end, grading included); driver CPU "
-              f"{run['cpu_s']:.1f} s for the model stages; peak RSS {run['peak_rss_mb']:.0f} MB")
-    per_request = (large["cpu_s"] - small["cpu_s"]) / (large["requests"] - small["requests"])
-    print(f"driver CPU per request (difference of the two sizes): {per_request * 1000:.2f} ms; peak RSS "
-          f"{large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x at {large['problems'] / small['problems']:.0f}x the rows")
 
     server, url = start_server(args.delay)
     try:
         for actors in (1, 2):
             run = child([str(args.ray_problems), url, "ray", str(actors), "sample"])
             print(f"ray executor, {actors} actor(s), server answering after {args.delay * 1000:.0f} ms: "
-                  f"{run['requests']} sample requests in {run['wall_s']:.1f} s ({run['requests'] / run['wall_s']:.0f}/s)")
+                  f"{run['requests']} sample requests in {run['wall_s']:.1f} s ({run['requests'] / run['wall_s']:.0f}/s)",
+                  flush=True)
     finally:
         server.terminate()
 

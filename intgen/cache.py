@@ -31,8 +31,14 @@ def request_identity(kind: str, model: str, request: Request) -> dict:
 
 
 def sample_key(kind: str, model: str, request: Request, index: int) -> str:
-    identity = request_identity(kind, model, request) | {"sample": index}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return sample_keys(kind, model, request)[index]
+
+
+def sample_keys(kind: str, model: str, request: Request) -> list[str]:
+    """The keys of the request's `n` samples (the identity is built once for all of them)."""
+    identity = request_identity(kind, model, request)
+    return [hashlib.sha256(json.dumps(identity | {"sample": i}, sort_keys=True).encode()).hexdigest()
+            for i in range(request.n)]
 
 
 def _lookup(db: sqlite3.Connection, keys: list[str]) -> dict[str, Completion]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from intgen.backends.base import Backend, Completion, Request, error_completion
-from intgen.cache import CallCache, sample_key
+from intgen.cache import CallCache, sample_keys
 
 log = logging.getLogger("intgen")
 MAX_ROUNDS = 4  # asks for missing samples of one request, in all (after the first short answer, one at a time)
@@ -84,7 +84,7 @@ def run_requests(
         answers = dict(zip(unique, run_requests(backend, unique, cache, stats, progress)))
         return [answers[r] for r in requests]
     started = time.monotonic()
-    keys = [[sample_key(backend.kind, backend.model, r, i) for i in range(r.n)] for r in requests]
+    keys = [sample_keys(backend.kind, backend.model, r) for r in requests]
     hits = cache.get_many([k for ks in keys for k in ks]) if cache is not None else {}
     results: list[list[Completion | None]] = [[hits.get(k) for k in ks] for ks in keys]
     stats.samples += sum(r.n for r in requests)

@@ -2,7 +2,7 @@
 
 The same stage skeleton as the local executor (`intgen.driver`), at the edge: the driver decides which
 parts are due (markers, fingerprints, inputs), and Ray Data maps those part indices through a pool of
-actors. Each actor owns one backend (an openai client to the server pool, the embedded engine, an
+actors. Each actor owns one backend (the openai backend's HTTP client to the server pool, the embedded engine, an
 in-process vLLM engine on its GPU) and computes whole parts exactly as the local executor does: it reads
 the part's inputs from the run directory, answers the stage's model calls through the cache, sends its
 grading to Ray tasks, and writes the part's tables and marker atomically. The driver only counts.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from intgen.backends.base import ERROR, Sampling, make_request
 from intgen.backends.local import LocalBackend
 from intgen.backends.openai_http import OpenAIBackend
-from intgen.cache import CallCache
+from intgen.cache import CallCache, sample_keys
 from intgen.calls import CallStats, run_requests
 from intgen.chat_template import load_chat_template
 from servers import JsonServer, Proxy, smollm2_gguf
@@ -93,6 +94,19 @@ def test_cache_hits_never_reach_the_server(proxy: Proxy, tmp_path: Path) -> None
     assert all(c.cached for r in second for c in r)
 
 
+def test_cache_keys_never_change() -> None:
+    # A changed key silently makes every existing cache miss: users would pay for their calls again.
+    request = make_request(QUESTION + [{"role": "assistant", "content": "First,"}],
+                           Sampling(max_tokens=40, seed=7, stop=("\n\n",)), n=3, continue_final=True,
+                           json_schema={"type": "object"})
+    assert sample_keys("openai", "m", request) == [
+        "f08fdb859f55f2c26eed1915eb59e0d9e0f960824756166ea0fa9b1418786b9c",
+        "de8ac0efb37bc84b63ce803cae0dc05de62cf4ccd8f5b88a378b528e313765ba",
+        "9476d3457b7460cdf159eac362c9418916b7036ef3578636c4b06e211f1b7184",
+    ]
+    assert set(Sampling().to_dict()) == {f.name for f in fields(Sampling)}  # every sampling parameter is in the key
+
+
 def test_retries_honour_retry_after_and_survive_503_and_dropped_connections(llama_server) -> None:
     proxy = Proxy(llama_server.url, faults=["429", "503", "drop"])
     try:
@@ -117,6 +131,7 @@ def test_a_request_that_keeps_failing_becomes_an_error_row_not_a_crash(llama_ser
     finally:
         proxy.stop()
     assert completion.finish_reason == ERROR and completion.error.startswith("http_503")
+    assert proxy.received == 3 and not proxy.forwarded  # exactly max_tries tries, then given up
     assert stats.failures == {"http_503": 1}
     assert len(cache) == 0  # failures are not cached: a rerun tries again
 
@@ -250,3 +265,30 @@ def test_a_prompt_longer_than_the_context_is_too_long_not_a_failure(tmp_path: Pa
         assert len(cache) == 0  # not cached: a larger context later may serve it
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"error": {"message": "This model\'s maximum context length is 2048 tokens", "type": "invalid"}}',
+     "This model's maximum context length is 2048 tokens"),  # OpenAI, vLLM, llama.cpp
+    (b'{"object": "error", "message": "prompt is too long", "code": 400}', "prompt is too long"),  # older vLLM
+    (b'{"error": "model not found"}', "model not found"),
+    (b"<html>502 Bad Gateway</html>", "<html>502 Bad Gateway</html>"),  # a proxy in front of the server
+])
+def test_error_messages_are_read_like_the_openai_client(body: bytes, message: str) -> None:
+    from intgen.backends.openai_http import error_message
+
+    assert error_message(body) == message
+
+
+def test_proxies_come_from_the_environment_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from intgen.backends.openai_http import env_proxy
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_proxy("http://gpu1:8000/v1") is None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
+    monkeypatch.setenv("ALL_PROXY", "http://all:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1,.cluster")
+    assert env_proxy("http://gpu1:8000/v1") == "http://proxy:3128"
+    assert env_proxy("https://api.openai.com/v1") == "http://all:3128"
+    assert env_proxy("http://127.0.0.1:8000/v1") is None and env_proxy("http://node.cluster:8000/v1") is None
