@@ -197,7 +197,7 @@ RunDirOpt = Annotated[Path, typer.Option(help="Run directory (created if needed;
 ForceOpt = Annotated[bool, typer.Option(help="Recompute a stage whose settings changed (cached model calls are reused).")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
 
-NOT_SETTINGS = ("ctx", "config", "run_dir", "force", "progress", "protocol")
+NOT_SETTINGS = ("ctx", "config", "run_dir", "force", "progress", "protocol", "report")
 
 
 def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -306,6 +306,7 @@ def build_dataset(
     decontaminate_ngram: Annotated[int, typer.Option(help="Words per n-gram for --decontaminate (after normalising case, whitespace and LaTeX spacing).")] = D.decontaminate_ngram,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
+    report: Annotated[bool, typer.Option(help="End by writing RUN_DIR/report.html (see `intgen report`).")] = True,
 ) -> None:
     """Run every stage — sample, grade, propose, verify, export — resuming whatever is already done.
 
@@ -329,6 +330,12 @@ def build_dataset(
         )
     summary = _run_or_fail(lambda: build(settings, run_dir, force=force, progress=progress))
     _print_summary(summary, run_dir)
+    if report:
+        from intgen.report import write_report
+
+        path = _run_or_fail(lambda: write_report([run_dir]))
+        console.print(f"report: {path}  (open it in a browser; `intgen report` writes it again)", highlight=False,
+                      soft_wrap=True)
     _exit_for(summary["failed"], "the run")
 
 
@@ -530,10 +537,13 @@ def push(
     private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if needed).")] = None,
     endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint (default: $HF_ENDPOINT or huggingface.co).")] = None,
+    report: Annotated[bool, typer.Option(help="Put the run's HTML report beside the dataset (report.html).")] = True,
 ) -> None:
-    """Upload RUN_DIR/dataset to the Hub: the card and each config's parquet file, in one commit (token from
-    $HF_TOKEN or `hf auth login`; never printed). The local card is changed only after a successful upload."""
+    """Upload RUN_DIR/dataset to the Hub: the card, each config's parquet file and the HTML report, in one commit
+    (token from $HF_TOKEN or `hf auth login`; never printed). The local card is changed only after a successful
+    upload."""
     from intgen.hub import PushError, push_dataset
+    from intgen.report import write_report
     from intgen.rundir import atomic_write_text
     from intgen.stages.export import card_text, funnel
 
@@ -543,9 +553,10 @@ def push(
         if not (run.path / "dataset" / "README.md").is_file():
             raise ValueError(f"{run.path / 'dataset'}: no exported dataset (run `intgen export` first)")
         card = card_text(run, settings, funnel(run), repo_id)  # the card's examples load the repo
+        page = write_report([run.path]) if report else None  # written again: it shows the run as pushed
         try:
             url = push_dataset(run.path / "dataset", repo_id, card, private=private, revision=revision,
-                               endpoint=endpoint)
+                               endpoint=endpoint, report=page)
         except PushError as exc:
             raise ValueError(str(exc)) from None
         atomic_write_text(run.path / "dataset" / "README.md", card)
@@ -553,6 +564,20 @@ def push(
 
     url = _in_run(run_dir, settings, upload)
     console.print(f"pushed {run_dir / 'dataset'} to {repo_id}: {url}", highlight=False)
+
+
+@app.command("report")
+def report_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="A dataset run directory, or one or more eval run directories.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write (default: RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write one self-contained HTML file to look at a run in any browser, offline: for a dataset run the
+    settings, funnel, Table 1, distributions and a trace viewer of every proposal; for eval runs pass@k curves,
+    per-problem accuracy and, for two or more, the comparison."""
+    from intgen.report import write_report
+
+    path = _run_or_fail(lambda: write_report(run_dirs, out))
+    console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False, soft_wrap=True)
 
 
 # --- measuring: intgen eval, intgen eval compare, intgen eval-localize ---------------------------------

@@ -1,7 +1,7 @@
 """Push an exported dataset to the Hugging Face Hub.
 
-Only the dataset's own files go up — the card and each config's parquet file (and the HTML report where
-one was written) — never whatever else lies in the folder (temporary files of an interrupted write, say).
+Only the dataset's own files go up — the card, each config's parquet file and the HTML report (`intgen
+report`, unless `--no-report`) — never whatever else lies in the folder (temporary files of an interrupted write, say).
 The card uploaded points its examples at the repo; the local card is changed only after the upload
 succeeded. The token comes from the usual places (`HF_TOKEN`, `hf auth login`); it is never printed or
 written. Transient failures (429, 5xx, dropped connections) are retried with backoff; a failure after that
@@ -35,10 +35,8 @@ def _transient(exc: BaseException) -> bool:
 
 
 def dataset_files(dataset_dir: Path) -> list[Path]:
-    """The files a push uploads: each config's parquet file, the report if there is one (the card is sent apart)."""
-    files = sorted(dataset_dir.glob("*/train-*.parquet"))
-    report = dataset_dir / "report.html"
-    return files + ([report] if report.is_file() else [])
+    """The files a push uploads: each config's parquet file (the card and the report are sent apart)."""
+    return sorted(dataset_dir.glob("*/train-*.parquet"))
 
 
 def push_dataset(
@@ -51,9 +49,10 @@ def push_dataset(
     endpoint: str | None = None,
     token: str | None = None,
     max_tries: int = 5,
+    report: Path | None = None,
 ) -> str:
-    """Create the dataset repo if needed and upload the dataset's files and `card` (its README.md) in one
-    commit; returns the commit URL."""
+    """Create the dataset repo if needed and upload the dataset's files, `card` (its README.md) and the HTML
+    `report` (as report.html) in one commit; returns the commit URL."""
     files = dataset_files(dataset_dir)
     if not files:
         raise PushError(f"{dataset_dir}: no exported dataset (run `intgen export` first)")
@@ -66,6 +65,8 @@ def push_dataset(
     operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8"))]
     operations += [CommitOperationAdd(path_in_repo=str(f.relative_to(dataset_dir)), path_or_fileobj=str(f))
                    for f in files]
+    if report is not None:
+        operations.append(CommitOperationAdd(path_in_repo="report.html", path_or_fileobj=str(report)))
     try:
         retrying(api.create_repo)(repo_id, repo_type="dataset", private=private, exist_ok=True)
         if revision:

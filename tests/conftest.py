@@ -46,3 +46,35 @@ def gsm8k(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("problems") / "gsm8k4.jsonl"
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium for the report's browser tests, installed with apt-get when it is missing."""
+    import shutil
+    import subprocess
+
+    path = shutil.which("chromium")
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, capture_output=True).returncode != 0:  # a fresh machine: no package lists yet
+            subprocess.run(["apt-get", "update"], capture_output=True)
+            subprocess.run(install, capture_output=True)
+        path = shutil.which("chromium")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed and apt-get could not install it (the report's browser tests need it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return path
+
+
+@pytest.fixture()
+def browser(chromium: str):
+    """Headless Chromium driven through Playwright's Python API; stopped after the test (Playwright's sync API
+    holds an event loop while it runs)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=chromium)
+        yield launched
+        launched.close()

@@ -46,6 +46,7 @@ def test_build_dataset_on_the_bundled_examples_with_the_local_engine(tmp_path: P
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "embedded demo" in result.output and "kept" in result.output
+    assert f"report: {run_dir / 'report.html'}" in result.output and (run_dir / "report.html").stat().st_size > 0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["problems"] is None and config["backend"] == "local" and config["lenient_answers"] is True
     for name in ("sft", "rl", "interventions", "samples"):
@@ -125,7 +126,7 @@ def test_every_command_default_comes_from_run_config() -> None:
     for name in ("build-dataset", "sample", "grade", "propose", "verify"):
         for param in command.commands[name].params:
             field = param.name
-            if field in ("run_dir", "force", "progress", "config", "problems", "condition", "vllm_arg", "decontaminate"):
+            if field in ("run_dir", "force", "progress", "config", "problems", "condition", "vllm_arg", "decontaminate", "report"):
                 continue
             default = param.default.value if hasattr(param.default, "value") else param.default
             assert default == getattr(DEFAULTS, field), (name, field, default)

@@ -118,6 +118,8 @@ def test_eval_through_the_llama_server_writes_eval_json_and_resumes(llama_server
         assert result.exit_code == 0 and len(proxy.forwarded) == sent  # a rerun sends nothing
         compared = runner.invoke(app, ["eval", "compare", str(tmp_path / "eval"), str(tmp_path / "eval")])
         assert compared.exit_code == 0 and "difference" in compared.output
+        reported = runner.invoke(app, ["report", str(tmp_path / "eval")])
+        assert reported.exit_code == 0 and (tmp_path / "eval" / "report.html").is_file(), reported.output
     finally:
         proxy.stop()
 

@@ -66,7 +66,9 @@ def test_push_uploads_the_dataset_with_a_retry(exported: Path, monkeypatch: pyte
     assert [name for name, _ in hub.calls].count("create") == 2  # the 503 was retried
     files = hub.repos["me/int-data"]["main"]
     configs = ("sft", "rl", "interventions", "samples")
-    assert set(files) == {"README.md", *(f"{c}/{export_file(exported / 'dataset', c).name}" for c in configs)}
+    assert set(files) == {"README.md", "report.html",
+                          *(f"{c}/{export_file(exported / 'dataset', c).name}" for c in configs)}
+    assert files["report.html"].startswith(b"<!doctype html>") and b'id="summary"' in files["report.html"]
     assert b'load_dataset("me/int-data", "sft"' in files["README.md"]
     assert hub.authorizations and all(a == f"Bearer {TOKEN}" for a in hub.authorizations)
     assert TOKEN not in result.output
@@ -88,6 +90,13 @@ def test_push_to_a_private_branch(exported: Path, monkeypatch: pytest.MonkeyPatc
     assert result.exit_code == 0, result.output
     assert hub.private["me/int-data"] is True
     assert "README.md" in hub.repos["me/int-data"]["dev"]
+    hub = HubServer()
+    try:
+        result = runner.invoke(app, ["push", str(exported), "me/int-data", "--no-report", "--endpoint", hub.url])
+    finally:
+        hub.stop()
+    assert result.exit_code == 0, result.output
+    assert "report.html" not in hub.repos["me/int-data"]["main"]
 
 
 def test_push_without_an_export_is_a_clear_error(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from intgen.cli import app
 from intgen.stages.export import export_file
 from intgen.steps import join_steps, split_steps
+from report_checks import check_dataset_report
 from servers import LlamaServer, Proxy, smollm2_gguf
 
 runner = CliRunner()
@@ -108,6 +109,14 @@ def test_dataset_loads_with_datasets(finished_run: tuple[Path, int]) -> None:
         loaded = datasets.load_dataset(str(run_dir / "dataset"), name, split="train")
         assert loaded.num_rows == read_config(run_dir, name).height
     assert datasets.load_dataset(str(run_dir / "dataset"), "rl", split="train").num_rows == 4
+
+
+def test_the_report_of_the_run_in_chromium(finished_run: tuple[Path, int], browser) -> None:
+    # build-dataset wrote it; every proposal of the interventions table is listed, one is opened by its link
+    run_dir, _ = finished_run
+    assert (run_dir / "report.html").is_file()
+    seen = check_dataset_report(browser, run_dir, read_config(run_dir, "interventions"), screenshot_name="pipeline")
+    assert seen["page"].locator("#table1 tbody tr").count() >= 1
 
 
 def test_rerun_sends_nothing(finished_run: tuple[Path, int], llama_server, gsm8k: Path) -> None:

@@ -94,10 +94,15 @@ def export(run: RunDir, config: RunConfig, skipped_rows: int = 0) -> dict[str, A
     for name in CONFIGS:
         write_config(run.path / "dataset" / name, tables[name])
     summary = funnel(run, skipped_rows)
-    run.write_json("analysis.json", {"table1": summary["table1"], "funnel": {
-        k: v for k, v in summary.items() if k not in ("table1", "tokens_by_stage")}})
+    write_analysis(run, summary)
     write_card(run, config, summary, str(run.path / "dataset"))
     return summary
+
+
+def write_analysis(run: RunDir, summary: dict[str, Any]) -> None:
+    """RUN/analysis.json: Table 1 and the funnel (what the summary, the card and the report show)."""
+    run.write_json("analysis.json", {"table1": summary["table1"], "funnel": {
+        k: v for k, v in summary.items() if k not in ("table1", "tokens_by_stage")}})
 
 
 def export_file(dataset_dir: Path, config_name: str) -> Path:
