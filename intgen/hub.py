@@ -1,7 +1,8 @@
 """Push an exported dataset to the Hugging Face Hub.
 
 Only the dataset's own files go up — the card, each config's parquet file and the HTML report (`intgen
-report`, unless `--no-report`) — never whatever else lies in the folder (temporary files of an interrupted write, say).
+report`, unless `--no-report`) — never whatever else lies in the folder (temporary files of an interrupted
+write, say).
 The card uploaded points its examples at the repo; the local card is changed only after the upload
 succeeded. The token comes from the usual places (`HF_TOKEN`, `hf auth login`); it is never printed or
 written. Transient failures (429, 5xx, dropped connections) are retried with backoff; a failure after that

@@ -1,8 +1,8 @@
 """Any OpenAI-compatible HTTP server: OpenAI, vLLM serve, SGLang, llama.cpp's servers, hosted providers.
 
 Requests go out concurrently (asyncio, a bounded number in flight per server) as the OpenAI wire format's JSON
-posted with `aiohttp`, with retries (tenacity): exponential backoff with jitter on 429, 5xx, timeouts and dropped connections, and
-a server's `Retry-After` honoured. After the last try the request comes back as an error completion —
+posted with `aiohttp`, with retries (tenacity): exponential backoff with jitter on 429, 5xx, timeouts and dropped
+connections, and a server's `Retry-After` honoured. After the last try the request comes back as an error completion —
 recorded against its row, never a crashed run. Several servers (a comma-separated `base_url`; the CLI's
 `--base-url` is repeatable) share the load, least in flight first, and a failing one is rested (`ServerPool`).
 
