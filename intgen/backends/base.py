@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 # finish reasons
@@ -33,8 +33,8 @@ class Sampling:
     seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "max_tokens": self.max_tokens, "stop": list(self.stop), "seed": self.seed}
+        # every field, shallowly (dataclasses.asdict deep-copies: a cost on every request's cache key)
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "stop": list(self.stop)}
 
 
 @dataclass(frozen=True)
