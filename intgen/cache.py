@@ -1,8 +1,10 @@
 """A content-addressed store of model calls: a rerun or a resumed run never pays twice.
 
-Each sample is keyed by the backend kind, the model, the full messages, whether the last message is
-continued, the JSON schema, the sampling parameters and the sample's index — never by how the reply
-is parsed, and never by credentials (API keys are not part of any request). Rows live in one SQLite
+Each sample is keyed by the backend kind, the model, the backend settings that can change this reply
+(`request_settings`: a JSON-schema mechanism, a continuation mechanism and chat template, a thinking budget,
+engine arguments), the full messages, whether the last message is continued, the JSON schema, the sampling
+parameters, the request's draw (which independent draw it is) and the sample's index — never by how the
+reply is parsed, and never by credentials (API keys are not part of any request). Rows live in one SQLite
 file under the run directory; WAL mode and a busy timeout make it safe for several processes.
 """
 
@@ -15,12 +17,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from intgen.backends.base import TOO_LONG, Completion, Request
+from intgen.backends.base import TOO_LONG, Completion, Request, request_settings
 
 
-def request_identity(kind: str, model: str, request: Request) -> dict:
-    return {
+def request_identity(kind: str, model: str, request: Request, settings: dict[str, Any] | None = None) -> dict:
+    identity = {
         "backend": kind,
         "model": model,
         "messages": [list(m) for m in request.messages],
@@ -28,15 +31,24 @@ def request_identity(kind: str, model: str, request: Request) -> dict:
         "json_schema": request.json_schema,
         "sampling": request.sampling.to_dict(),
     }
+    # Only when present, so that the keys of calls without them stay what they were (a changed key makes every
+    # existing cache miss).
+    relevant = request_settings(settings or {}, request)
+    if relevant:
+        identity["settings"] = relevant
+    if request.draw:
+        identity["draw"] = request.draw
+    return identity
 
 
-def sample_key(kind: str, model: str, request: Request, index: int) -> str:
-    return sample_keys(kind, model, request)[index]
+def sample_key(kind: str, model: str, request: Request, index: int, settings: dict[str, Any] | None = None) -> str:
+    return sample_keys(kind, model, request, settings)[index]
 
 
-def sample_keys(kind: str, model: str, request: Request) -> list[str]:
-    """The keys of the request's `n` samples (the identity is built once for all of them)."""
-    identity = request_identity(kind, model, request)
+def sample_keys(kind: str, model: str, request: Request, settings: dict[str, Any] | None = None) -> list[str]:
+    """The keys of the request's `n` samples (the identity is built once for all of them); `settings`: the
+    backend's `reply_settings`."""
+    identity = request_identity(kind, model, request, settings)
     return [hashlib.sha256(json.dumps(identity | {"sample": i}, sort_keys=True).encode()).hexdigest()
             for i in range(request.n)]
 

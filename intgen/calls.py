@@ -84,7 +84,7 @@ def run_requests(
         answers = dict(zip(unique, run_requests(backend, unique, cache, stats, progress)))
         return [answers[r] for r in requests]
     started = time.monotonic()
-    keys = [sample_keys(backend.kind, backend.model, r) for r in requests]
+    keys = [sample_keys(backend.kind, backend.model, r, backend.reply_settings) for r in requests]
     hits = cache.get_many([k for ks in keys for k in ks]) if cache is not None else {}
     results: list[list[Completion | None]] = [[hits.get(k) for k in ks] for ks in keys]
     stats.samples += sum(r.n for r in requests)

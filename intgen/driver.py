@@ -24,7 +24,7 @@ import polars as pl
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from intgen.backends.base import Backend
+from intgen.backends.base import Backend, relevant_settings
 from intgen.cache import CallCache
 from intgen.calls import CallStats, Price, run_requests
 from intgen.grading import DEFAULT_TIMEOUT_S, grade_items
@@ -175,11 +175,17 @@ class Engine:
     config: Any = None  # BackendConfig, for Ray actors
     ray: Any = None  # RaySettings: None runs the parts here
 
-    def identity(self) -> dict[str, str]:
+    def identity(self, sends: tuple[str, ...] = ("schema", "continuation")) -> dict[str, Any]:
+        """The backend, the model and the settings that can change its replies to the kinds of request a stage
+        `sends` (set ones only: a backend without any keeps the fingerprint it had)."""
         if self.backend is not None:
-            return {"backend": self.backend.kind, "model": self.backend.model}
-        kind, model = self.config.identity()
-        return {"backend": kind, "model": model}
+            found = {"backend": self.backend.kind, "model": self.backend.model}
+            settings = self.backend.reply_settings
+        else:
+            kind, model = self.config.identity()
+            found, settings = {"backend": kind, "model": model}, self.config.reply_settings()
+        settings = relevant_settings(settings, "schema" in sends, "continuation" in sends)
+        return found | ({"settings": settings} if settings else {})
 
 
 def run_stage(
@@ -193,7 +199,7 @@ def run_stage(
     has_model = engine.backend is not None or engine.config is not None
     fingerprint = stage.fingerprint(settings)
     if stage.uses_model and has_model:
-        fingerprint |= engine.identity()
+        fingerprint |= engine.identity(stage.sends)
     previous = begin(run, stage.name, list(stage.writes), fingerprint, force)
     count = run.part_count(stage.reads[0])
     stats = CallStats()

@@ -107,6 +107,43 @@ def test_cache_keys_never_change() -> None:
     assert set(Sampling().to_dict()) == {f.name for f in fields(Sampling)}  # every sampling parameter is in the key
 
 
+def test_cache_keys_follow_every_backend_setting_that_changes_a_reply() -> None:
+    from intgen.backends import BackendConfig, BackendKind
+
+    plain = make_request(QUESTION, Sampling(max_tokens=40, seed=7), n=2)
+    schema = make_request(QUESTION, Sampling(max_tokens=40, seed=7), json_schema=SCHEMA)
+    continued = make_request(QUESTION + [{"role": "assistant", "content": PREFIX}], Sampling(max_tokens=40),
+                             continue_final=True)
+
+    def keys(request, **config):
+        settings = BackendConfig(**({"kind": BackendKind.openai, "model": "m"} | config)).reply_settings()
+        return sample_keys(config.get("kind", "openai"), "m", request, settings)
+
+    # the JSON-schema mechanism changes the replies to schema requests, and only those
+    assert keys(schema, structured_output="json_object") != keys(schema, structured_output="json_schema")
+    assert keys(plain, structured_output="json_object") == keys(plain, structured_output="json_schema")
+    # the continuation mechanism and the chat template change continuations, and only those
+    assert keys(continued, continuation="completions", chat_template="a.jinja") != keys(continued)
+    assert keys(continued, continuation="completions", chat_template="a.jinja") != \
+        keys(continued, continuation="completions", chat_template="b.gguf")
+    assert keys(plain, continuation="completions", chat_template="a.jinja") == keys(plain)
+    # gemini's thinking budget changes every reply; vLLM's engine arguments too, unless they only size the engine
+    gemini = {"kind": BackendKind.gemini}
+    assert keys(plain, **gemini, thinking_budget=0) != keys(plain, **gemini, thinking_budget=1024)
+    vllm = {"kind": BackendKind.vllm}
+    assert keys(plain, **vllm, vllm_args=(("dtype", "bfloat16"),)) != keys(plain, **vllm, vllm_args=(("dtype", "half"),))
+    assert keys(plain, **vllm, vllm_args=(("dtype", "half"), ("gpu_memory_utilization", 0.5))) == \
+        keys(plain, **vllm, vllm_args=(("dtype", "half"), ("gpu_memory_utilization", 0.9)))
+    # a backend with no such setting keys its calls as before (existing caches stay valid)
+    assert keys(plain, kind=BackendKind.local) == sample_keys("local", "m", plain)
+    # what make_backend builds carries them
+    from intgen.backends import make_backend
+
+    backend = make_backend(BackendConfig(BackendKind.openai, "m", base_url="http://127.0.0.1:9/v1",
+                                         structured_output="json_object"))
+    assert backend.reply_settings == {"structured_output": "json_object", "continuation": "chat", "chat_template": None}
+
+
 def test_retries_honour_retry_after_and_survive_503_and_dropped_connections(llama_server) -> None:
     proxy = Proxy(llama_server.url, faults=["429", "503", "drop"])
     try:

@@ -19,6 +19,14 @@ class BackendKind(str, Enum):
     local = "local"
 
 
+# vLLM engine arguments that say how much of the machine the engine uses, not what it computes.
+VLLM_RESOURCE_ARGS = frozenset({
+    "gpu_memory_utilization", "swap_space", "cpu_offload_gb", "max_num_seqs", "max_num_batched_tokens",
+    "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "disable_log_stats",
+    "enforce_eager", "kv_cache_memory_bytes",
+})
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     """Which engine and how to reach it. Credentials are never part of it: only the name of the
@@ -40,6 +48,21 @@ class BackendConfig:
     max_model_len: int | None = None  # the model's context, where the server does not say
     vllm_args: tuple[tuple[str, Any], ...] = ()  # vllm: engine arguments (dtype, tensor_parallel_size, ...)
 
+    def reply_settings(self) -> dict[str, Any]:
+        """The settings besides kind and model that can change a reply, for the backend this config makes: they
+        are part of each stage's fingerprint (a change is refused without --force) and of every call's cache key
+        (those that matter for the request: `base.request_settings`). Where a server or an engine runs and how
+        hard it is pushed (URLs, concurrency, timeouts, memory) changes no reply and is left out."""
+        kind = BackendKind(self.kind)
+        if kind is BackendKind.openai:
+            return {"structured_output": self.structured_output, "continuation": self.continuation,
+                    "chat_template": self.chat_template}
+        if kind is BackendKind.gemini:
+            return {"thinking_budget": self.thinking_budget}
+        if kind is BackendKind.vllm:
+            engine = {k: v for k, v in self.vllm_args if k not in VLLM_RESOURCE_ARGS}
+            return {"engine_args": engine or None}
+        return {}
 
     def identity(self) -> tuple[str, str]:
         """(kind, model) as the backend made from this config names itself (in fingerprints and cache keys),
@@ -55,6 +78,12 @@ class BackendConfig:
 
 
 def make_backend(config: BackendConfig) -> Backend:
+    backend = _make_backend(config)
+    backend.reply_settings = config.reply_settings()
+    return backend
+
+
+def _make_backend(config: BackendConfig) -> Backend:
     kind = BackendKind(config.kind)
     if kind is BackendKind.local:
         from intgen.backends.local import LocalBackend

@@ -44,6 +44,9 @@ class Request:
     n: int = 1
     continue_final: bool = False  # the last message is an assistant prefix to continue, as the same turn
     json_schema: str | None = None  # canonical JSON text of a schema the reply must follow
+    # Which independent draw this is (e.g. "verify/problem-only"): requests alike in all else but their draw are
+    # answered independently, never from each other's cache. Not sent to the engine.
+    draw: str = ""
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
@@ -58,13 +61,14 @@ def make_request(
     n: int = 1,
     continue_final: bool = False,
     json_schema: dict[str, Any] | None = None,
+    draw: str = "",
 ) -> Request:
     pairs = tuple((m["role"], m["content"]) if isinstance(m, dict) else (m[0], m[1]) for m in messages)
     if continue_final and (not pairs or pairs[-1][0] != "assistant"):
         raise ValueError("continue_final needs the last message to be the assistant's prefix")
     # Not key-sorted: property order is generation order for constrained decoders.
     schema = None if json_schema is None else json.dumps(json_schema, separators=(",", ":"))
-    return Request(pairs, sampling or Sampling(), n, continue_final, schema)
+    return Request(pairs, sampling or Sampling(), n, continue_final, schema, draw)
 
 
 @dataclass(frozen=True)
@@ -80,12 +84,36 @@ class Completion:
 
 OnDone = Callable[[int, list[Completion]], None]
 
+# Backend settings that change a reply only for some requests: the JSON-schema mechanism for a request with a schema,
+# the continuation mechanism for a request that continues an assistant message.
+SCHEMA_SETTINGS = frozenset({"structured_output"})
+CONTINUATION_SETTINGS = frozenset({"continuation", "chat_template"})
+
+
+def relevant_settings(settings: dict[str, Any], schema: bool, continued: bool) -> dict[str, Any]:
+    """The backend settings (besides its kind and model) that can change a reply to requests with a JSON schema
+    or not (`schema`) and continuing an assistant message or not (`continued`); unset ones (None) are left out,
+    so a backend without such settings keys its calls as before."""
+    return {
+        key: value for key, value in settings.items()
+        if value is not None and not (key in SCHEMA_SETTINGS and not schema)
+        and not (key in CONTINUATION_SETTINGS and not continued)
+    }
+
+
+def request_settings(settings: dict[str, Any], request: Request) -> dict[str, Any]:
+    """The backend settings that can change the reply to `request` (its cache identity)."""
+    return relevant_settings(settings, request.json_schema is not None, request.continue_final)
+
 
 class Backend(Protocol):
     kind: str  # "openai", "vllm", "gemini", "local"
     model: str
     supports_continuation: bool  # can it truly continue an assistant message?
     token_counts: str  # how per-sample completion tokens are known: "engine", "tokenizer" or "estimated"
+    # the settings besides kind and model that can change a reply (`BackendConfig.reply_settings`): in every call's
+    # cache key (those relevant to the request) and in each stage's fingerprint
+    reply_settings: dict[str, Any]
 
     def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
         """One list of completions per request, at most `request.n` each (fewer where the engine gave fewer).

@@ -38,6 +38,7 @@ class GeminiBackend:
     kind = "gemini"
     supports_continuation = False
     token_counts = "estimated"
+    reply_settings: dict[str, Any] = {}  # set by make_backend (BackendConfig.reply_settings)
 
     def __init__(
         self,

@@ -30,6 +30,7 @@ class LocalBackend:
     kind = "local"
     supports_continuation = True
     token_counts = "engine"
+    reply_settings: dict[str, Any] = {}  # set by make_backend (BackendConfig.reply_settings)
 
     def __init__(self, model_path: str | Path | None = None, n_ctx: int = 8192, engines: int = 1) -> None:
         """`engines` llama.cpp contexts run side by side (each generates one sequence at a time), sharing the

@@ -177,6 +177,7 @@ def base_urls(base_url: str | None) -> list[str]:
 
 class OpenAIBackend:
     kind = "openai"
+    reply_settings: dict[str, Any] = {}  # set by make_backend (BackendConfig.reply_settings)
 
     def __init__(
         self,

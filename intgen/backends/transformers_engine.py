@@ -19,6 +19,7 @@ class TransformersBackend:
     kind = "local"
     supports_continuation = True
     token_counts = "engine"
+    reply_settings: dict[str, Any] = {}  # set by make_backend (BackendConfig.reply_settings)
 
     def __init__(self, folder: str | Path) -> None:
         transformers = need("transformers", "the local engine with a model folder")

@@ -17,6 +17,7 @@ class VLLMBackend:
     kind = "vllm"
     supports_continuation = True
     token_counts = "engine"
+    reply_settings: dict[str, Any] = {}  # set by make_backend (BackendConfig.reply_settings)
 
     def __init__(self, model: str, **engine_args: Any) -> None:
         vllm = need("vllm", "the vllm backend")

@@ -69,6 +69,8 @@ class Stage:
       computed again on the next run); by default, the rows with an `error`.
     - `work(part, settings)`: how many units progress counts for a part (model samples, or answers graded
       for a stage without a model), known before it starts; None: counted as the stage asks.
+    - `sends`: the kinds of request it sends beyond plain chats, "schema" (a JSON schema) and "continuation"
+      (an assistant message continued): the backend settings about those are part of its fingerprint.
     """
 
     name: str
@@ -80,6 +82,7 @@ class Stage:
     uses_model: bool = True
     failures: Callable[[pl.DataFrame], dict[str, int]] = field(default_factory=lambda: count_failures)
     work: Callable[[Part, Any], int] | None = None
+    sends: tuple[str, ...] = ()
 
     @property
     def table(self) -> str:
