@@ -5,10 +5,13 @@ wrong step, or -1 when every step is right. The critic is asked for the first wr
 prompts: `intgen` (the proposer's own critique prompt without a reference solution, its JSON schema and its
 parser — what the pipeline's propose stage does) or `processbench` (ProcessBench's protocol: paragraphs tagged
 and indexed from 0, the index in `\\boxed{}`). Greedy by default; with `vote` > 1, that many samples and the
-most common parsed answer (ties: the earliest step). An unparseable reply counts as wrong.
+most common parsed answer (ties: the earliest step). An unparseable reply counts as wrong; an item whose calls
+all failed (no reply at all: a rerun asks again) is left out of the metric and counted as `left_out`.
 
 ProcessBench's metric, per subset: accuracy on the erroneous items (label != -1), accuracy on the correct
 items (label == -1), and their harmonic mean F1; the headline is the unweighted mean F1 over the subsets.
+
+`proposal_rows` scores a run's own proposals the same way: one per attempt, the first one answered.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from typing import Any
 
 import polars as pl
 
-from intgen.backends.base import ERROR, LENGTH, Completion, Sampling, make_request
+from intgen.backends.base import ERROR, LENGTH, TOO_LONG, Completion, Sampling, make_request
 from intgen.grading import extract_answer
 from intgen.io import BadInputError
 from intgen.resources import Prompt, fill
 from intgen.stages import Compute, ModelCalls, Part, Stage
-from intgen.stages.propose import NO_ERROR_FOUND, parse_proposal, proposal_schema
+from intgen.stages.propose import (CALL_FAILED, NO_ERROR_FOUND, NO_REFERENCE, NO_STEPS, PROMPT_TOO_LONG, TRUNCATED,
+                                   parse_proposal, proposal_schema)
 from intgen.steps import number_steps
 
 CRITICS = ("intgen", "processbench")
@@ -82,8 +86,8 @@ def read_items(path: str | Path, subset: str | None = None) -> pl.DataFrame:
             raise BadInputError(f"{where}: `label` must be -1 or the index of a step, got {record.get('label')!r}")
         rows.append({"id": str(record.get("id", index)), "subset": subset or record.get("subset") or path.stem,
                      "generator": record.get("generator"), "problem": record["problem"],
-                     "steps": [str(s) for s in record["steps"]], "final_answer_correct": record.get("final_answer_correct"),
-                     "label": record["label"]})
+                     "steps": [str(s) for s in record["steps"]],
+                     "final_answer_correct": record.get("final_answer_correct"), "label": record["label"]})
     if not rows:
         raise BadInputError(f"{path}: no items")
     return pl.DataFrame(rows, schema=ITEM_SCHEMA)
@@ -95,8 +99,9 @@ def critic_kind(prompt: Prompt) -> str:
         return "processbench"
     if "{{numbered_attempt}}" in prompt.text:
         return "intgen"
-    raise ValueError(f"{prompt.name}: a critic prompt needs {{{{numbered_attempt}}}} (intgen's numbered steps, the reply "
-                     "parsed as a proposal) or {{{{tagged_steps}}}} (ProcessBench's paragraphs, the index in \\boxed{{}})")
+    raise ValueError(f"{prompt.name}: a critic prompt needs {{{{numbered_attempt}}}} (intgen's numbered steps, "
+                     "the reply parsed as a proposal) or {{{{tagged_steps}}}} (ProcessBench's paragraphs, the index in "
+                     "\\boxed{{}})")
 
 
 def critic_messages(item: dict[str, Any], s: LocalizeSettings) -> list[dict[str, str]]:
@@ -151,31 +156,40 @@ def compute(part: Part, s: LocalizeSettings) -> Compute:
     for item, outs in zip(items, replies):
         predictions = [parse_index(out, len(item["steps"]), s.critic) for out in outs]
         errors = [out.error for out in outs if out.error]
+        # the first sample that has a reply: the row reads `error` only when every call failed (then `metrics` leaves
+        # it out, as ProcessBench scores only what the critic answered)
+        shown = next((out for out in outs if out.finish_reason != ERROR), outs[0] if outs else None)
         rows.append({
             "id": item["id"], "subset": item["subset"], "label": item["label"], "predicted": vote(predictions),
-            "votes": predictions, "reply": outs[0].text if outs else None,
-            "finish_reason": outs[0].finish_reason if outs else None, "error": errors[0] if errors else None,
-            "prompt_tokens": sum(o.prompt_tokens for o in outs), "completion_tokens": sum(o.completion_tokens for o in outs),
+            "votes": predictions, "reply": shown.text if shown else None,
+            "finish_reason": shown.finish_reason if shown else None, "error": errors[0] if errors else None,
+            "prompt_tokens": sum(o.prompt_tokens for o in outs),
+            "completion_tokens": sum(o.completion_tokens for o in outs),
         })
     return {"localize": rows}
 
 
 def metrics(table: pl.DataFrame) -> dict[str, Any]:
-    """ProcessBench's metric per subset and the unweighted mean F1 over subsets (fractions; unparseable = wrong)."""
+    """ProcessBench's metric per subset and the unweighted mean F1 over subsets (fractions; unparseable = wrong).
+    Rows with no reply (`finish_reason` error: the call failed) are not judged: left out, and counted."""
     subsets: dict[str, Any] = {}
-    for (subset,), rows in table.group_by("subset", maintain_order=True):
+    for (subset,), every in table.group_by("subset", maintain_order=True):
+        rows = every.filter(pl.col("finish_reason").fill_null("") != ERROR)
         erroneous, correct = rows.filter(pl.col("label") != -1), rows.filter(pl.col("label") == -1)
         error_acc = erroneous.select((pl.col("predicted") == pl.col("label")).fill_null(False).mean()).item() \
             if erroneous.height else None
-        correct_acc = correct.select((pl.col("predicted") == -1).fill_null(False).mean()).item() if correct.height else None
+        correct_acc = correct.select((pl.col("predicted") == -1).fill_null(False).mean()).item() \
+            if correct.height else None
         f1 = None
         if error_acc is not None and correct_acc is not None:
             f1 = 0.0 if error_acc + correct_acc == 0 else 2 * error_acc * correct_acc / (error_acc + correct_acc)
         subsets[str(subset)] = {"items": rows.height, "erroneous": erroneous.height, "correct": correct.height,
                                 "error_acc": error_acc, "correct_acc": correct_acc, "f1": f1,
-                                "unparseable": int(rows["predicted"].null_count())}
+                                "unparseable": int(rows["predicted"].null_count()),
+                                "left_out": every.height - rows.height}
     f1s = [v["f1"] for v in subsets.values() if v["f1"] is not None]
-    return {"subsets": subsets, "mean_f1": sum(f1s) / len(f1s) if f1s else None}
+    return {"subsets": subsets, "mean_f1": sum(f1s) / len(f1s) if f1s else None,
+            "left_out": sum(v["left_out"] for v in subsets.values())}
 
 
 def read_labels(path: str | Path) -> pl.DataFrame:
@@ -186,20 +200,39 @@ def read_labels(path: str | Path) -> pl.DataFrame:
     for index, record in enumerate(read_records(path, "labels")):
         if not isinstance(record, dict) or not isinstance(record.get("attempt_id"), str) \
                 or not isinstance(record.get("label"), int) or record["label"] < -1:
-            raise BadInputError(f"{path.name}[{index}]: expected {{\"attempt_id\": \"...\", \"label\": -1 or a step index}}")
+            raise BadInputError(
+                f"{path.name}[{index}]: expected {{\"attempt_id\": \"...\", \"label\": -1 or a step index}}")
         rows.append({"attempt_id": record["attempt_id"], "label": record["label"]})
     return pl.DataFrame(rows, schema={"attempt_id": pl.String, "label": pl.Int64})
 
 
 def proposal_rows(proposals: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
-    """A run's proposals for labelled attempts, as localize rows (subset `proposals`): the proposer's error step
-    (1-based) becomes a 0-based index; "no error found" is -1; a failed or unreadable proposal is unparseable."""
-    predicted = (pl.when(pl.col("reject_reason") == NO_ERROR_FOUND).then(pl.lit(-1, pl.Int64))
+    """A run's proposals for labelled attempts, as localize rows (subset `proposals`), one per attempt as ProcessBench
+    counts: the first answered proposal (lowest `proposal_index` with a reply). Its error step (1-based) becomes a
+    0-based index; "no error found" is -1; a reply cut at the token limit or unreadable is unparseable (wrong), and so
+    is a prompt too long for the engine (every proposal of the attempt would hit it). An attempt with no answered
+    proposal (every call failed, or none was made: no reference solution, no steps) is a row with `finish_reason`
+    error, `error` saying why, which `metrics` leaves out and counts."""
+    reason = pl.col("reject_reason")
+    no_reply = pl.col("raw").fill_null("") == ""
+    unanswered = ((reason == CALL_FAILED) | (pl.col("error").is_not_null() & no_reply)
+                  | reason.is_in([NO_REFERENCE, NO_STEPS])).fill_null(False)
+    truncated = ((pl.col("finish_reason") == LENGTH) | (reason == TRUNCATED)).fill_null(False)
+    rows = proposals.join(labels, on="attempt_id", how="inner").with_columns(unanswered.alias("unanswered"))
+    first = rows.group_by("attempt_id", maintain_order=True).agg(
+        pl.all().sort_by(["unanswered", "proposal_index"]).first())
+    unanswered = pl.col("unanswered")
+    predicted = (pl.when(unanswered | truncated).then(pl.lit(None, pl.Int64))
+                 .when(reason == NO_ERROR_FOUND).then(pl.lit(-1, pl.Int64))
                  .otherwise(pl.col("error_step").cast(pl.Int64) - 1))
-    return proposals.join(labels, on="attempt_id", how="inner").select(
+    finish = (pl.when(unanswered).then(pl.lit(ERROR))
+              .when(reason == PROMPT_TOO_LONG).then(pl.lit(TOO_LONG))  # an answer of sorts: the engine refused it
+              .otherwise(pl.col("finish_reason")))
+    error = pl.when(unanswered).then(pl.coalesce("error", reason)).otherwise(pl.col("error"))
+    return first.select(
         pl.col("proposal_id").alias("id"), pl.col("label"), predicted.alias("predicted"), pl.col("raw").alias("reply"),
         pl.lit("proposals").alias("subset"), pl.lit([], pl.List(pl.Int64)).alias("votes"),
-        "finish_reason", "error", "prompt_tokens", "completion_tokens",
+        finish.alias("finish_reason"), error.alias("error"), "prompt_tokens", "completion_tokens",
     ).cast(LOCALIZE_SCHEMA)
 
 
@@ -209,6 +242,6 @@ def summarize(tables: dict[str, pl.LazyFrame], s: LocalizeSettings) -> dict[str,
 
 STAGE = Stage(
     name="localize", reads=("items",), writes={"localize": LOCALIZE_SCHEMA},
-    fingerprint=fingerprint, compute=compute, summarize=summarize,
+    fingerprint=fingerprint, compute=compute, summarize=summarize, sends=("schema",),
     work=lambda part, s: len(part.tables["items"]) * s.vote,
 )
