@@ -13,7 +13,7 @@ from rich.table import Table
 
 from intgen import __version__
 from intgen.backends import BackendKind
-from intgen.config import DEFAULTS, ContinuationMode, ExecutorKind, ProposeStyle, StructuredOutput
+from intgen.config import DEFAULTS, ContinuationMode, ExecutorKind, ProposeFor, ProposeStyle, StructuredOutput
 from intgen.stages.verify import Condition
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         table.add_row(name, value)
     console.print(table)
     if summary["table1"]["conditions"]:
-        from intgen.stages.export import table1_rows
+        from intgen.stages.export import table1_rows, table1_selection
 
         conditions = Table(title="Table 1 (per problem; ratios to original-step, 95% bootstrap intervals)")
         for name in ("continue from", "solved / problems", "mean accuracy", "solved vs orig.", "accuracy vs orig."):
@@ -105,6 +105,8 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         for row in table1_rows(summary["table1"]):
             conditions.add_row(*row)
         console.print(conditions)
+        console.print(f"Table 1 is counted on: {table1_selection(summary['table1'])}. Which proposal stood for each "
+                      f"problem: {run_dir / 'analysis.json'} (table1.units).", highlight=False, soft_wrap=True)
     dataset = run_dir / "dataset"
     if summary["kept"]:
         console.print(f"dataset: {dataset}  (datasets.load_dataset(\"{dataset}\", \"sft\"))", highlight=False,
@@ -176,12 +178,13 @@ ProposeStyleOpt = Annotated[ProposeStyle, typer.Option(help="two-turn (the paper
 ProposeMaxTokensOpt = Annotated[int, typer.Option(help="Token limit per proposal.")]
 ProposeTemperatureOpt = Annotated[float, typer.Option()]
 StructuredProposalsOpt = Annotated[bool, typer.Option(help="Constrain proposals by a JSON schema where the backend can.")]
-IncludeTruncatedOpt = Annotated[bool, typer.Option(help="Also propose for attempts cut off by max tokens.")]
+ProposeForOpt = Annotated[ProposeFor, typer.Option(help="Which attempts get proposals: not-correct (every attempt not graded correct: wrong, truncated, unboxed; the release's set) or incorrect (graded wrong only).")]
 AllowNoReferenceOpt = Annotated[bool, typer.Option(help="Propose for problems without a reference solution (the prompt then says only the final answer is known).")]
 ContinuationsOpt = Annotated[int, typer.Option(help="Continuations per intervention (M).")]
 VerifyMaxTokensOpt = Annotated[int, typer.Option(help="Token limit per continuation.")]
 VerifyTemperatureOpt = Annotated[float, typer.Option()]
 MinSuccessOpt = Annotated[int, typer.Option(help="Keep an intervention with at least this many correct continuations.")]
+VerifyAllOpt = Annotated[bool, typer.Option(help="Verify every accepted proposal, not only the first of each attempt (the release verifies one per attempt; up to P times the verify compute).")]
 ConditionOpt = Annotated[Optional[list[Condition]], typer.Option("--condition", help="Verify conditions (repeatable): intervention, original-step, resample-step, problem-only.")]
 SystemPromptOpt = Annotated[Optional[str], typer.Option(help="System prompt for the policy (same in sampling, SFT and RL).")]
 SolvePromptOpt = Annotated[str, typer.Option(help="The policy's prompt (sample, verify, SFT and RL): a shipped file name or your own file with {{problem}}.")]
@@ -192,6 +195,7 @@ GradeTimeoutOpt = Annotated[float, typer.Option(help="Seconds of grading work pe
 LenientOpt = Annotated[bool, typer.Option(help="Grade a response without \\boxed{} by the answer it states (for small models).")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Problems per batch (one parquet part each).")]
 PricesOpt = Annotated[Optional[Path], typer.Option(help="Price table (TOML/JSON) to report cost.")]
+CardTemplateOpt = Annotated[str, typer.Option(help="The dataset card's template: the shipped card.md, or your own file (see data_cards/).")]
 SkipBadRowsOpt = Annotated[bool, typer.Option(help="Skip malformed problem rows (each is reported).")]
 RunDirOpt = Annotated[Path, typer.Option(help="Run directory (created if needed; rerunning resumes).")]
 ForceOpt = Annotated[bool, typer.Option(help="Recompute a stage whose settings changed (cached model calls are reused).")]
@@ -280,13 +284,14 @@ def build_dataset(
     propose_max_tokens: ProposeMaxTokensOpt = D.propose_max_tokens,
     propose_temperature: ProposeTemperatureOpt = D.propose_temperature,
     structured: StructuredProposalsOpt = D.structured,
-    include_truncated: IncludeTruncatedOpt = D.include_truncated,
+    propose_for: ProposeForOpt = ProposeFor(D.propose_for),
     allow_no_reference: AllowNoReferenceOpt = D.allow_no_reference,
     continuations: ContinuationsOpt = D.continuations,
     verify_max_tokens: VerifyMaxTokensOpt = D.verify_max_tokens,
     verify_temperature: VerifyTemperatureOpt = D.verify_temperature,
     min_success: MinSuccessOpt = D.min_success,
     condition: ConditionOpt = None,
+    verify_all_proposals: VerifyAllOpt = D.verify_all_proposals,
     system_prompt: SystemPromptOpt = None,
     solve_prompt: SolvePromptOpt = D.solve_prompt,
     reference_prompt: ReferencePromptOpt = D.reference_prompt,
@@ -297,6 +302,7 @@ def build_dataset(
     batch_size: BatchSizeOpt = D.batch_size,
     prices: PricesOpt = None,
     skip_bad_rows: SkipBadRowsOpt = D.skip_bad_rows,
+    card_template: CardTemplateOpt = D.card_template,
     executor: ExecutorOpt = ExecutorKind(D.executor),
     ray_address: RayAddressOpt = None,
     ray_actors: RayActorsOpt = D.ray_actors,
@@ -464,7 +470,7 @@ def propose(
     propose_max_tokens: ProposeMaxTokensOpt = D.propose_max_tokens,
     propose_temperature: ProposeTemperatureOpt = D.propose_temperature,
     structured: StructuredProposalsOpt = D.structured,
-    include_truncated: IncludeTruncatedOpt = D.include_truncated,
+    propose_for: ProposeForOpt = ProposeFor(D.propose_for),
     allow_no_reference: AllowNoReferenceOpt = D.allow_no_reference,
     reference_prompt: ReferencePromptOpt = D.reference_prompt,
     critique_prompt: CritiquePromptOpt = None,
@@ -497,6 +503,7 @@ def verify(
     verify_temperature: VerifyTemperatureOpt = D.verify_temperature,
     min_success: MinSuccessOpt = D.min_success,
     condition: ConditionOpt = None,
+    verify_all_proposals: VerifyAllOpt = D.verify_all_proposals,
     executor: ExecutorOpt = ExecutorKind(D.executor),
     ray_address: RayAddressOpt = None,
     ray_actors: RayActorsOpt = D.ray_actors,
@@ -507,7 +514,7 @@ def verify(
 ) -> None:
     """Continue each accepted intervention M times and keep the ones that lead to the answer."""
     from intgen.pipeline import run_named_stage
-    from intgen.stages.export import table1_rows
+    from intgen.stages.export import table1_rows, table1_selection
 
     settings = _saved_config(run_dir, _given(ctx, dict(locals())))
     entry = _in_run(run_dir, settings, lambda run, engine: run_named_stage(run, settings, "verify", engine, force,
@@ -516,16 +523,19 @@ def verify(
         console.print(f"{name}: {solved} problems solved at least once, mean accuracy {accuracy}"
                       + (f", vs original-step {solved_ratio} solved, {accuracy_ratio} accuracy" if solved_ratio else ""),
                       highlight=False)
-    console.print(f"verified: {entry['verified']}; kept: {entry['kept']}", highlight=False)
+    if entry["table1"]["conditions"]:
+        console.print(f"(Table 1 counted on: {table1_selection(entry['table1'])})", highlight=False, soft_wrap=True)
+    console.print(f"verified: {entry['verified']} (accepted {entry['accepted']}, not verified "
+                  f"{entry['not_verified']}); kept: {entry['kept']}", highlight=False)
     _exit_for({"verify": entry["failed_rows"]} if entry["failed_rows"] else {}, "verify")
 
 
 @app.command("export")
-def export(run_dir: RunDirOpt) -> None:
+def export(ctx: typer.Context, run_dir: RunDirOpt, card_template: CardTemplateOpt = D.card_template) -> None:
     """Write RUN_DIR/dataset/ (parquet per config and a README.md dataset card)."""
     from intgen.stages.export import export as write
 
-    settings = _saved_config(run_dir, {})
+    settings = _saved_config(run_dir, _given(ctx, {"card_template": card_template}))
     summary = _in_run(run_dir, settings, lambda run, _: write(run, settings))
     _print_summary(summary, run_dir)
 
@@ -812,12 +822,13 @@ def _localize_settings(ctx: typer.Context, values: dict[str, Any]) -> tuple["Run
 
 
 def _print_localize(report: dict[str, Any]) -> None:
-    table = Table(title="ProcessBench metric (unparseable replies count as wrong)")
-    for column in ("subset", "items", "erroneous acc.", "correct acc.", "F1", "unparseable"):
+    table = Table(title="ProcessBench metric (unparseable replies count as wrong; failed calls are left out)")
+    for column in ("subset", "items", "erroneous acc.", "correct acc.", "F1", "unparseable", "left out"):
         table.add_column(column, justify="left" if column == "subset" else "right")
     for name, row in report["subsets"].items():
         table.add_row(name, str(row["items"]), f"{_percent(row['error_acc'])} of {row['erroneous']}",
-                      f"{_percent(row['correct_acc'])} of {row['correct']}", _percent(row["f1"]), str(row["unparseable"]))
+                      f"{_percent(row['correct_acc'])} of {row['correct']}", _percent(row["f1"]), str(row["unparseable"]),
+                      str(row.get("left_out", 0)))
     console.print(table)
     console.print(f"mean F1 over {len(report['subsets'])} subset(s): {_percent(report['mean_f1'])}", highlight=False)
 

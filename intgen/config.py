@@ -22,6 +22,7 @@ from typing import Any
 from intgen.backends import BackendConfig, BackendKind
 from intgen.backends.base import Sampling
 from intgen.resources import Prompt, load_prompt
+from intgen.stages.propose import ProposeFor
 from intgen.stages.verify import Condition
 
 EXAMPLE_PROBLEMS = Path(__file__).resolve().parent / "examples" / "problems.jsonl"
@@ -105,10 +106,10 @@ class RunConfig:
     propose_style: str = "two-turn"
     reference_prompt: str = "propose_reference.md"  # turn 1 of the two-turn prompt
     critique_prompt: str | None = None  # turn 2, or the single-turn prompt (default: the shipped one for the style)
-    propose_max_tokens: int = 8192
+    propose_max_tokens: int = 16384  # per turn, as the release (a cut first turn would be fed to the second)
     propose_temperature: float = 0.7
     structured: bool = True  # constrain proposals by a JSON schema where the backend can
-    include_truncated: bool = False
+    propose_for: str = "not-correct"  # every attempt not graded correct, as the release; "incorrect": wrong ones only
     allow_no_reference: bool = False
     # verify
     continuations: int = 32
@@ -116,6 +117,7 @@ class RunConfig:
     verify_temperature: float = 0.7
     min_success: int = 1
     conditions: tuple[str, ...] = ("intervention",)
+    verify_all_proposals: bool = False  # verify every accepted proposal, not only the first of each attempt
     # run
     batch_size: int = 64
     prices: str | None = None
@@ -125,6 +127,7 @@ class RunConfig:
     ray_actor_cpus: float = 0.5
     ray_actor_gpus: float = 0.0  # 1 for an in-process vLLM engine per GPU
     license: str = "other"
+    card_template: str = "card.md"  # the dataset card's template: the shipped one, or your own file
 
     def __post_init__(self) -> None:
         found = [f"{name}: {problem}" for name, value in asdict(self).items() if (problem := check(name, value))]
@@ -213,6 +216,7 @@ LIST_FIELDS = ("conditions", "decontaminate")
 CHOICES: dict[str, type[Enum]] = {
     "backend": BackendKind, "proposer_backend": BackendKind, "propose_style": ProposeStyle,
     "structured_output": StructuredOutput, "continuation": ContinuationMode, "executor": ExecutorKind,
+    "propose_for": ProposeFor,
 }
 # (lowest, highest) allowed; None: no bound.
 BOUNDS: dict[str, tuple[float | None, float | None]] = {
@@ -275,6 +279,10 @@ def cross_checks(values: dict[str, Any]) -> list[tuple[str, str]]:
     if isinstance(values.get("min_success"), int) and isinstance(values.get("continuations"), int) \
             and values["min_success"] > values["continuations"]:
         found.append(("min_success", f"{values['min_success']} is more than continuations ({values['continuations']})"))
+    conditions = values.get("conditions")
+    if isinstance(conditions, (list, tuple)) and Condition.intervention.value not in conditions:
+        found.append(("conditions", f"{list(conditions)} leave out intervention, the condition every other one is "
+                                    "compared with (and the one the dataset keeps)"))
     return found
 
 

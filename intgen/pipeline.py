@@ -76,7 +76,7 @@ def propose_settings(config: RunConfig) -> propose.ProposeSettings:
     return propose.ProposeSettings(
         config.proposals, config.sampling(config.propose_max_tokens, config.propose_temperature),
         critique_prompt=prompts[-1], reference_prompt=prompts[0] if len(prompts) == 2 else None,
-        structured=config.structured, include_truncated=config.include_truncated,
+        structured=config.structured, propose_for=config.propose_for, allow_no_reference=config.allow_no_reference,
     )
 
 
@@ -84,7 +84,7 @@ def verify_settings(config: RunConfig) -> verify.VerifySettings:
     return verify.VerifySettings(
         config.continuations, config.sampling(config.verify_max_tokens, config.verify_temperature),
         config.prompt("solve"), config.system_prompt, config.min_success,
-        tuple(Condition(c) for c in config.conditions), config.lenient_answers,
+        tuple(Condition(c) for c in config.conditions), config.lenient_answers, config.verify_all_proposals,
     )
 
 
@@ -264,6 +264,6 @@ def score_proposals(run_dir: Path, labels: pl.DataFrame, out_dir: Path) -> dict[
     table = localize.proposal_rows(proposals, labels)
     with held(out_dir) as out:
         out.write_frame("localize.parquet", table)
-        report = {"protocol": {"run": str(run_dir), "proposals": table.height}} | localize.metrics(table)
+        report = {"protocol": {"run": str(run_dir), "attempts": table.height}} | localize.metrics(table)
         out.write_json("localize.json", report)
         return report

@@ -1,7 +1,9 @@
 """Files that ship with intgen: prompts and dataset-card templates.
 
 In a wheel they sit inside the package (`intgen/prompts`); in a source checkout (an editable install)
-they sit at the top of the repository. A user's own file always wins: pass its path instead of a name.
+they sit at the top of the repository. A shipped file is named by its bare file name (`solve.md`) and is
+looked up there only: a file of the same name in the working directory never replaces it. Your own file
+is used when you give its path (`./solve.md`, `my/solve.md`, or a bare name no shipped file has).
 """
 
 from __future__ import annotations
@@ -15,16 +17,23 @@ _PACKAGE = Path(__file__).resolve().parent
 _MARKER = re.compile(r"\{\{(\w+)\}\}")
 
 
-def resource_path(folder: str, name: str) -> Path:
-    """`name` inside the shipped `folder`, or `name` itself if it is a path to an existing file."""
-    own = Path(name)
-    if own.is_file():
-        return own
+def shipped_path(folder: str, name: str) -> Path | None:
+    """The shipped file `name` in `folder`, or None."""
+    if Path(name).name != name:  # a path, not a bare name
+        return None
     for base in (_PACKAGE / folder, _PACKAGE.parent / folder):
-        candidate = base / name
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no {folder[:-1]} file {name!r} (looked in {_PACKAGE / folder} and {_PACKAGE.parent / folder})")
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def resource_path(folder: str, name: str) -> Path:
+    """A shipped file by its bare name, else the user's own file at the path `name`."""
+    found = shipped_path(folder, name) or (Path(name) if Path(name).is_file() else None)
+    if found is None:
+        raise FileNotFoundError(f"no {folder[:-1]} file {name!r}: not a file, and not one of the shipped "
+                                f"{folder} ({_PACKAGE / folder})")
+    return found
 
 
 def read_prompt(name: str) -> str:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import polars as pl
 
+from intgen.backends.base import Sampling
 from intgen.io import PROBLEM_SCHEMA
+from intgen.resources import load_prompt
 from intgen.rundir import RunDir
 from intgen.stages import grade, propose, verify
 from intgen.stages.export import funnel, write_analysis
@@ -46,6 +48,7 @@ def write_synthetic_run(path: Path, problems: int, attempts: int = 4, continuati
     rng = random.Random(seed)
     run = RunDir(path)
     problem_rows, graded_rows, proposal_rows, verify_rows, continuation_rows = [], [], [], [], []
+    matched: dict[str, str] = {}  # problem -> its matched unit's proposal (the first accepted one)
     for p in range(problems):
         pid = f"{p:016x}"
         hostile = HOSTILE if p == 0 else ""
@@ -75,6 +78,7 @@ def write_synthetic_run(path: Path, problems: int, attempts: int = 4, continuati
                 "prompt_tokens": 900, "completion_tokens": 120})
             if rejected:
                 continue
+            unit = matched.setdefault(pid, proposal_id) == proposal_id
             for condition in ("intervention", "original-step"):
                 prefix = f"{proposal_id}/{condition}" if condition == "intervention" else f"{aid}/s{error_step}/original"
                 successes = 0
@@ -84,14 +88,14 @@ def write_synthetic_run(path: Path, problems: int, attempts: int = 4, continuati
                     body = " ".join(sentence(rng, 8) for _ in range(max(1, continuation_chars // 60)))
                     continuation_rows.append({
                         "continuation_id": f"{prefix}/c{c}", "prefix_id": prefix,
-                        "proposal_id": proposal_id if condition == "intervention" else None, "problem_id": pid,
-                        "condition": condition, "prefix_chars": 100, "text": body, "finish_reason": "stop",
+                        "proposal_id": proposal_id, "problem_id": pid, "condition": condition, "matched": unit,
+                        "prefix_chars": 100, "text": body, "finish_reason": "stop",
                         "true_continuation": True, "correct": correct, "predicted": str(p % 97 if correct else 0),
                         "grade_reason": "match" if correct else "wrong", "error": None,
                         "completion_tokens": len(body) // 4})
                 verify_rows.append({
-                    "prefix_id": prefix, "condition": condition, "problem_id": pid, "attempt_id": aid,
-                    "proposal_id": proposal_id if condition == "intervention" else None, "error_step": error_step,
+                    "prefix_id": prefix, "condition": condition, "matched": unit, "problem_id": pid, "attempt_id": aid,
+                    "proposal_id": proposal_id, "error_step": error_step,
                     "prefix_chars": 100, "continuations": continuations, "successes": successes, "ungradable": 0,
                     "success_rate": successes / continuations, "true_continuation": True,
                     "kept": condition == "intervention" and successes >= 1, "error": None})
@@ -118,9 +122,15 @@ def write_synthetic_run(path: Path, problems: int, attempts: int = 4, continuati
                                  "fingerprint": {"backend": "openai", "model": "synthetic"}}
                      | {k: v for k, v in propose_summary(lazy).items()})
     run.record_stage("verify", {"status": "done", "rows": len(verify_rows), "calls": calls,
-                                "fingerprint": {"backend": "openai", "model": "synthetic"}} | verify.summarize(lazy, None))
+                                "fingerprint": {"backend": "openai", "model": "synthetic"}}
+                     | verify.summarize(lazy, verify_settings(continuations)))
     write_analysis(run, funnel(run))
     return run
+
+
+def verify_settings(continuations: int) -> verify.VerifySettings:
+    return verify.VerifySettings(continuations, Sampling(), load_prompt("solve.md"),
+                                 conditions=(verify.Condition.intervention, verify.Condition.original_step))
 
 
 def propose_summary(tables: dict[str, pl.LazyFrame]) -> dict:

@@ -42,7 +42,7 @@ def test_build_dataset_on_the_bundled_examples_with_the_local_engine(tmp_path: P
     run_dir = tmp_path / "demo"
     args = ["build-dataset", "--run-dir", str(run_dir), "--limit", "3", "--samples", "2", "--max-tokens", "96",
             "--proposals", "1", "--propose-max-tokens", "160", "--continuations", "2", "--verify-max-tokens", "64",
-            "--include-truncated", "--no-progress"]
+            "--no-progress"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "embedded demo" in result.output and "kept" in result.output
@@ -71,7 +71,7 @@ def test_stage_commands_one_by_one(tmp_path: Path) -> None:
         ["sample", "--problems", str(EXAMPLE_PROBLEMS), "--run-dir", run_dir, "--limit", "2", "--samples", "2",
          "--max-tokens", "80", "--no-progress"],
         ["grade", "--run-dir", run_dir, "--lenient-answers", "--no-progress"],
-        ["propose", "--run-dir", run_dir, "--proposals", "1", "--propose-max-tokens", "120", "--include-truncated",
+        ["propose", "--run-dir", run_dir, "--proposals", "1", "--propose-max-tokens", "120",
          "--no-progress"],
         ["verify", "--run-dir", run_dir, "--continuations", "1", "--verify-max-tokens", "48", "--min-success", "0",
          "--condition", "intervention", "--condition", "problem-only", "--no-progress"],
@@ -191,3 +191,32 @@ def test_bad_config_files_name_the_file_and_the_setting(text: str, message: str,
     assert result.exit_code == 2 and message in result.output and "run.toml" in result.output, result.output
     result = runner.invoke(app, ["build-dataset", "--config", str(tmp_path / "missing.toml"), "--run-dir", str(tmp_path / "r")])
     assert result.exit_code == 2 and "missing.toml: no such config file" in result.output
+
+
+@pytest.mark.slow
+def test_a_setting_that_changes_replies_is_refused_and_never_answered_from_the_old_cache(proxy, tmp_path: Path) -> None:
+    from intgen.config import EXAMPLE_PROBLEMS
+
+    run_dir = tmp_path / "run"
+    base = ["build-dataset", "--problems", str(EXAMPLE_PROBLEMS), "--limit", "2", "--backend", "openai",
+            "--model", "smollm2", "--base-url", proxy.url, "--samples", "2", "--max-tokens", "48", "--proposals", "1",
+            "--propose-style", "single-turn", "--propose-max-tokens", "48", "--continuations", "1",
+            "--verify-max-tokens", "16", "--lenient-answers", "--run-dir", str(run_dir), "--no-progress", "--no-report"]
+    first = runner.invoke(app, base + ["--structured-output", "json_object"])
+    assert first.exit_code == 0, first.output
+    schema_asks = [body for _, body in proxy.forwarded if "response_format" in body]
+    assert schema_asks, "the premise: proposals were asked for with llama.cpp's json_object schema"
+    sampled = [body for _, body in proxy.forwarded if "response_format" not in body and "continue_final_message"
+               not in body and body.get("messages", [{}])[-1].get("role") == "user" and body.get("n") == 2]
+    assert sampled, "the premise: the attempts were sampled through the proxy"
+
+    refused = runner.invoke(app, base + ["--structured-output", "none"])
+    assert refused.exit_code == 2 and "propose" in refused.output and "structured_output" in refused.output
+
+    before = len(proxy.forwarded)
+    forced = runner.invoke(app, base + ["--structured-output", "none", "--force"])
+    assert forced.exit_code == 0, forced.output
+    new = [body for _, body in proxy.forwarded[before:]]
+    assert not any(body in sampled for body in new)  # no reply depends on it: the attempts come from the cache
+    critiques = [body for body in new if "Substep 1" in body["messages"][-1]["content"]]
+    assert critiques and all("response_format" not in body for body in critiques)  # asked again, without a schema

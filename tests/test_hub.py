@@ -25,7 +25,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("hub") / "run"
     args = ["build-dataset", "--run-dir", str(run_dir), "--limit", "3", "--samples", "2", "--max-tokens", "96",
             "--proposals", "4", "--propose-max-tokens", "160", "--continuations", "2", "--verify-max-tokens", "64",
-            "--include-truncated", "--min-success", "0", "--no-progress"]  # min-success 0: sft has rows
+            "--min-success", "0", "--no-progress"]  # min-success 0: sft has rows
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return run_dir

@@ -30,7 +30,7 @@ def pipeline_args(problems: Path, run_dir: Path, url: str) -> list[str]:
         "build-dataset", "--problems", str(problems), "--run-dir", str(run_dir),
         "--backend", "openai", "--model", "smollm2", "--base-url", url,
         "--structured-output", "json_object", "--continuation", "completions", "--chat-template", str(smollm2_gguf()),
-        "--concurrency", "4", "--samples", "2", "--max-tokens", "256", "--include-truncated", "--proposals", "3",
+        "--concurrency", "4", "--samples", "2", "--max-tokens", "256", "--proposals", "3",
         "--propose-max-tokens", "200", "--continuations", "2", "--verify-max-tokens", "120", "--min-success", "0",
         "--lenient-answers", "--seed", "3", "--no-progress",
     ]
@@ -83,17 +83,28 @@ def test_ids_chain_and_manifest_counts_match_the_tables(finished_run: tuple[Path
     graded = pl.read_parquet(run_dir / "graded")
     assert manifest["sample"]["rows"] == samples.height == 8
     assert manifest["grade"]["incorrect"] == graded.filter(pl.col("correct") == False).height  # noqa: E712
-    failed = graded.filter((pl.col("correct") == False) | pl.col("truncated")).height  # noqa: E712 (--include-truncated)
-    assert manifest["propose"]["rows"] == proposals.height == 3 * failed
+    # every attempt not graded correct is critiqued (the release's set), but one with no text (a failed call)
+    critiqued = graded.filter(pl.col("correct").ne_missing(True)
+                              & ~pl.col("grade_reason").is_in(["sample_error", "prompt_too_long"])).height
+    assert manifest["propose"]["rows"] == proposals.height == 3 * critiqued
     assert manifest["propose"]["accepted"] == proposals["accepted"].sum()
     assert sum(manifest["propose"]["rejected_by_reason"].values()) == proposals.height - proposals["accepted"].sum()
-    assert manifest["verify"]["rows"] == manifest["propose"]["accepted"]
-    assert manifest["verify"]["continuation_rows"] == continuations.height == 2 * manifest["propose"]["accepted"]
+    # one proposal verified per attempt: the first accepted one
+    verified_attempts = proposals.filter("accepted")["attempt_id"].n_unique()
+    assert manifest["verify"]["rows"] == verified_attempts
+    assert manifest["verify"]["not_verified"] == proposals["accepted"].sum() - verified_attempts
+    first = proposals.filter("accepted").sort("proposal_index").group_by("attempt_id").first()["proposal_id"]
+    assert set(pl.read_parquet(run_dir / "verify")["proposal_id"]) == set(first)
+    assert manifest["verify"]["continuation_rows"] == continuations.height == 2 * verified_attempts
     assert manifest["verify"]["kept"] == read_config(run_dir, "sft").height
-    # Table 1 and the paper's funnel figures are in the manifest, analysis.json and the card
+    # Table 1 (one matched unit per problem, M continuations each) and the funnel: manifest, analysis.json, card
     analysis = json.loads((run_dir / "analysis.json").read_text())
+    units = analysis["table1"].pop("units")
     assert analysis["table1"] == manifest["verify"]["table1"]
-    assert analysis["table1"]["conditions"]["intervention"]["continuations"] == continuations.height
+    matched = continuations.filter("matched")
+    assert len(units) == matched["problem_id"].n_unique() == pl.read_parquet(run_dir / "verify").filter(
+        "matched")["problem_id"].n_unique()
+    assert analysis["table1"]["conditions"]["intervention"]["continuations"] == matched.height == 2 * len(units)
     funnel = analysis["funnel"]
     assert funnel["intervention_continuations"] == continuations.height
     assert funnel["intervention_correct"] == continuations["correct"].sum()

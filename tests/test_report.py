@@ -42,7 +42,12 @@ def test_the_page_lists_every_proposal_and_keeps_hostile_text_as_data(synthetic:
     assert "\\u003c/script>\\u003cscript>window.pwned" in text
     assert "http://" not in text.replace("http://www.w3.org", "") and "https://" not in text  # nothing fetched
     verified = RunDir(synthetic).table("verify").filter(pl.col("condition") == "intervention")
-    assert summary["table1"]["conditions"]["intervention"]["problems"] == verified["problem_id"].n_unique() > 0
+    table1 = summary["table1"]
+    assert table1["conditions"]["intervention"]["problems"] == verified["problem_id"].n_unique() > 0
+    # which proposal stood for each problem: the first accepted one of each problem
+    first = verified.filter("matched").sort("problem_id")
+    assert [u["proposal_id"] for u in table1["units"]] == first["proposal_id"].to_list()
+    assert len(table1["units"]) == table1["problems"] and "first accepted proposal" in table1["selection"]
 
 
 def test_long_continuations_keep_their_start_and_end() -> None:
@@ -71,8 +76,14 @@ def test_synthetic_report_in_chromium(synthetic: Path, browser) -> None:
     assert HOSTILE.strip().split(" @@")[0] in page.locator("#detail .text").first.inner_text()
     page.wait_for_timeout(500)  # an injected <img onerror> would have fired by now
     assert page.evaluate("window.pwned") is None
-    # Table 1 and the distributions are drawn
+    # Table 1 (its selection rule, and a link to the proposal that stood for each problem) and the distributions
     assert page.locator("#table1 svg rect").count() >= 2 and page.locator("#distributions svg rect").count() > 10
+    assert "matched set at equal budgets" in page.locator("#table1-rule").inner_text()
+    units = page.locator("#table1-units li a")
+    assert units.count() == summary_of((synthetic / "report.html").read_text())["table1"]["problems"]
+    units.first.evaluate("a => a.closest('details').open = true")
+    units.first.click()
+    page.wait_for_function("location.hash.startsWith('#p=') && document.querySelector('#detail .text')")
     assert not seen["problems"]
 
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 def small_run(run_dir: Path, *extra: str) -> list[str]:
     return ["build-dataset", "--run-dir", str(run_dir), "--limit", "4", "--batch-size", "1", "--samples", "2",
             "--max-tokens", "48", "--proposals", "2", "--propose-max-tokens", "40", "--continuations", "2",
-            "--verify-max-tokens", "32", "--min-success", "0", "--include-truncated", "--seed", "5",
+            "--verify-max-tokens", "32", "--min-success", "0", "--seed", "5",
             "--no-progress", *extra]
 
 

@@ -170,12 +170,22 @@ function table1() {
     (vs[key + "_ci95"] ? ` [${vs[key + "_ci95"].map((v) => (v === null ? "n/a" : v.toFixed(2))).join(", ")}]` : ""));
   const rows = conditions.map(([name, r]) => [name, `${r.solved}/${r.problems}`, pct(r.solved / Math.max(r.problems, 1)), pct(r.mean_accuracy),
     `${r.correct}/${r.continuations}`, ratio(r.vs_original_step, "solved_ratio"), ratio(r.vs_original_step, "accuracy_ratio")]);
+  const left = Object.entries(t.left_out || {}).filter(([, v]) => v).map(([k, v]) => `${v} for ${k.replace(/_/g, " ")}`);
+  const units = t.units || [];
+  const unitList = units.length ? el("details", {id: "table1-units"},
+    el("summary", {}, `Which proposal stood for each problem (${units.length})`),
+    el("ul", {}, units.map((u) => el("li", {}, el("a", {href: "#p=" + encodeURIComponent(u.proposal_id)}, u.proposal_id),
+      ` · error step ${u.error_step}`)))) : null;
   return el("section", {id: "table1"}, el("h2", {}, "Table 1 (per problem, as the paper counts it)"),
+    t.selection ? el("p", {class: "muted", id: "table1-rule"}, `Counted on a matched set at equal budgets: ${t.selection}. ` +
+      `M = ${fmt(t.continuations_per_condition)} continuations per condition and problem; ${fmt(t.problems)} problems` +
+      (left.length ? `; left out: ${left.join(", ")}.` : ".")) : null,
     conditions.length ? el("div", {class: "grid"},
       el("div", {}, el("h3", {}, "Problems solved (≥ 1 correct continuation)"), intervalChart(conditions.map(([n, r]) => [n, r.solved / Math.max(r.problems, 1), null]))),
-      el("div", {}, el("h3", {}, "Mean accuracy over distinct continuations"), intervalChart(conditions.map(([n, r]) => [n, r.mean_accuracy, null])))) : null,
+      el("div", {}, el("h3", {}, "Mean accuracy (mean over problems)"), intervalChart(conditions.map(([n, r]) => [n, r.mean_accuracy, null])))) : null,
     table(["condition", "solved / problems", "solved", "mean accuracy", "correct / continuations", "solved vs original-step [95% CI]", "accuracy vs original-step [95% CI]"], rows, [1, 2, 3, 4]),
-    el("p", {class: "muted"}, `Intervals: bootstrap over problems (${fmt(t.bootstrap_resamples)} resamples, seed ${fmt(t.seed)}).`));
+    el("p", {class: "muted"}, `Intervals: bootstrap over problems (${fmt(t.bootstrap_resamples)} resamples, seed ${fmt(t.seed)}).`),
+    unitList);
 }
 
 function distributions() {

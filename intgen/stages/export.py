@@ -20,6 +20,7 @@ import polars as pl
 import yaml
 
 from intgen import __version__
+from intgen.analysis import SELECTION_RULE, matched_units
 from intgen.resources import Prompt, fill, resource_path
 from intgen.rundir import RunDir, atomic_write_text, file_digest
 from intgen.stages.sample import solve_messages
@@ -47,10 +48,12 @@ def dataset_tables(run: RunDir, solve: Prompt, system_prompt: str | None) -> dic
     prompt = prompt_column(solve.text, system_prompt).alias("prompt")
     problems = run.scan("problems")
     verdicts = run.scan("verify").filter(pl.col("condition") == "intervention").select(
-        "proposal_id", "continuations", "successes", "ungradable", "success_rate", "kept", "true_continuation"
+        "proposal_id", "continuations", "successes", "ungradable", "success_rate", "kept", "true_continuation",
+        pl.col("error").is_null().alias("verified"), pl.col("matched").alias("in_table1"),
     )
+    # an accepted proposal without a verify row was not verified (one per attempt, unless --verify-all-proposals)
     interventions = run.scan("proposals").join(verdicts, on="proposal_id", how="left").with_columns(
-        pl.col("kept").fill_null(False)
+        pl.col("kept").fill_null(False), pl.col("verified").fill_null(False), pl.col("in_table1").fill_null(False)
     )
     sft = (
         interventions.filter(pl.col("kept"))
@@ -100,8 +103,10 @@ def export(run: RunDir, config: RunConfig, skipped_rows: int = 0) -> dict[str, A
 
 
 def write_analysis(run: RunDir, summary: dict[str, Any]) -> None:
-    """RUN/analysis.json: Table 1 and the funnel (what the summary, the card and the report show)."""
-    run.write_json("analysis.json", {"table1": summary["table1"], "funnel": {
+    """RUN/analysis.json: Table 1 (with the proposal that stood for each problem) and the funnel (what the
+    summary, the card and the report show)."""
+    table1 = summary["table1"] | {"units": matched_units(run.scan("verify"))}
+    run.write_json("analysis.json", {"table1": table1, "funnel": {
         k: v for k, v in summary.items() if k not in ("table1", "tokens_by_stage")}})
 
 
@@ -131,6 +136,8 @@ def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
         "problems_selected": graded["problems_selected"],
         "proposals": proposals["rows"],
         "rejected": proposals["rejected_by_reason"],
+        "accepted": verify["accepted"],
+        "not_verified": verify["not_verified"],
         "verified": verify["verified"],
         "kept": verify["kept"],
         "problems_with_kept": verify["problems_with_kept"],
@@ -172,6 +179,8 @@ def funnel_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("problems selected for proposals", str(summary["problems_selected"])),
         ("proposals", str(summary["proposals"])),
         ("rejected, by reason", rejected),
+        ("accepted", str(summary["accepted"])),
+        ("  not verified (one per attempt; --verify-all-proposals)", str(summary["not_verified"])),
         ("verified (all continuations arrived)", str(summary["verified"])),
         ("correct continuations / all", f"{summary['intervention_correct']} / {arrived}"
          + (f" ({100 * summary['intervention_correct'] / arrived:.2f}%)" if arrived else "")),
@@ -199,6 +208,16 @@ def table1_rows(table1: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         acc = "" if not vs else ("n/a" if vs["accuracy_ratio"] is None else f"{vs['accuracy_ratio']:.2f}x") + interval(vs["accuracy_ratio_ci95"])
         rows.append((condition, f"{row['solved']}/{row['problems']}", f"{100 * row['mean_accuracy']:.2f}%", solved, acc))
     return rows
+
+
+def table1_selection(table1: dict[str, Any]) -> str:
+    """What Table 1 is counted on, in words (the rule, M, and what was left out)."""
+    left = {k: v for k, v in (table1.get("left_out") or {}).items() if v}
+    out = (f"{table1.get('selection', SELECTION_RULE)} (M = {table1.get('continuations_per_condition')}; "
+           f"{table1['problems']} problems")
+    if left:
+        out += "; left out: " + ", ".join(f"{v} for {k.replace('_', ' ')}" for k, v in left.items())
+    return out + ")"
 
 
 def table1_markdown(table1: dict[str, Any]) -> str:
@@ -258,7 +277,7 @@ def dataset_card(
     )
     empty = [name for name in CONFIGS if not rows[name]]
     return fill(
-        resource_path("data_cards", "card.md").read_text(encoding="utf-8"),
+        resource_path("data_cards", config.card_template).read_text(encoding="utf-8"),
         empty_note="" if not empty else (
             f"\n**Empty:** {', '.join(f'`{n}`' for n in empty)} (0 rows"
             + ("; no intervention was kept" if "sft" in empty else "")
@@ -270,6 +289,11 @@ def dataset_card(
         + " (engine: counted by the engine per sample; tokenizer: counted with the model's tokenizer; estimated: the "
           "request's usage shared by text length)",
         table1=table1_markdown(summary["table1"]),
+        table1_selection=table1_selection(summary["table1"]),
+        propose_for={"not-correct": "every attempt not graded correct (wrong, truncated or without a readable "
+                     "answer), as the release", "incorrect": "the attempts graded wrong"}[config.propose_for],
+        verified_per_attempt="every accepted proposal" if config.verify_all_proposals
+        else "the first accepted proposal of each attempt (as the release)",
         yaml=card_front_matter(config, rows, files),
         title="intgen intervention dataset",
         intgen_version=__version__,
