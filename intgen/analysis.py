@@ -60,7 +60,7 @@ def table1(continuations: pl.LazyFrame, conditions: list[str], per_condition: in
     correct = {c: np.array([cells[(p, c)]["correct"] for p in problems], dtype=float) for c in conditions}
     rng = np.random.default_rng(seed)
     table: dict[str, Any] = {}
-    for condition in conditions:
+    for condition in conditions if problems else []:
         hits = correct[condition]
         row: dict[str, Any] = {
             "problems": len(problems), "solved": int((hits > 0).sum()), "continuations": len(problems) * per_condition,

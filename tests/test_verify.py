@@ -281,6 +281,9 @@ def test_table1_leaves_out_incomplete_problems_and_says_why() -> None:
                    ["intervention", "original-step"], 4)
     assert table["problems"] == 1 and table["left_out"] == {"failed_calls": 1, "prefix_too_long": 1}
     assert table["conditions"]["intervention"]["continuations"] == 4
+    none = table1(continuations_frame(grids, ids[1:], failed={("b", "original-step"), ("c", "intervention")}),
+                  ["intervention", "original-step"], 4)
+    assert none["problems"] == 0 and none["conditions"] == {} and none["left_out"]["failed_calls"] == 2
 
 
 def test_table1_intervals_hold_one_when_every_condition_has_the_same_rate() -> None:

@@ -136,8 +136,8 @@ def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
         "problems_selected": graded["problems_selected"],
         "proposals": proposals["rows"],
         "rejected": proposals["rejected_by_reason"],
-        "accepted": verify["accepted"],
-        "not_verified": verify["not_verified"],
+        "accepted": verify.get("accepted", 0),
+        "not_verified": verify.get("not_verified", 0),
         "verified": verify["verified"],
         "kept": verify["kept"],
         "problems_with_kept": verify["problems_with_kept"],
@@ -222,7 +222,9 @@ def table1_selection(table1: dict[str, Any]) -> str:
 
 def table1_markdown(table1: dict[str, Any]) -> str:
     if not table1["conditions"]:
-        return "(no continuations)"
+        left = {k: v for k, v in (table1.get("left_out") or {}).items() if v}
+        return "(no problem has all its matched continuations" + "".join(
+            f"; left out: {v} for {k.replace('_', ' ')}" for k, v in left.items()) + ")"
     head = "| continue from | solved / problems | mean accuracy | solved vs original-step | accuracy vs original-step |\n|---|---|---|---|---|\n"
     return head + "\n".join("| " + " | ".join(row) + " |" for row in table1_rows(table1))
 
