@@ -198,7 +198,11 @@ DEMO = {
     "max_tokens": 176,
     "propose_style": "single-turn",  # the two-turn prompt's first turn doubles the proposer's prompt and time
     "proposals": 3,
-    "propose_max_tokens": 64,  # SmolLM2's parsable replies are under 50 tokens; longer ones run away
+    # SmolLM2's ungradable attempts (a third of them) are unfinished rambling, and each critique prompt costs the
+    # engine ~3k prompt tokens: the demo critiques the attempts graded wrong only (the default is every attempt
+    # not graded correct, as the release)
+    "propose_for": "incorrect",
+    "propose_max_tokens": 80,  # the five JSON fields in SmolLM2's words; longer replies run away
     "continuations": 8,
     "verify_max_tokens": 160,
     "verify_temperature": 0.3,  # a 135M model rambles at 0.7; cooler continuations finish more often

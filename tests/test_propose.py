@@ -219,6 +219,34 @@ def test_echoes_are_rejected(reply: str, reason: str | None) -> None:
     assert propose.parse_proposal(reply, len(STEPS), STEPS).reject_reason == reason
 
 
+@pytest.mark.parametrize(
+    "intervention, echo",
+    [
+        # what SmolLM2-135M wrote in the embedded demo's JSON replies, copied from the prompt's field descriptions
+        ("the final step, or", True),
+        ("the final step completed", True),
+        ("The final step of the intervention", True),  # nothing but the prompt's words
+        ("the draft and its Substep number", True),
+        ("The three questions answered", True),
+        ("the verification log and the issues found", True),
+        ("Check every intermediate result", True),  # the prompt's own advice, not a step
+        # real steps, even ones using a word or phrase of the prompt
+        ("Let me recheck the final step: $3 + 4 = 7$, not 8, so I redo the subtraction.", False),
+        ("I should list the cases by their smaller element instead of guessing.", False),
+        ("Instead, count the complements: $2^{10} - 1$ subsets are non-empty.", False),
+        ("I add 3 + 4 carefully and get seven.", False),
+        ("Wait, the student's step is right; I check the next intermediate result instead.", False),
+    ],
+)
+def test_an_intervention_made_of_the_prompts_own_words_is_an_echo(intervention: str, echo: bool) -> None:
+    settings = propose.ProposeSettings(3, Sampling(max_tokens=64), load_prompt("propose_single.md"))
+    reply = json.dumps({"verification": "v", "draft": "d", "self_check": "c", "error_step": 2,
+                        "intervention": intervention})
+    parsed = propose.parse_proposal(reply, len(STEPS), STEPS, propose.instructions(settings))
+    assert (parsed.reject_reason == propose.ECHO) is echo, parsed
+    assert propose.parse_proposal(reply, len(STEPS), STEPS).reject_reason != propose.ECHO or echo  # needs the prompt
+
+
 # --- degenerate interventions -----------------------------------------------------------------------
 
 @pytest.mark.parametrize(

@@ -412,13 +412,32 @@ def _plain(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip(" \t\n*_`'\".:;<>[]{}").lower()
 
 
-def is_echo(intervention: str, logs: list[str | None], steps: list[str]) -> bool:
-    """Does the intervention only repeat a key name, a log of the reply (the verification, the self-check) or one
-    of the attempt's steps? (A final intervention equal to its draft is no echo: the draft passed the check.)"""
+def is_echo(intervention: str, logs: list[str | None], steps: list[str], instructions: str = "") -> bool:
+    """Does the intervention only repeat a key name, a log of the reply (the verification, the self-check), one
+    of the attempt's steps, or the prompt's own wording (`instructions`)? (A final intervention equal to its
+    draft is no echo: the draft passed the check.)"""
     plain = _plain(intervention)
     return plain in KEY_NAMES or any(log and plain == _plain(log) for log in logs) or any(
         plain == _plain(step) for step in steps
-    )
+    ) or echoes_instructions(intervention, instructions)
+
+
+_LOWER_WORDS = re.compile(r"[^\W\d_]+")
+
+
+def echoes_instructions(intervention: str, instructions: str) -> bool:
+    """Is the intervention the prompt's own wording: a run of its words with at most one word of its own at
+    either end, or a short text (8 words at most, no math) made of its words only? Small models fill the format
+    with its descriptions: "the final step, or", "the final step completed", "The final step of the intervention"."""
+    words = _LOWER_WORDS.findall(intervention.lower())
+    if not words or not instructions:
+        return False
+    told = _LOWER_WORDS.findall(instructions.lower())
+    text = " " + " ".join(told) + " "
+    runs = [words] + ([words[1:], words[:-1]] if len(words) >= 3 else [])
+    if any(f" {' '.join(run)} " in text for run in runs):
+        return True
+    return len(words) <= 8 and not re.search(r"[\d$\\=]", intervention) and set(words) <= set(told)
 
 
 _WORD = re.compile(r"[^\W\d_]{2,}")  # two letters or more, any script
@@ -449,7 +468,7 @@ def _verification(block: dict[str, Any]) -> str | None:
     return text or None
 
 
-def _judge(block: dict[str, Any], num_steps: int, steps: list[str]) -> Parsed:
+def _judge(block: dict[str, Any], num_steps: int, steps: list[str], instructions: str = "") -> Parsed:
     step = normalize_step(block.get("error_step"))
     intervention = _text(block.get("intervention"))
     verification = _verification(block)
@@ -463,7 +482,7 @@ def _judge(block: dict[str, Any], num_steps: int, steps: list[str]) -> Parsed:
         return parsed(None, BAD_LOCATION)
     if not intervention or not re.search(r"\w", intervention) or intervention.strip(" .<>[]").lower() in PLACEHOLDERS:
         return parsed(step, EMPTY)
-    if is_echo(intervention, [_text(block.get("verification")), _text(block.get("self_check"))], steps):
+    if is_echo(intervention, [_text(block.get("verification")), _text(block.get("self_check"))], steps, instructions):
         return parsed(step, ECHO)
     if is_degenerate(intervention):
         return parsed(step, DEGENERATE)
@@ -477,10 +496,10 @@ def reply_blocks(text: str | None) -> list[dict[str, Any]]:
     return [block for _, block in sorted(_object_blocks(text) + _tag_blocks(text), key=lambda b: b[0])]
 
 
-def parse_proposal(text: str | None, num_steps: int, steps: list[str] | None = None) -> Parsed:
-    """Read the proposer's reply; the last well-formed block wins, else the last block's reason.
-    With the attempt's `steps`, an intervention that only repeats one of them is rejected as an echo."""
-    judged = [_judge(block, num_steps, steps or []) for block in reply_blocks(text)]
+def parse_proposal(text: str | None, num_steps: int, steps: list[str] | None = None, instructions: str = "") -> Parsed:
+    """Read the proposer's reply; the last well-formed block wins, else the last block's reason. With the
+    attempt's `steps` and the prompt's `instructions`, an intervention that only repeats one of them is an echo."""
+    judged = [_judge(block, num_steps, steps or [], instructions) for block in reply_blocks(text)]
     if not judged:
         return Parsed(None, None, None, NO_BLOCK)
     accepted = [p for p in judged if p.reject_reason is None]
@@ -738,7 +757,7 @@ def failed_call_reason(error: str | None) -> str:
     return PROMPT_TOO_LONG if "context" in text or "too long" in text else CALL_FAILED
 
 
-def read_reply(row: dict[str, Any], out: Completion, steps: list[str]) -> dict[str, Any]:
+def read_reply(row: dict[str, Any], out: Completion, steps: list[str], instructions: str = "") -> dict[str, Any]:
     """The row once the proposer's reply `out` is parsed (accepted so far; the leak test comes after).
     A reply cut at the token limit is `truncated`, whatever it holds: never a parse failure."""
     row = row | {"raw": out.text, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
@@ -746,7 +765,7 @@ def read_reply(row: dict[str, Any], out: Completion, steps: list[str]) -> dict[s
     if out.finish_reason == ERROR:
         reason = failed_call_reason(out.error)
         return row | {"reject_reason": reason, "error": out.error if reason == CALL_FAILED else None}
-    parsed = parse_proposal(out.text, len(steps), steps)
+    parsed = parse_proposal(out.text, len(steps), steps, instructions)
     row |= {"error_step": parsed.error_step, "intervention": parsed.intervention,
             "verification": parsed.verification, "reject_reason": parsed.reject_reason}
     if out.finish_reason == LENGTH:
@@ -785,6 +804,13 @@ def unproposable(steps: list[str], problem: dict[str, Any], turn1: Any, s: Propo
     return None
 
 
+def instructions(s: ProposeSettings) -> str:
+    """The proposer's own wording (its prompt files and the schema's field descriptions): an intervention made of
+    it is an echo."""
+    fields = proposal_schema(1)["properties"].values()
+    return "\n".join([p.text for p in s.prompts()] + [f["description"] for f in fields])
+
+
 def compute(part: Part, s: ProposeSettings) -> Compute:
     problems = part.problems()
     failed = failed_attempts(part, s.propose_for)
@@ -804,9 +830,10 @@ def compute(part: Part, s: ProposeSettings) -> Compute:
         asked.append((len(rows), attempt))
         rows += blank
     completions = (yield ModelCalls(requests)) if requests else []
+    told = instructions(s)
     for (start, attempt), outs in zip(asked, completions):
         for j, out in enumerate(outs):
-            rows[start + j] = read_reply(rows[start + j], out, steps_of[attempt["attempt_id"]])
+            rows[start + j] = read_reply(rows[start + j], out, steps_of[attempt["attempt_id"]], told)
     parsed = [row for row in rows if row["reject_reason"] is None]
     yield from check_leaks(parsed, problems)
     return {"proposals": rows}
