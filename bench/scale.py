@@ -8,8 +8,8 @@
    sizes (start-up and imports cancel out); peak RSS of the larger over the smaller shows whether memory grows
    with the problems.
 2. The whole pipeline. For each of `--sizes` (problems; each costs 1 sample request of n=4, 4 proposal
-   requests of n=4 and 16 verify requests of n=4: 21 requests), the model stages and grading, measured the same
-   way. Verify's CPU includes handing its continuations to the grading workers and reading their verdicts.
+   requests of n=4 and 4 verify requests of n=4, one per attempt: 9 requests), the model stages and grading,
+   measured the same way. Verify's CPU includes handing its continuations to the grading workers and reading their verdicts.
 3. Ray executor. The sample stage for `--ray-problems` problems against the server answering after
    `--delay` seconds, with 1 and with 2 actors (on a local Ray cluster): requests per second of each.
 
