@@ -220,3 +220,25 @@ def test_a_setting_that_changes_replies_is_refused_and_never_answered_from_the_o
     assert not any(body in sampled for body in new)  # no reply depends on it: the attempts come from the cache
     critiques = [body for body in new if "Substep 1" in body["messages"][-1]["content"]]
     assert critiques and all("response_format" not in body for body in critiques)  # asked again, without a schema
+
+
+def test_allow_no_reference_reaches_the_propose_stage(tmp_path: Path) -> None:
+    # problems with answers but no reference solution: skipped and counted without the option, proposed for with it
+    source = tmp_path / "bare.jsonl"
+    source.write_text("".join(json.dumps({"problem": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
+                              for a, b in ((12, 29), (7, 8))))
+    args = ["build-dataset", "--problems", str(source), "--samples", "2", "--max-tokens", "40", "--proposals", "1",
+            "--propose-style", "single-turn", "--propose-max-tokens", "24", "--continuations", "1",
+            "--verify-max-tokens", "16", "--lenient-answers", "--no-progress", "--no-report"]
+    without = runner.invoke(app, args + ["--run-dir", str(tmp_path / "without")])
+    assert without.exit_code == 0, without.output
+    skipped = pl.read_parquet(tmp_path / "without" / "proposals")
+    assert skipped.height > 0, "the premise: some attempt is not graded correct"
+    assert (skipped["reject_reason"] == "no_reference").all()
+    with_option = runner.invoke(app, args + ["--run-dir", str(tmp_path / "with"), "--allow-no-reference"])
+    assert with_option.exit_code == 0, with_option.output
+    proposed = pl.read_parquet(tmp_path / "with" / "proposals")
+    assert proposed.height > 0 and "no_reference" not in proposed["reject_reason"].to_list()
+    assert proposed["raw"].null_count() == 0  # every one was asked for
+    config = json.loads((tmp_path / "with" / "config.json").read_text())
+    assert config["allow_no_reference"] is True
