@@ -216,6 +216,8 @@ def test_a_continuation_is_graded_on_its_own_text() -> None:
     out = run_by_hand(compute(part, settings((Condition.intervention, Condition.original_step))), answer)
     assert " Let me double-check: yes." in state["graded"]
     assert all("\\boxed{6}" not in text for text in state["graded"])  # never the prefix with it
+    stored = [row["text"] for row in out["continuations"] if row["condition"] == "original-step"]
+    assert stored == [" Let me double-check: yes."] * 2  # the table keeps the continuation alone too
 
 
 def test_a_part_of_continuations_round_trips_through_its_schema() -> None:
