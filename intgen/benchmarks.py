@@ -1,8 +1,8 @@
 """Evaluation sets by name: `intgen eval --problems math500`.
 
 A name is looked up as a file under a data folder laid out like the project's reference data (the folder
-given, `$INTGEN_DATA`, `./data`, then `../shared/data`); where no such file exists, as its Hugging Face Hub
-dataset. A path is always a path.
+given, `$INTGEN_DATA`, `./data`, then `./tests/data`, where a source checkout keeps them); where no such file
+exists, as its Hugging Face Hub dataset. A path is always a path.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ BENCHMARKS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
 
 
 def data_dirs(data_dir: str | Path | None = None) -> list[Path]:
-    candidates = [data_dir, os.environ.get("INTGEN_DATA"), "data", Path("..") / "shared" / "data"]
+    candidates = [data_dir, os.environ.get("INTGEN_DATA"), "data", Path("tests") / "data"]
     return [Path(c) for c in candidates if c]
 
 

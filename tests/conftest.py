@@ -6,17 +6,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("INTGEN_SHARED_DATA", REPO.parent / "shared" / "data"))
+DATA = REPO / "tests" / "data"
+# The sampling seed of the slow tests: run them under several (INTGEN_TEST_SEED=1, 2, 3) to shake out luck.
+TEST_SEED = int(os.environ.get("INTGEN_TEST_SEED", "3"))
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The project's reference data (../shared/data). Required in CI; skipped elsewhere when absent."""
-    if not SHARED_DATA.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"reference data not found at {SHARED_DATA} (set INTGEN_SHARED_DATA)")
-        pytest.skip(f"reference data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def data_dir() -> Path:
+    """The reference data the tests read (tests/data: each folder with its SOURCE.txt and licence)."""
+    assert DATA.is_dir(), f"tests/data is missing from this checkout ({DATA})"
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def test_seed() -> int:
+    return TEST_SEED
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +29,19 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory):
     from servers import LlamaServer
 
     server = LlamaServer(tmp_path_factory.mktemp("llama") / "server.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def scripted(data_dir: Path):
+    """The scripted OpenAI-compatible server (tests/scripted.py) for the bundled examples and GSM8K: every sampled
+    attempt wrong at a known step, every proposal accepted, continuations right after the intervention only."""
+    from scripted import ScriptedServer, answers_of
+
+    from intgen.config import EXAMPLE_PROBLEMS
+
+    server = ScriptedServer(answers_of(EXAMPLE_PROBLEMS, data_dir / "gsm8k/test.jsonl"), seed=TEST_SEED)
     yield server
     server.stop()
 
@@ -40,9 +57,9 @@ def proxy(llama_server):
 
 
 @pytest.fixture(scope="session")
-def gsm8k(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gsm8k(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 4 GSM8K test problems as a JSON-lines file."""
-    rows = (shared_data / "gsm8k/test.jsonl").read_text().splitlines()[:4]
+    rows = (data_dir / "gsm8k/test.jsonl").read_text().splitlines()[:4]
     path = tmp_path_factory.mktemp("problems") / "gsm8k4.jsonl"
     path.write_text("\n".join(rows) + "\n")
     return path

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from intgen.cache import CallCache
 from intgen.cli import EXIT_FAILURES, app
 from intgen.config import EXAMPLE_PROBLEMS
+from conftest import TEST_SEED
 from servers import Proxy, smollm2_gguf
 
 runner = CliRunner()
@@ -36,11 +37,13 @@ def sample_args(run_dir: Path, url: str, *extra: str) -> list[str]:
 
 
 def build_args(run_dir: Path, url: str, *extra: str) -> list[str]:
+    """The whole pipeline on 2 problems, meant for the scripted server (every stage then sends requests: attempts
+    wrong, proposals accepted, continuations sent), with raw completions for the continuations."""
     return ["build-dataset", "--problems", str(EXAMPLE_PROBLEMS), "--limit", "2", "--run-dir", str(run_dir),
-            *openai(url), "--continuation", "completions", "--chat-template", str(smollm2_gguf()),
-            "--samples", "2", "--max-tokens", "64", "--proposals", "2",
-            "--propose-max-tokens", "120", "--continuations", "2", "--verify-max-tokens", "48", "--min-success", "0",
-            "--lenient-answers", "--seed", "3", "--no-progress", *extra]
+            "--backend", "openai", "--model", "scripted", "--base-url", url, "--structured-output", "json_object",
+            "--continuation", "completions", "--chat-template", str(smollm2_gguf()),
+            "--samples", "2", "--max-tokens", "400", "--proposals", "2", "--propose-max-tokens", "300",
+            "--continuations", "2", "--verify-max-tokens", "100", "--seed", str(TEST_SEED), "--no-progress", *extra]
 
 
 def intgen(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -81,10 +84,10 @@ def test_a_kill_late_in_a_stage_loses_no_answered_call(llama_server, tmp_path: P
         proxy.stop()
 
 
-def test_an_outage_then_recovery_needs_no_force(llama_server, tmp_path: Path) -> None:
+def test_an_outage_then_recovery_needs_no_force(scripted, tmp_path: Path) -> None:
     # the server answers 500 for a while (each request tried once): the run ends with failures (exit 3);
     # the rerun against the recovered server retries them and every later stage follows, without --force
-    down = Proxy(llama_server.url, faults=["500"] * 6)
+    down = Proxy(scripted.url, faults=["500"] * 6)
     run_dir = tmp_path / "run"
     try:
         first = runner.invoke(app, build_args(run_dir, down.url, "--max-tries", "1"))
@@ -92,7 +95,7 @@ def test_an_outage_then_recovery_needs_no_force(llama_server, tmp_path: Path) ->
         down.stop()
     assert first.exit_code == EXIT_FAILURES, first.output
     assert "http_500" in first.output and "Run the same command again to retry" in first.output
-    up = Proxy(llama_server.url)
+    up = Proxy(scripted.url)
     try:
         second = runner.invoke(app, build_args(run_dir, up.url, "--max-tries", "1"))
     finally:
@@ -102,6 +105,7 @@ def test_an_outage_then_recovery_needs_no_force(llama_server, tmp_path: Path) ->
     assert pl.read_parquet(run_dir / "samples")["error"].null_count() == 4
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
     assert all(manifest[s]["status"] == "done" for s in ("sample", "grade", "propose", "verify"))
+    assert manifest["verify"]["kept"] == 4  # every stage ran on the recovered inputs: one kept per attempt
 
 
 def is_first_turn(path: str, body: dict) -> str | None:
@@ -109,17 +113,18 @@ def is_first_turn(path: str, body: dict) -> str | None:
     return "500" if len(messages) == 1 and "First, solve the problem yourself" in messages[0]["content"] else None
 
 
-def test_a_failed_first_turn_is_retried_and_verify_follows_its_input(llama_server, tmp_path: Path) -> None:
+def test_a_failed_first_turn_is_retried_and_verify_follows_its_input(scripted, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    failing = Proxy(llama_server.url, fail_if=is_first_turn)
+    failing = Proxy(scripted.url, fail_if=is_first_turn)
     try:
         first = runner.invoke(app, build_args(run_dir, failing.url, "--max-tries", "1"))
     finally:
         failing.stop()
     assert first.exit_code == EXIT_FAILURES, first.output
     proposals = pl.read_parquet(run_dir / "proposals")
+    assert proposals.height == 8, "the premise: all 4 attempts wrong, 2 proposals each"
     assert (proposals["reject_reason"] == "call_failed").all() and proposals["error"].null_count() == 0
-    up = Proxy(llama_server.url)
+    up = Proxy(scripted.url)
     try:
         second = runner.invoke(app, build_args(run_dir, up.url))
         assert second.exit_code == 0, second.output
@@ -136,6 +141,7 @@ def test_a_failed_first_turn_is_retried_and_verify_follows_its_input(llama_serve
     finally:
         up.stop()
     accepted = pl.read_parquet(run_dir / "proposals").filter("accepted").sort("proposal_index")
+    assert accepted.height == 8, "the premise: the scripted proposals are accepted"
     verified = set(pl.read_parquet(run_dir / "verify")["proposal_id"])
     assert verified == set(accepted.group_by("attempt_id").first()["proposal_id"])  # the first of each attempt
 
@@ -217,16 +223,17 @@ def is_continuation(path: str, body: dict) -> str | None:
     return "503" if path.endswith("/completions") and not path.endswith("/chat/completions") else None
 
 
-def test_a_server_dying_in_verify_counts_nothing_as_verified(llama_server, tmp_path: Path) -> None:
-    proxy = Proxy(llama_server.url, fail_if=is_continuation)
+def test_a_server_dying_in_verify_counts_nothing_as_verified(scripted, tmp_path: Path) -> None:
+    proxy = Proxy(scripted.url, fail_if=is_continuation)
     try:
         result = runner.invoke(app, build_args(tmp_path / "run", proxy.url, "--max-tries", "1"))
     finally:
         proxy.stop()
     assert result.exit_code == EXIT_FAILURES, result.output
     analysis = json.loads((tmp_path / "run" / "analysis.json").read_text())["funnel"]
+    assert analysis["accepted"] == 8, "the premise: there was something to verify"
     assert analysis["verified"] == 0 and analysis["kept"] == 0
-    assert analysis["failed"]["verify"]["http_503"] > 0
+    assert analysis["failed"]["verify"]["http_503"] == 4  # one request (n=2) per attempt's first proposal
 
 
 def test_push_to_an_unreachable_hub_is_one_line_and_keeps_the_card(tmp_path: Path) -> None:

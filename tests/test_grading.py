@@ -84,8 +84,8 @@ MATH_VERIFY_KNOWN = {
 
 
 @pytest.fixture(scope="module")
-def math_verify_results(shared_data: Path) -> list[tuple[dict, bool | None]]:
-    cases = _jsonl(shared_data / MATH_VERIFY_CASES)
+def math_verify_results(data_dir: Path) -> list[tuple[dict, bool | None]]:
+    cases = _jsonl(data_dir / MATH_VERIFY_CASES)
     return list(zip(cases, _equivalent_many([(c["gold"], c["pred"]) for c in cases])))
 
 
@@ -102,8 +102,8 @@ def test_math_verify_cases_every_disagreement_is_known(math_verify_results: list
 
 # --- NeMo-Skills' cases (symmetric) -------------------------------------------------------------
 
-def test_nemo_skills_cases_both_orders(shared_data: Path) -> None:
-    cases = _jsonl(shared_data / "grader_cases/nemo_skills_cases.jsonl")
+def test_nemo_skills_cases_both_orders(data_dir: Path) -> None:
+    cases = _jsonl(data_dir / "grader_cases/nemo_skills_cases.jsonl")
     pairs = [(c["a"], c["b"]) for c in cases] + [(c["b"], c["a"]) for c in cases]
     expected = [c["expected_equal"] for c in cases] * 2
     got = _equivalent_many(pairs)
@@ -115,8 +115,8 @@ def test_nemo_skills_cases_both_orders(shared_data: Path) -> None:
 # --- MATH-500: reference solutions against their own and a neighbour's answer -------------------
 
 @pytest.fixture(scope="module")
-def math500(shared_data: Path) -> list[dict]:
-    return _jsonl(shared_data / "math500/test.jsonl")
+def math500(data_dir: Path) -> list[dict]:
+    return _jsonl(data_dir / "math500/test.jsonl")
 
 
 def test_math500_solutions_match_their_answers(math500: list[dict]) -> None:
@@ -135,8 +135,8 @@ def test_math500_solutions_do_not_match_a_neighbours_answer(math500: list[dict])
 # --- IMO-AnswerBench short answers ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def imo_answers(shared_data: Path) -> list[str]:
-    with (shared_data / "imo_answerbench/answerbench_v2.csv").open(newline="") as handle:
+def imo_answers(data_dir: Path) -> list[str]:
+    with (data_dir / "imo_answerbench/answerbench_v2.csv").open(newline="") as handle:
         return [row["Short Answer"] for row in csv.DictReader(handle)]
 
 

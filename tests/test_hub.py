@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import datasets
+import polars as pl
 import pytest
 from huggingface_hub import DatasetCard
 from typer.testing import CliRunner
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from intgen.cli import app
 from intgen.stages.export import export_file
 from intgen.rewards import compute_score, math_accuracy_reward
+from scripted import backend_args
 from servers import HubServer
 
 runner = CliRunner()
@@ -21,13 +23,14 @@ TOKEN = "hf_test_token_never_printed_0123456789"
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported(scripted, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("hub") / "run"
-    args = ["build-dataset", "--run-dir", str(run_dir), "--limit", "3", "--samples", "2", "--max-tokens", "96",
-            "--proposals", "4", "--propose-max-tokens", "160", "--continuations", "2", "--verify-max-tokens", "64",
-            "--min-success", "0", "--no-progress"]  # min-success 0: sft has rows
+    args = ["build-dataset", "--run-dir", str(run_dir), "--limit", "3", *backend_args(scripted.url), "--samples", "2",
+            "--max-tokens", "400", "--proposals", "4", "--propose-max-tokens", "300", "--continuations", "2",
+            "--verify-max-tokens", "100", "--no-progress"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert pl.read_parquet(export_file(run_dir / "dataset", "sft")).height == 6  # the premise: sft has rows
     return run_dir
 
 

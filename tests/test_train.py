@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 from intgen.cli import app
 from intgen.config import EXAMPLE_PROBLEMS
+from intgen.stages.export import export_file
 from intgen.train import SFT_DEFAULTS, read_overrides
+from scripted import backend_args
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -33,13 +35,15 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def dataset(scripted, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset with SFT rows whatever the machine: the scripted server's attempts, proposals and continuations."""
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    args = ["build-dataset", "--run-dir", str(run_dir), "--limit", "4", "--samples", "2", "--max-tokens", "96",
-            "--proposals", "2", "--propose-max-tokens", "160", "--continuations", "2", "--verify-max-tokens", "64",
-            "--min-success", "0", "--no-progress"]
+    args = ["build-dataset", "--run-dir", str(run_dir), "--limit", "4", *backend_args(scripted.url), "--samples", "2",
+            "--max-tokens", "400", "--proposals", "2", "--propose-max-tokens", "300", "--continuations", "2",
+            "--verify-max-tokens", "100", "--no-progress"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert pl.read_parquet(export_file(run_dir / "dataset", "sft")).height == 8  # the premise: one row per attempt
     return run_dir / "dataset"
 
 
