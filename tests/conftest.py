@@ -47,6 +47,16 @@ def scripted(data_dir: Path):
 
 
 @pytest.fixture()
+def scripted_proxy(scripted):
+    """A fresh recording proxy in front of the session's scripted server."""
+    from servers import Proxy
+
+    p = Proxy(scripted.url)
+    yield p
+    p.stop()
+
+
+@pytest.fixture()
 def proxy(llama_server):
     """A fresh recording proxy in front of the session's llama.cpp server."""
     from servers import Proxy

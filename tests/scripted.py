@@ -47,12 +47,13 @@ def wrong_answer(gold: str, h: int) -> str:
 
 class ScriptedServer:
     """See the module docstring. `answers` maps each problem's text to its gold answer; `delay` holds every reply
-    that long (a kill test needs requests in flight); `kinds` counts the requests by what they asked."""
+    that long (a kill test needs requests in flight); with `fixes` False no continuation reaches the answer, so
+    nothing is kept; `kinds` counts the requests by what they asked."""
 
     def __init__(self, answers: dict[str, str], seed: int = 0, delay: float = 0.0, model: str = "scripted",
-                 max_model_len: int = 32768) -> None:
+                 max_model_len: int = 32768, fixes: bool = True) -> None:
         self.answers = sorted(answers.items(), key=lambda item: -len(item[0]))  # the longest match wins
-        self.seed, self.delay, self.model, self.max_model_len = seed, delay, model, max_model_len
+        self.seed, self.delay, self.model, self.max_model_len, self.fixes = seed, delay, model, max_model_len, fixes
         self.kinds: Counter[str] = Counter()
         self.lock = threading.Lock()
         server = self
@@ -147,7 +148,7 @@ class ScriptedServer:
             return (f"{fields['verification']}\n<error_step>{step}</error_step>\n"
                     f"<intervention>{fields['intervention']}</intervention>")
         # a continuation: the intervention leads to the answer, anything else to a wrong one
-        if INTERVENTION in prefix:
+        if self.fixes and INTERVENTION in prefix:
             return f"\n\nDoing it that way, the total comes out right.\n\nSo the answer is $\\boxed{{{gold}}}$."
         return f"\n\nContinuing from here.\n\nSo the answer is $\\boxed{{{wrong}}}$."
 

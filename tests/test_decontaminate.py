@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from intgen.cli import app
 from intgen.config import EXAMPLE_PROBLEMS
 from intgen.decontaminate import NgramIndex, drop_contaminated, words
+from conftest import TEST_SEED
 
 runner = CliRunner()
 
@@ -63,7 +64,7 @@ def test_build_dataset_drops_them_before_sampling_and_says_so(tmp_path: Path) ->
     result = runner.invoke(app, ["build-dataset", "--run-dir", str(run_dir), "--limit", "4", "--samples", "1",
                                  "--max-tokens", "24", "--proposals", "1", "--propose-max-tokens", "24",
                                  "--continuations", "1", "--verify-max-tokens", "16", "--decontaminate",
-                                 str(eval_set), "--no-progress"])
+                                 str(eval_set), "--seed", str(TEST_SEED), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "dropped before sampling" in result.output
     assert pl.read_parquet(run_dir / "samples").height == 2  # nothing was spent on the dropped problems

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from intgen.cli import app
 from intgen.evaluate import compare, eval_report, ks, majority_correct, pass_at_k
 from intgen.grading import are_equivalent
+from conftest import TEST_SEED
 
 runner = CliRunner()
 
@@ -104,7 +105,7 @@ def test_eval_through_the_llama_server_writes_eval_json_and_resumes(llama_server
     proxy = Proxy(llama_server.url)
     args = ["eval", "--problems", str(gsm8k), "--backend", "openai", "--model", "smollm2", "--base-url", proxy.url,
             "--samples", "4", "--max-tokens", "96", "--lenient-answers", "--run-dir", str(tmp_path / "eval"),
-            "--no-progress"]
+            "--seed", str(TEST_SEED), "--no-progress"]
     try:
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
@@ -127,7 +128,8 @@ def test_eval_through_the_llama_server_writes_eval_json_and_resumes(llama_server
 @pytest.mark.slow
 def test_eval_on_the_embedded_engine_with_the_paper_protocol_named(gsm8k: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["eval", "--problems", str(gsm8k), "--samples", "2", "--max-tokens", "48",
-                                 "--limit", "2", "--run-dir", str(tmp_path / "local"), "--no-progress"])
+                                 "--limit", "2", "--run-dir", str(tmp_path / "local"), "--seed", str(TEST_SEED),
+                                 "--no-progress"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "local" / "eval.json").read_text())["problems"] == 2
     from intgen.evaluate import PAPER_PROTOCOL

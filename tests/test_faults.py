@@ -33,7 +33,7 @@ def openai(url: str) -> list[str]:
 
 def sample_args(run_dir: Path, url: str, *extra: str) -> list[str]:
     return ["sample", "--problems", str(EXAMPLE_PROBLEMS), "--run-dir", str(run_dir), *openai(url),
-            "--max-tokens", "12", "--samples", "2", "--seed", "1", "--no-progress", *extra]
+            "--max-tokens", "12", "--samples", "2", "--seed", str(TEST_SEED), "--no-progress", *extra]
 
 
 def build_args(run_dir: Path, url: str, *extra: str) -> list[str]:
@@ -241,7 +241,8 @@ def test_push_to_an_unreachable_hub_is_one_line_and_keeps_the_card(tmp_path: Pat
 
     result = runner.invoke(app, ["build-dataset", "--run-dir", str(tmp_path / "run"), "--limit", "1", "--samples", "1",
                                  "--max-tokens", "24", "--proposals", "1", "--propose-max-tokens", "32",
-                                 "--continuations", "1", "--verify-max-tokens", "16", "--no-progress"])
+                                 "--continuations", "1", "--verify-max-tokens", "16", "--seed", str(TEST_SEED),
+                                 "--no-progress"])
     assert result.exit_code == 0, result.output
     card = tmp_path / "run" / "dataset" / "README.md"
     before = card.read_text()

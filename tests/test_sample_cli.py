@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from intgen.cli import app
 from servers import Proxy
+from conftest import TEST_SEED
 
 runner = CliRunner()
 SECRET = "sk-test-0123456789-never-written"
@@ -29,7 +30,7 @@ def problems(tmp_path: Path) -> Path:
 
 def sample_args(problems: Path, run_dir: Path, *backend: str) -> list[str]:
     return ["sample", "--problems", str(problems), "--run-dir", str(run_dir), "--samples", "3",
-            "--max-tokens", "48", "--seed", "1", *backend]
+            "--max-tokens", "48", "--seed", str(TEST_SEED), *backend]
 
 
 def openai_args(url: str) -> list[str]:

@@ -20,6 +20,7 @@ from intgen.cli import app
 from intgen.config import EXAMPLE_PROBLEMS
 from intgen.stages.export import export_file
 from servers import Proxy
+from conftest import TEST_SEED
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 def small_run(run_dir: Path, *extra: str) -> list[str]:
     return ["build-dataset", "--run-dir", str(run_dir), "--limit", "4", "--batch-size", "1", "--samples", "2",
             "--max-tokens", "48", "--proposals", "2", "--propose-max-tokens", "40", "--continuations", "2",
-            "--verify-max-tokens", "32", "--min-success", "0", "--seed", "5",
+            "--verify-max-tokens", "32", "--min-success", "0", "--seed", str(TEST_SEED),
             "--no-progress", *extra]
 
 
@@ -58,6 +59,7 @@ def test_requests_spread_over_servers_and_a_dead_one_is_rested(llama_server, tmp
     try:
         result = runner.invoke(app, ["sample", "--problems", str(EXAMPLE_PROBLEMS), "--limit", "8", "--samples", "2",
                                      "--max-tokens", "16", "--run-dir", str(tmp_path / "run"), "--no-progress",
+                                     "--seed", str(TEST_SEED),
                                      *openai_args(first.url, dead, second.url)])
         assert result.exit_code == 0, result.output  # the dead server cost retries, not rows
         assert first.forwarded and second.forwarded  # least in flight first: both took work
