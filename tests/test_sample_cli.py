@@ -41,7 +41,7 @@ def check_attempts(run_dir: Path, problems: int = 2, samples: int = 3) -> pl.Dat
     attempts = pl.read_parquet(run_dir / "samples")
     assert attempts.height == problems * samples
     assert attempts["error"].null_count() == attempts.height
-    assert (attempts["text"].str.strip_chars().str.len_chars() > 0).all()
+    assert attempts["text"].null_count() == 0  # a text for every attempt (what it says is the model's affair)
     assert attempts.group_by("problem_id").len()["len"].to_list() == [samples] * problems
     assert sorted(attempts["attempt_id"].to_list()) == sorted(
         f"{pid}/a{i}" for pid in attempts["problem_id"].unique() for i in range(samples)

@@ -106,16 +106,21 @@ def test_each_condition_is_an_independent_draw_never_a_sampled_attempt() -> None
 
 @pytest.mark.slow
 def test_no_problem_only_continuation_is_a_sampled_attempt(tmp_path) -> None:
-    # The real embedded engine, the paper's sampling for both stages, one cache: the sample stage's K attempts, then
-    # verify's problem-only and resample-step (error at step 1) continuations of the same prompt.
-    from intgen.backends.local import LocalBackend
+    # Over the wire to the scripted server, whose reply is a function of the request (its seed, the choice's index,
+    # the prompt): the paper's sampling for both stages, one cache; the sample stage's K attempts, then verify's
+    # problem-only and resample-step (error at step 1) continuations of the same prompt. A continuation equal to
+    # an attempt would mean the same seed and index were asked for again, or the cache answered it.
+    from intgen.backends.openai_http import OpenAIBackend
     from intgen.cache import CallCache
     from intgen.calls import CallStats, run_requests
+    from scripted import ScriptedServer
 
-    sampling = Sampling(temperature=0.7, top_p=0.8, top_k=20, max_tokens=40, seed=0)
+    sampling = Sampling(temperature=0.7, top_p=0.8, top_k=20, max_tokens=400, seed=0)
     s = VerifySettings(4, sampling, SOLVE, conditions=(Condition.intervention, Condition.resample_step,
                                                        Condition.problem_only))
-    backend, cache = LocalBackend(n_ctx=1024), CallCache(tmp_path / "cache.sqlite")
+    server = ScriptedServer({row["problem"]: row["answer"] for row in PROBLEMS.values()})
+    backend = OpenAIBackend("scripted", base_url=server.url, continuation="chat", backoff_initial_s=0.05)
+    cache = CallCache(tmp_path / "cache.sqlite")
     try:
         [attempts] = run_requests(backend, sample_requests(list(PROBLEMS.values()), SOLVE.text, sampling, 4), cache)
         empty = [j.request for j in verify_jobs([proposal(0, 1)], PROBLEMS, TEXTS, s) if j.prefix == ""]
@@ -123,10 +128,12 @@ def test_no_problem_only_continuation_is_a_sampled_attempt(tmp_path) -> None:
         answers = run_requests(backend, empty, cache, stats)
     finally:
         backend.close()
+        server.stop()
     assert len(empty) == 2 and stats.cache_hits == 0  # nothing answered from the sampled attempts' cache entries
     sampled = {c.text for c in attempts}
-    assert len(sampled) == 4  # the premise: four different attempts to be repeated
+    assert len(sampled) == 4  # the premise: four different attempts that a repeated draw would reproduce
     texts = [c.text for cs in answers for c in cs]
+    assert len(texts) == 8 and all(texts)
     assert not sampled & set(texts) and len(set(texts)) == len(texts)  # fresh draws, and the two conditions differ
 
 
