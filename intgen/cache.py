@@ -92,10 +92,16 @@ class CallCache:
     def _guard(self) -> Iterator[None]:
         try:
             yield
-        except sqlite3.Error as exc:
-            hint = ("free some space and run the same command again" if "full" in str(exc)
-                    else "delete it to start the cache again (model calls will be paid again)")
-            raise CacheError(f"{self.path}: {exc}; {hint}") from None
+        except sqlite3.DatabaseError as exc:
+            # only a damaged file is worth deleting (its calls are paid again); anything else is said as it is
+            text = str(exc)
+            if "full" in text:
+                hint = "; free some space and run the same command again"
+            elif any(word in text for word in ("malformed", "not a database", "encrypted")):
+                hint = "; the file is damaged: delete it to start the cache again (model calls will be paid again)"
+            else:
+                hint = ""
+            raise CacheError(f"{self.path}: {exc}{hint}") from None
         except OSError as exc:
             raise CacheError(f"{self.path}: {exc.strerror or exc}") from None
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from intgen.backends.base import Backend, Completion, Request, error_completion
+from intgen.backends.base import Backend, Completion, Request, error_completion, repair_text
 from intgen.cache import CallCache, sample_keys
 
 log = logging.getLogger("intgen")
@@ -132,6 +132,9 @@ def _record(backend: Backend, cache: CallCache | None, stats: CallStats, row: li
                         backend.model, (failed.error or "")[:200])
         stats.failures[kind] += len(missing)
         return
+    # every backend's text can be stored (a lone surrogate would stop the cache's insert), and no count is negative
+    completions = [replace(c, text=repair_text(c.text), prompt_tokens=max(0, c.prompt_tokens),
+                           completion_tokens=max(0, c.completion_tokens)) for c in completions]
     for j, completion in zip(missing, completions):
         row[j] = completion
         stats.prompt_tokens += completion.prompt_tokens

@@ -936,8 +936,10 @@ def problems(
     for row in result.skipped:
         console.print(f"skipped {row}", highlight=False, markup=False)
     if out is not None:
-        if out.suffix == ".parquet":
-            frame.write_parquet(out)
-        else:
-            frame.write_ndjson(out)
+        if not out.parent.is_dir():
+            _fail(f"{out}: cannot write it: the folder {out.parent} does not exist")
+        try:
+            frame.write_parquet(out) if out.suffix == ".parquet" else frame.write_ndjson(out)
+        except OSError as exc:
+            _fail(f"{out}: cannot write it ({exc.strerror or exc})")
         console.print(f"wrote {out}")

@@ -223,6 +223,9 @@ class _NotText(ValueError):
     pass
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _text(value: Any) -> str | None:
     """A cell as text: numbers lose a useless `.0` (AMC's answer 27.0), blanks become None; a list or an
     object where text is expected is an error (never its Python repr)."""
@@ -236,6 +239,8 @@ def _text(value: Any) -> str | None:
         if value.is_integer():
             return str(int(value))
     text = value if isinstance(value, str) else str(value)
+    if (lone := _LONE_SURROGATE.search(text)) is not None:  # valid JSON ("\\ud800"), but no text: UTF-8 cannot hold it
+        raise _NotText(f"holds a lone surrogate (U+{ord(lone.group()):04X}), which is not text")
     return text if text.strip() else None
 
 

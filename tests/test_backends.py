@@ -333,3 +333,26 @@ def test_proxies_come_from_the_environment_once(monkeypatch: pytest.MonkeyPatch)
     assert env_proxy("http://gpu1:8000/v1") == "http://proxy:3128"
     assert env_proxy("https://api.openai.com/v1") == "http://all:3128"
     assert env_proxy("http://127.0.0.1:8000/v1") is None and env_proxy("http://node.cluster:8000/v1") is None
+
+
+# Servers' 400 messages: the context overflows (context, prompt tokens) and those that only share its words.
+OVERFLOWS = [
+    ("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in the "
+     "messages, 1000 in the completion). Please reduce the length of the messages or completion.", (4096, 4000)),
+    ("Requested tokens (5000) exceed context window of 4096", (4096, 5000)),  # llama-cpp-python
+    ("the request exceeds the available context size, try increasing it", (None, None)),  # llama.cpp's server
+    ("The input (5000 tokens) is longer than the model's context length (4096 tokens).", (4096, 5000)),  # SGLang
+    ("The input token count (1048577) exceeds the maximum number of tokens allowed (1048576).", (1048576, 1048577)),
+    ("prompt is too long: 210000 tokens > 200000 maximum", (200000, 210000)),
+    ("Daily token quota exceeded for this API key", None),
+    ("n=2 exceeds the maximum number of choices", None),
+    ("Rate limit exceeded: too many tokens per minute", None),
+    ("Invalid 'messages': content too long for a name field", None),
+]
+
+
+@pytest.mark.parametrize(("message", "expected"), OVERFLOWS)
+def test_only_a_context_overflow_is_too_long(message: str, expected) -> None:
+    from intgen.backends.openai_http import context_overflow
+
+    assert context_overflow(message, None) == expected

@@ -21,7 +21,7 @@ from intgen.cache import CallCache
 from intgen.cli import EXIT_FAILURES, app
 from intgen.config import EXAMPLE_PROBLEMS
 from conftest import TEST_SEED
-from servers import Proxy, smollm2_gguf
+from servers import JsonServer, Proxy, smollm2_gguf
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -236,6 +236,68 @@ def test_a_server_dying_in_verify_counts_nothing_as_verified(scripted, tmp_path:
     assert analysis["failed"]["verify"]["http_503"] == 4  # one request (n=2) per attempt's first proposal
 
 
+def chat_reply(content: object = "So the answer is $\\boxed{12}$.", finish: object = "stop",
+               usage: dict | None = None, message: object = ...) -> dict:
+    """A chat completion as a server sends it, with any field made wrong."""
+    message = {"role": "assistant", "content": content} if message is ... else message
+    return {"id": "x", "object": "chat.completion", "model": "m", "usage": usage or {"prompt_tokens": 9,
+            "completion_tokens": 7}, "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+
+
+def one_sample(run_dir: Path, url: str) -> list[str]:
+    return ["sample", "--problems", str(EXAMPLE_PROBLEMS), "--limit", "1", "--samples", "1", "--run-dir",
+            str(run_dir), "--backend", "openai", "--model", "m", "--base-url", url, "--max-tries", "2",
+            "--no-progress"]
+
+
+@pytest.mark.parametrize(("status", "reply", "kind"), [
+    (200, chat_reply(finish="error"), "bad_response"),  # OpenRouter's mid-generation failure
+    (200, chat_reply(message=None), "bad_response"),
+    (200, chat_reply(content=None), "bad_response"),
+    (200, {"object": "error", "message": "internal"}, "bad_response"),  # no choices at all
+    (400, {"error": {"message": "Daily token quota exceeded for this API key"}}, "http_400"),
+    (400, {"error": {"message": "n=2 exceeds the maximum number of choices"}}, "http_400"),
+], ids=["finish-error", "message-null", "content-null", "no-choices", "quota", "n-limit"])
+def test_a_reply_that_is_no_answer_is_a_failed_call_retried_on_the_rerun(status, reply, kind, tmp_path: Path) -> None:
+    answers = {"bad": True}
+    server = JsonServer(lambda path, body: (status, reply) if answers["bad"] else (200, chat_reply()))
+    try:
+        first = runner.invoke(app, one_sample(tmp_path / "run", server.url + "/v1"))
+        assert first.exit_code == EXIT_FAILURES, first.output
+        assert f"sample: {kind} 1" in first.output and "Run the same command again to retry" in first.output
+        assert pl.read_parquet(tmp_path / "run" / "samples")["error"].str.starts_with(kind).all()
+        assert len(CallCache(tmp_path / "run" / "cache.sqlite")) == 0  # nothing of it was cached
+        answers["bad"] = False
+        second = runner.invoke(app, one_sample(tmp_path / "run", server.url + "/v1"))
+    finally:
+        server.stop()
+    assert second.exit_code == 0, second.output
+    samples = pl.read_parquet(tmp_path / "run" / "samples")
+    assert samples["error"].is_null().all() and samples["text"].to_list() == ["So the answer is $\\boxed{12}$."]
+
+
+def test_odd_but_real_replies_are_answers(tmp_path: Path) -> None:
+    # content as a list of parts, an emoji cut between two tokens (a lone surrogate), negative usage, and
+    # Anthropic-style "max_tokens" as the finish reason: the run goes on, nothing is lost or negative
+    replies = iter([
+        chat_reply(content=[{"type": "text", "text": "So the answer "}, {"type": "text", "text": "is 12."}]),
+        chat_reply(content="Thinking \ud83d", usage={"prompt_tokens": -5, "completion_tokens": -1}),
+        chat_reply(content="So the answer is", finish="max_tokens"),
+    ])
+    server = JsonServer(lambda path, body: (200, next(replies)))
+    try:
+        result = runner.invoke(app, one_sample(tmp_path / "run", server.url + "/v1")[:-1] + [
+            "--samples", "3", "--concurrency", "1", "--no-progress"])
+    finally:
+        server.stop()
+    assert result.exit_code == 0, result.output
+    samples = pl.read_parquet(tmp_path / "run" / "samples").sort("attempt_id")
+    assert samples["text"].to_list() == ["So the answer is 12.", "Thinking \ufffd", "So the answer is"]
+    assert samples["finish_reason"].to_list() == ["stop", "stop", "length"]
+    assert samples["completion_tokens"].min() >= 0 and samples["prompt_tokens"].min() >= 0
+    assert len(CallCache(tmp_path / "run" / "cache.sqlite")) == 3
+
+
 def test_push_to_an_unreachable_hub_is_one_line_and_keeps_the_card(tmp_path: Path) -> None:
     from intgen.rundir import RunDir
 
@@ -285,6 +347,8 @@ BAD_FILES = [
     ("objects.jsonl", b'{"problem": "1+1?", "answer": {"value": 2}}\n', "column 'answer' holds an object"),
     ("twice.csv", b"problem,answer,answer\n1+1?,2,3\n", "the header names 'answer' more than once"),
     ("twice.jsonl", b'{"problem": "1+1?", "answer": "2", "answer": "3"}\n', "the key 'answer' appears twice"),
+    ("surrogate.jsonl", b'{"problem": "1+1? \\ud800", "answer": "2"}\n', "surrogate.jsonl:1: column 'problem' holds a "
+     "lone surrogate (U+D800)"),  # valid JSON, but no text
 ]
 
 
@@ -296,6 +360,18 @@ def test_bad_problem_files_are_one_clear_line(name: str, content: bytes, message
         result = runner.invoke(app, ["problems", str(path), *extra])
         assert result.exit_code == 2, result.output
         assert message in result.output and name in result.output and "Traceback" not in result.output
+
+
+def test_a_lone_surrogate_row_is_skipped_and_a_missing_out_folder_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"problem": "What is 1+1? \\udc00", "answer": "2"}\n{"problem": "What is 2+2?", "answer": "4"}\n')
+    result = runner.invoke(app, ["problems", str(path), "--skip-bad-rows", "--out", str(tmp_path / "ok.jsonl")])
+    assert result.exit_code == 0 and "skipped mixed.jsonl:1" in result.output, result.output
+    assert len((tmp_path / "ok.jsonl").read_text().splitlines()) == 1
+    out = tmp_path / "missing" / "dir" / "x.parquet"
+    result = runner.invoke(app, ["problems", str(path), "--skip-bad-rows", "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{out}: cannot write it: the folder {out.parent} does not exist" in " ".join(result.output.split())
 
 
 def test_a_truncated_parquet_and_a_bom_and_a_typo(tmp_path: Path) -> None:

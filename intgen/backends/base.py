@@ -10,15 +10,64 @@ again for the missing ones and caches everything.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
+
+log = logging.getLogger("intgen")
 
 # finish reasons
 STOP = "stop"
 LENGTH = "length"  # hit max_tokens: the attempt is truncated
 ERROR = "error"
 TOO_LONG = "too_long"  # the prompt (with its prefix) does not fit the model's context: a final outcome, not a failure
+
+# What servers say for "the model ended its turn" and "the token limit cut it" (OpenAI, vLLM, llama.cpp,
+# Anthropic-style gateways, Gemini); any other reason is kept as it is, and warned of once.
+STOP_REASONS = frozenset({None, "stop", "eos", "end_turn", "stop_sequence", "STOP", "FINISH_REASON_STOP"})
+LENGTH_REASONS = frozenset({"length", "max_tokens", "MAX_TOKENS", "max_output_tokens", "model_length",
+                            "FINISH_REASON_MAX_TOKENS"})
+_warned_reasons: set[str] = set()
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class BadReply(ValueError):
+    """A reply that is not an answer (a choice without a message, `content: null`, `finish_reason: "error"`,
+    nonsense fields): a failed call, retried, never cached."""
+
+
+def finish_reason(raw: Any) -> str:
+    """A server's finish reason in intgen's words: stop, length, or the server's own (warned of once)."""
+    if raw in STOP_REASONS:
+        return STOP
+    if raw in LENGTH_REASONS:
+        return LENGTH
+    if raw == ERROR:
+        raise BadReply('finish_reason "error"')
+    reason = str(raw)
+    if reason not in _warned_reasons:
+        _warned_reasons.add(reason)
+        log.warning("a server gave the finish reason %r, which intgen does not know: kept as it is, so such a reply "
+                    "counts as neither finished nor truncated", reason)
+    return reason
+
+
+def repair_text(text: str) -> str:
+    """A reply's text that can be stored: a lone surrogate (an emoji cut between two tokens, sent as `"\\ud83d"`)
+    becomes U+FFFD, as a UTF-8 decoder would make it."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def usage_count(value: Any, what: str) -> int:
+    """A token count from a reply's `usage`; nonsense (negative, not a number) counts 0, with a warning."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
+        log.warning("a server reported %s = %r; ignored (counted as 0)", what, value)
+        return 0
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -141,7 +190,7 @@ def share_usage(
     elif count is not None:
         known = {i: count(text) for i, (text, _) in enumerate(texts)}
     elif max_tokens is not None:
-        known = {i: max_tokens for i, (_, finish) in enumerate(texts) if finish == "length"}
+        known = {i: max_tokens for i, (_, finish) in enumerate(texts) if finish in LENGTH_REASONS}
     rest = [i for i in range(len(texts)) if i not in known]
     left = max(0, completion_tokens - sum(known.values()))
     chars = sum(len(texts[i][0]) for i in rest) or 1
@@ -151,8 +200,6 @@ def share_usage(
         left -= known[i]
     completions = []
     for index, (text, finish) in enumerate(texts):
-        reason = LENGTH if finish == "length" else STOP if finish in ("stop", "eos", None, "end_turn") else finish
-        completions.append(
-            Completion(text, reason or ERROR, prompt_tokens if index == 0 else 0, known[index], true_continuation)
-        )
+        completions.append(Completion(repair_text(text), finish_reason(finish), prompt_tokens if index == 0 else 0,
+                                      known[index], true_continuation))
     return completions

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from intgen.backends.base import (
+    BadReply,
     Completion,
     OnDone,
     Request,
@@ -31,6 +32,8 @@ def _retryable(exc: BaseException) -> bool:
 
     if isinstance(exc, errors.APIError):
         return exc.code in (408, 409, 429) or exc.code >= 500
+    if isinstance(exc, BadReply):
+        return True
     return type(exc).__name__ in ("ConnectError", "ReadTimeout", "ConnectTimeout", "RemoteProtocolError", "ReadError")
 
 
@@ -134,7 +137,7 @@ class GeminiBackend:
             parts = candidate.content.parts if candidate.content and candidate.content.parts else []
             text = "".join(p.text or "" for p in parts if not getattr(p, "thought", False))
             finish = str(candidate.finish_reason.value if candidate.finish_reason else "STOP")
-            texts.append((text, "length" if finish == "MAX_TOKENS" else "stop"))
+            texts.append((text, finish))  # STOP, MAX_TOKENS; SAFETY, RECITATION, ... are kept and warned of
         return share_usage(texts, prompt_tokens, completion_tokens, true_continuation=not request.continue_final,
                            max_tokens=request.sampling.max_tokens)
 

@@ -45,12 +45,15 @@ from typing import Any, Literal
 import aiohttp
 
 from intgen.backends.base import (
+    LENGTH_REASONS,
     TOO_LONG,
+    BadReply,
     Completion,
     OnDone,
     Request,
     error_completion,
     share_usage,
+    usage_count,
 )
 from intgen.backends.retry import BackoffWait, bounded_gather, retrying, run_sync
 from intgen.chat_template import ChatTemplate
@@ -59,15 +62,26 @@ StructuredOutput = Literal["json_schema", "json_object", "none"]
 Continuation = Literal["chat", "completions"]
 
 
-_CONTEXT = re.compile(r"(?:maximum context length is|context window of|context length (?:is|of)|n_ctx[:=]?)\s*(\d+)", re.I)
+_CONTEXT = re.compile(r"(?:maximum context length is|context window of|context length (?:is|of)|n_ctx[:=]?|"
+                      r"context length \(|maximum number of tokens allowed \(|tokens >)\s*(\d+)", re.I)
 _PROMPT = re.compile(r"(\d+) in the messages|has (\d+) input tokens|messages resulted in (\d+) tokens|"
-                     r"Requested tokens \((\d+)\)|prompt (?:has|is|of) (\d+) tokens", re.I)
+                     r"Requested tokens \((\d+)\)|prompt (?:has|is|of) (\d+) tokens|The input \((\d+) tokens\)|"
+                     r"input token count \((\d+)\)|too long: (\d+) tokens", re.I)
+# A message about the context itself, and one saying that something is over it: "context length/size/window" or
+# the input's token count, against "exceeds", "too long", "longer than", "must be <=". Quotas and limits on other
+# things ("n=2 exceeds the maximum number of choices", "Daily token quota exceeded") are not overflows.
+_ABOUT_CONTEXT = re.compile(r"context (?:length|size|window)|maximum context|n_ctx|input token count|"
+                            r"(?:input|prompt) (?:is )?too long|`inputs` tokens", re.I)
+_OVER = re.compile(r"exceed|too long|longer than|must be <=|reduce the length", re.I)
+_NOT_CONTEXT = re.compile(r"quota|rate.?limit|billing|credit", re.I)
 
 
 def context_overflow(message: str, known_context: int | None) -> tuple[int | None, int | None] | None:
     """(context, prompt tokens) read from a server's "does not fit the context" error; None if it is not one."""
+    if _NOT_CONTEXT.search(message):
+        return None
     context = _CONTEXT.search(message)
-    if context is None and not re.search(r"context|too long|exceed", message, re.I):
+    if context is None and not (_ABOUT_CONTEXT.search(message) and _OVER.search(message)):
         return None
     prompt = _PROMPT.search(message)
     return (int(context.group(1)) if context else known_context,
@@ -104,8 +118,32 @@ CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, 
                      asyncio.TimeoutError)
 
 
+def choice_text(choice: dict[str, Any], completions: bool) -> tuple[str, Any]:
+    """(text, finish reason) of one choice. `content` may be a list of parts (joined); `content: null` is a
+    failed call, except where the token limit cut the reply before any content (a reasoning model cut off while
+    thinking: an empty, truncated answer)."""
+    finish = choice.get("finish_reason")
+    if finish == "error":
+        raise BadReply(f'finish_reason "error": {str(choice.get("error") or "")[:200]}')
+    if completions:
+        content = choice.get("text")
+    else:
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise BadReply("a choice without a message")
+        content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(str(part.get("text") or "") for part in content
+                          if isinstance(part, dict) and part.get("type") in ("text", "output_text"))
+    if content is None and finish in LENGTH_REASONS:
+        content = ""
+    if not isinstance(content, str):
+        raise BadReply(f"a choice whose content is {type(content).__name__}, not text")
+    return content, finish
+
+
 def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, CONNECTION_ERRORS):
+    if isinstance(exc, (*CONNECTION_ERRORS, BadReply)):
         return True
     return isinstance(exc, StatusError) and (exc.status >= 500 or exc.status in (408, 409, 429))
 
@@ -278,6 +316,8 @@ class OpenAIBackend:
             return [error_completion(f"http_{exc.status}: {exc.message}"[:500])]
         if isinstance(exc, CONNECTION_ERRORS):
             return [error_completion(f"connection: {type(exc).__name__} (after {self.max_tries} tries)")]
+        if isinstance(exc, BadReply):
+            return [error_completion(f"bad_response: {exc} (after {self.max_tries} tries)"[:500])]
         return [error_completion(f"bad_response: {type(exc).__name__}: {exc}"[:500])]  # a malformed reply
 
     async def _served_context(self, server: Server) -> int | None:
@@ -343,12 +383,16 @@ class OpenAIBackend:
             raw = await response.read()
             if response.status >= 400:
                 raise StatusError(response.status, error_message(raw), response.headers)
-        reply = json.loads(raw)
-        reply["choices"] = sorted(reply["choices"], key=lambda c: c.get("index") or 0)
-        if path == "/completions":
-            texts = [(c.get("text") or "", c.get("finish_reason")) for c in reply["choices"]]
-        else:
-            texts = [((c.get("message") or {}).get("content") or "", c.get("finish_reason")) for c in reply["choices"]]
-        usage = reply.get("usage") or {}
-        return share_usage(texts, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0,
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            raise BadReply(f"not JSON: {raw[:80]!r}") from None
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise BadReply("a reply without a list of choices")
+        choices = sorted(choices, key=lambda c: c.get("index") or 0)
+        texts = [choice_text(c, path == "/completions") for c in choices]
+        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+        return share_usage(texts, usage_count(usage.get("prompt_tokens"), "prompt_tokens"),
+                           usage_count(usage.get("completion_tokens"), "completion_tokens"),
                            max_tokens=body["max_tokens"], count=self._count)
