@@ -669,6 +669,7 @@ def eval_run(
     report = _run_or_fail(lambda: run_eval(settings, run_dir, force=force, progress=progress))
     _print_eval(report, settings.samples)
     console.print(f"written: {run_dir / 'eval.json'} (graded attempts: {run_dir / 'graded'})", highlight=False)
+    _exit_for({"sample": report["failed_calls"]} if report["failed_calls"] else {}, "eval")
 
 
 def _percent(value: float | None) -> str:
@@ -693,6 +694,12 @@ def _print_eval(report: dict[str, Any], samples: int) -> None:
     console.print(table)
     for row in report.get("skipped_problem_rows", []):
         console.print(f"skipped {row}", highlight=False, markup=False)
+    if report.get("failed_calls"):
+        failed = ", ".join(f"{kind} {count}" for kind, count in report["failed_calls"].items())
+        unanswered = report.get("unanswered_problems") or []
+        console.print(f"failed calls ({failed}) are left out of every metric; {len(unanswered)} problem(s) had no "
+                      f"answered attempt and are not scored" + (f": {', '.join(unanswered[:10])}" if unanswered else ""),
+                      highlight=False, markup=False)
 
 
 @eval_app.command("compare")
@@ -724,6 +731,9 @@ def eval_compare(
                       str(len(entry.get(f"solved_only_by_{base}", []))) if low is not None else "")
     console.print(table)
     for name, entry in result["runs"].items():
+        if entry["unanswered"]:
+            console.print(f"{name} did not answer {len(entry['unanswered'])} problem(s), left out of the comparison: "
+                          f"{', '.join(entry['unanswered'][:10])}", highlight=False, markup=False)
         if entry.get("solved_only_here"):
             console.print(f"solved only by {name}: {', '.join(entry['solved_only_here'])}", highlight=False, markup=False)
         if entry.get(f"solved_only_by_{base}"):

@@ -8,7 +8,9 @@ Per problem with n attempts of which c are correct:
   a tie between the correct answer and wrong ones counts as 1 / (number of tied answers), the chance of a
   fair tie-break;
 - the share of ungradable and of truncated attempts.
-Each with a 95% percentile-bootstrap interval over problems, overall and per `source`.
+Each with a 95% percentile-bootstrap interval over problems, overall and per `source`. A failed call (an attempt
+the server never answered) is no attempt: it is left out of every metric and counted in `failed_calls`; a
+problem with no answered attempt is listed in `unanswered_problems`, not scored 0.
 """
 
 from __future__ import annotations
@@ -74,9 +76,28 @@ def majority_correct(correct: int, wrong_answers: Sequence[str],
     return 1.0 if largest < correct else 1.0 / (1 + sizes.count(largest))
 
 
+def answered(graded: pl.DataFrame) -> pl.DataFrame:
+    """The attempts a server answered (a failed call has its error, and no text)."""
+    return graded.filter(pl.col("error").is_null()) if "error" in graded.columns else graded
+
+
+def failed_calls(graded: pl.DataFrame) -> dict[str, int]:
+    """Failed calls by kind (`http_500`, `connection`, ...), as the stages' summaries count them."""
+    if "error" not in graded.columns:
+        return {}
+    kinds = graded.filter(pl.col("error").is_not_null())["error"].str.split(":").list.first()
+    return dict(sorted(kinds.value_counts().iter_rows()))
+
+
+def unanswered_problems(graded: pl.DataFrame) -> list[str]:
+    """Problems none of whose attempts was answered."""
+    return sorted(set(graded["problem_id"]) - set(answered(graded)["problem_id"]))
+
+
 def problem_rows(graded: pl.DataFrame) -> pl.DataFrame:
-    """Per problem: n attempts, c correct, ungradable, truncated, and the wrong answers given."""
-    return graded.group_by("problem_id", maintain_order=True).agg(
+    """Per problem with an answered attempt: n answered attempts, c correct, ungradable, truncated, and the wrong
+    answers given."""
+    return answered(graded).group_by("problem_id", maintain_order=True).agg(
         pl.len().alias("n"),
         (pl.col("correct") == True).sum().alias("c"),  # noqa: E712
         pl.col("correct").is_null().sum().alias("ungradable"),
@@ -126,6 +147,8 @@ def eval_report(graded: pl.DataFrame, sources: pl.DataFrame, samples: int,
     rows = problem_rows(graded)
     per_problem = scores(rows, samples, equivalent).join(sources, on="problem_id", how="left")
     report = summarize(per_problem, samples)
+    report["failed_calls"] = failed_calls(graded)
+    report["unanswered_problems"] = unanswered_problems(graded)
     report["by_source"] = {
         str(source): summarize(group, samples)
         for (source,), group in per_problem.group_by("source", maintain_order=True)
@@ -148,7 +171,9 @@ def compare(tables: dict[str, pl.DataFrame], seed: int = 0) -> dict[str, Any]:
     result: dict[str, Any] = {"problems": joined.height, "runs": {}}
     for name in names:
         values = joined[name].to_numpy()
-        entry: dict[str, Any] = {"avg": float(values.mean()) if joined.height else None}
+        # a problem a run never answered is left out of the pairs (it is no evidence either way), and named
+        entry: dict[str, Any] = {"avg": float(values.mean()) if joined.height else None,
+                                 "unanswered": unanswered_problems(tables[name])}
         if name != names[0] and idx is not None:
             diffs = (values[idx] - base[idx]).mean(axis=1)
             entry["difference"] = float(values.mean() - base.mean())

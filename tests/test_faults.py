@@ -298,6 +298,44 @@ def test_odd_but_real_replies_are_answers(tmp_path: Path) -> None:
     assert len(CallCache(tmp_path / "run" / "cache.sqlite")) == 3
 
 
+def test_eval_leaves_failed_calls_out_of_its_metrics_and_exits_3(tmp_path: Path) -> None:
+    # a server that answers every problem right, except that one problem's calls fail with 500
+    problems = tmp_path / "two.jsonl"
+    problems.write_text('{"problem": "What is 7 + 5?", "answer": "12"}\n{"problem": "What is 9 - 4?", "answer": "5"}\n')
+    failing = {"on": True}
+
+    def respond(path: str, body: dict) -> tuple[int, dict]:
+        asked = body["messages"][-1]["content"]
+        if "7 + 5" in asked and failing["on"]:
+            return 500, {"error": {"message": "injected 500"}}
+        return 200, chat_reply(content=f"So the answer is $\\boxed{{{12 if '7 + 5' in asked else 5}}}$.")
+
+    server = JsonServer(respond)
+    url = server.url + "/v1"
+
+    def evaluate(run_dir: Path) -> object:
+        return runner.invoke(app, ["eval", "--problems", str(problems), "--backend", "openai", "--model", "m",
+                                   "--base-url", url, "--samples", "4", "--max-tokens", "64", "--max-tries", "1",
+                                   "--run-dir", str(run_dir), "--no-progress"])
+    try:
+        first = evaluate(tmp_path / "failed")
+        failing["on"] = False
+        second = evaluate(tmp_path / "answered")
+    finally:
+        server.stop()
+    assert first.exit_code == EXIT_FAILURES, first.output
+    assert "Run the same command again to retry" in first.output and "http_500 4" in first.output
+    report = json.loads((tmp_path / "failed" / "eval.json").read_text())
+    assert report["failed_calls"] == {"http_500": 4} and len(report["unanswered_problems"]) == 1
+    assert report["problems"] == 1 and report["avg@4"] == report["pass@4"] == report["maj@4"] == 1.0  # not 50%
+    assert second.exit_code == 0, second.output
+    compared = runner.invoke(app, ["eval", "compare", str(tmp_path / "answered"), str(tmp_path / "failed")])
+    assert compared.exit_code == 0, compared.output
+    text = " ".join(compared.output.split())
+    assert "1 shared problems" in text and "+0.00 pts" in text and "solved by answered, not by failed" not in text
+    assert "failed did not answer 1 problem(s), left out of the comparison" in text
+
+
 def test_push_to_an_unreachable_hub_is_one_line_and_keeps_the_card(tmp_path: Path) -> None:
     from intgen.rundir import RunDir
 
