@@ -555,13 +555,14 @@ def push(
     from intgen.hub import PushError, push_dataset
     from intgen.report import write_report
     from intgen.rundir import atomic_write_text
-    from intgen.stages.export import card_text, funnel
+    from intgen.stages.export import card_text, funnel, require_current_export
 
     settings = _saved_config(run_dir, {})
 
     def upload(run: Any, _: Any) -> str:
         if not (run.path / "dataset" / "README.md").is_file():
             raise ValueError(f"{run.path / 'dataset'}: no exported dataset (run `intgen export` first)")
+        require_current_export(run, "pushing")
         card = card_text(run, settings, funnel(run), repo_id)  # the card's examples load the repo
         page = write_report([run.path]) if report else None  # written again: it shows the run as pushed
         try:

@@ -13,6 +13,7 @@ failure retried, an upstream stage forced) is recomputed without asking.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import Counter
@@ -30,6 +31,8 @@ from intgen.calls import CallStats, Price, run_requests
 from intgen.grading import DEFAULT_TIMEOUT_S, grade_items
 from intgen.rundir import RunDir, digest
 from intgen.stages import Answer, Ask, Grading, ModelCalls, Part, Stage, run_by_hand
+
+log = logging.getLogger("intgen")
 
 PROBLEMS = "problems"
 
@@ -70,17 +73,32 @@ def begin(run: RunDir, name: str, tables: list[str], fingerprint: dict[str, Any]
 def write_input(run: RunDir, table: str, frame: pl.DataFrame, id_column: str, batch_size: int,
                 force: bool = False, facts: dict[str, Any] | None = None) -> None:
     """An input set (the problems; eval-localize's items) as the first table, in parts of `batch_size` rows:
-    part `i` of every later table covers the rows of part `i`."""
+    part `i` of every later table covers the rows of part `i`. A part whose rows changed in any column (a
+    corrected answer or reference solution keeps the problem's id) is written again: its new content is every
+    later stage's changed input, so grading and what follows it are recomputed (model calls from the cache)."""
     fingerprint = {table: digest(frame[id_column].to_list()), "batch_size": batch_size}
     begin(run, table, [table], fingerprint, force)
-    count = 0
+    count, changed = 0, 0
     for index, start in enumerate(range(0, frame.height, batch_size)):
-        if run.part_marker(table, index) is None:
-            run.write_part(table, index, frame.slice(start, batch_size))
+        rows = frame.slice(start, batch_size)
+        if run.part_marker(table, index) is None or not _same_rows(run, table, index, rows):
+            changed += run.part_marker(table, index) is not None
+            run.write_part(table, index, rows)
             run.finish_part(table, index, [table], {"failed": {}})
         count += 1
+    if changed:
+        log.warning("%s: %d part(s) changed since the last run (a corrected answer or solution?); the stages "
+                    "after it follow", table, changed)
     run.clear_table(table, start=count)
     run.record_stage(table, {"status": "done", "fingerprint": fingerprint, "rows": frame.height} | (facts or {}))
+
+
+def _same_rows(run: RunDir, table: str, index: int, rows: pl.DataFrame) -> bool:
+    try:
+        stored = pl.read_parquet(run.part_path(table, index))
+    except (OSError, pl.exceptions.PolarsError):
+        return False
+    return stored.columns == rows.columns and stored.equals(rows)
 
 
 def write_problems(run: RunDir, problems: pl.DataFrame, batch_size: int, force: bool = False,
@@ -101,6 +119,41 @@ def input_digest(run: RunDir, stage: Stage, index: int, producer: dict[str, str]
         if marker is None or table not in marker["files"]:
             return None
         found.append(marker["files"][table]["sha256"])
+    return digest(found)
+
+
+class StaleRun(ValueError):
+    """What a run's outputs show no longer follows its inputs; the message names the command that updates it."""
+
+
+def out_of_date(run: RunDir, stages: list[Stage]) -> list[str]:
+    """The stages (in order) with a part computed from inputs that changed after it ran, or not computed."""
+    producer = producers(stages)
+    stale = []
+    for stage in stages:
+        for index in range(run.part_count(stage.reads[0])):
+            marker = run.part_marker(stage.table, index)
+            if marker is None or marker.get("input") != input_digest(run, stage, index, producer):
+                stale.append(stage.name)
+                break
+    return stale
+
+
+def require_up_to_date(run: RunDir, stages: list[Stage], before: str) -> None:
+    stale = out_of_date(run, stages)
+    if stale:
+        raise StaleRun(f"{run.path}: the {stale[0]!r} stage is out of date (its input changed after it ran; "
+                       f"{', '.join(stale)} must follow it): run `intgen {stale[0]} --run-dir {run.path}`, or the "
+                       f"same build-dataset command again, before {before}")
+
+
+def state_digest(run: RunDir, stages: list[Stage]) -> str:
+    """A digest of every stage's finished parts: what an export was made from."""
+    found = []
+    for stage in stages:
+        for index in range(run.part_count(stage.table)):
+            marker = run.part_marker(stage.table, index)
+            found.append(None if marker is None else sorted((t, f.get("sha256")) for t, f in marker["files"].items()))
     return digest(found)
 
 

@@ -48,12 +48,14 @@ def wrong_answer(gold: str, h: int) -> str:
 class ScriptedServer:
     """See the module docstring. `answers` maps each problem's text to its gold answer; `delay` holds every reply
     that long (a kill test needs requests in flight); with `fixes` False no continuation reaches the answer, so
-    nothing is kept; `kinds` counts the requests by what they asked."""
+    nothing is kept; `intervention` is what its proposals say (another text than INTERVENTION never leads to the
+    answer); `kinds` counts the requests by what they asked."""
 
     def __init__(self, answers: dict[str, str], seed: int = 0, delay: float = 0.0, model: str = "scripted",
-                 max_model_len: int = 32768, fixes: bool = True) -> None:
+                 max_model_len: int = 32768, fixes: bool = True, intervention: str = INTERVENTION) -> None:
         self.answers = sorted(answers.items(), key=lambda item: -len(item[0]))  # the longest match wins
         self.seed, self.delay, self.model, self.max_model_len, self.fixes = seed, delay, model, max_model_len, fixes
+        self.intervention = intervention  # what its proposals say; only INTERVENTION leads to the answer
         self.kinds: Counter[str] = Counter()
         self.lock = threading.Lock()
         server = self
@@ -142,7 +144,7 @@ class ScriptedServer:
             fields = {"verification": f"Substep {step} adds the amounts wrongly; nothing later notices it.",
                       "draft": "Redo the sum one quantity at a time.",
                       "self_check": "Q1 No. Q2 No. Q3 No.",
-                      "error_step": step, "intervention": INTERVENTION if step else ""}
+                      "error_step": step, "intervention": self.intervention if step else ""}
             if body.get("response_format"):
                 return json.dumps(fields)
             return (f"{fields['verification']}\n<error_step>{step}</error_step>\n"

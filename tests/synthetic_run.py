@@ -14,7 +14,8 @@ from intgen.io import PROBLEM_SCHEMA
 from intgen.resources import load_prompt
 from intgen.rundir import RunDir
 from intgen.stages import grade, propose, verify
-from intgen.stages.export import funnel, write_analysis
+from intgen.driver import input_digest, producers
+from intgen.stages.export import funnel, model_stages, write_analysis
 from intgen.stages.grade import GRADE_COLUMNS, PASS_RATE_SCHEMA
 from intgen.stages.propose import PROPOSAL_SCHEMA
 from intgen.stages.sample import ATTEMPT_SCHEMA
@@ -109,9 +110,14 @@ def write_synthetic_run(path: Path, problems: int, attempts: int = 4, continuati
         "verify": pl.DataFrame(verify_rows, schema=VERIFY_SCHEMA),
         "continuations": pl.DataFrame(continuation_rows, schema=CONTINUATION_SCHEMA),
     }
+    tables["samples"] = tables["graded"].select(list(ATTEMPT_SCHEMA))
     for name, frame in tables.items():
         run.write_part(name, 0, frame)
-        run.finish_part(name, 0, [name], {})
+    # markers as the driver writes them: each stage's part records the digest of the inputs it was computed from
+    run.finish_part("problems", 0, ["problems"], {"failed": {}})
+    stages = model_stages()
+    for stage in stages:
+        run.finish_part(stage.table, 0, list(stage.writes), {"input": input_digest(run, stage, 0, producers(stages))})
     lazy = {name: frame.lazy() for name, frame in tables.items()}
     calls = {"requests_sent": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None,
              "seconds": 0.0}

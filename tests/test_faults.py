@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from intgen.cache import CallCache
 from intgen.cli import EXIT_FAILURES, app
 from intgen.config import EXAMPLE_PROBLEMS
+from intgen.stages.export import export_file
 from conftest import TEST_SEED
 from servers import JsonServer, Proxy, smollm2_gguf
 
@@ -334,6 +335,89 @@ def test_eval_leaves_failed_calls_out_of_its_metrics_and_exits_3(tmp_path: Path)
     text = " ".join(compared.output.split())
     assert "1 shared problems" in text and "+0.00 pts" in text and "solved by answered, not by failed" not in text
     assert "failed did not answer 1 problem(s), left out of the comparison" in text
+
+
+def test_a_corrected_answer_is_followed_by_grading_and_the_dataset(tmp_path: Path) -> None:
+    # the gold answers were mistyped as 580; the model answers 579 (right). Fixing the file re-grades the attempts
+    # (from the cache: nothing is sampled again), and the rl config carries the corrected ground truth.
+    problems = tmp_path / "problems.jsonl"
+
+    def write(answer: str) -> None:
+        problems.write_text("".join(json.dumps({"problem": f"What is {a} + {579 - a}?", "answer": answer,
+                                                "solution": f"{a} + {579 - a} = 579."}) + "\n" for a in (500, 79)))
+
+    server = JsonServer(lambda path, body: (200, chat_reply(content="So the answer is $\\boxed{579}$.")))
+    args = ["build-dataset", "--problems", str(problems), "--run-dir", str(tmp_path / "run"), "--backend", "openai",
+            "--model", "m", "--base-url", server.url + "/v1", "--samples", "2", "--proposals", "1",
+            "--continuations", "1", "--no-progress", "--no-report"]
+
+    def graded() -> list[bool | None]:
+        return pl.read_parquet(tmp_path / "run" / "graded")["correct"].to_list()
+
+    def ground_truth() -> set[str]:
+        rl = pl.read_parquet(export_file(tmp_path / "run" / "dataset", "rl"))
+        return {row["ground_truth"] for row in rl["reward_model"]}
+    try:
+        write("580")
+        assert runner.invoke(app, args).exit_code == 0  # (the proposals, not JSON, are rejected)
+        assert graded() == [False] * 4 and ground_truth() == {"580"}
+        sent = len(server.requests)
+        write("579")
+        for extra in ([], ["--force"]):
+            result = runner.invoke(app, args + extra)
+            assert result.exit_code == 0, result.output
+            assert graded() == [True] * 4 and ground_truth() == {"579"}
+            assert set(pl.read_parquet(tmp_path / "run" / "problems")["answer"]) == {"579"}
+            assert len(server.requests) == sent  # the attempts came from the cache
+    finally:
+        server.stop()
+
+
+def test_export_report_and_push_refuse_a_stage_that_no_longer_follows_its_input(scripted, tmp_path: Path) -> None:
+    # a finished run (4 kept), then the proposals made again by another proposer whose interventions never lead
+    # to the answer: until verify runs again, nothing may publish the old verdicts under the new texts
+    from scripted import ScriptedServer, answers_of, backend_args
+
+    run = tmp_path / "run"
+    build = ["build-dataset", "--problems", str(EXAMPLE_PROBLEMS), "--limit", "2", "--run-dir", str(run),
+             *backend_args(scripted.url), "--samples", "2", "--proposals", "1", "--continuations", "2", "--no-progress"]
+    first = runner.invoke(app, build)
+    assert first.exit_code == 0, first.output
+    assert pl.read_parquet(export_file(run / "dataset", "sft")).height == 4  # the premise
+    other = ScriptedServer(answers_of(EXAMPLE_PROBLEMS), intervention="Maybe try a different approach to the sum, "
+                           "and look again at how the quantities combine before going on.")
+    try:
+        again = runner.invoke(app, ["propose", "--run-dir", str(run), "--force", "--proposer-model", "other",
+                                    "--proposer-base-url", other.url, "--no-progress"])
+    finally:
+        other.stop()
+    assert again.exit_code == 0, again.output
+    assert other.kinds["critique"] == 4, "the premise: the new proposer was asked (another model: no cache hit)"
+    stale = "the 'verify' stage is out of date"
+    for args in (["export", "--run-dir", str(run)], ["report", str(run)], ["push", str(run), "me/data"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and stale in " ".join(result.output.split()), (args, result.output)
+        assert f"run `intgen verify --run-dir {run}`" in " ".join(result.output.split())
+    verified = runner.invoke(app, ["verify", "--run-dir", str(run), "--no-progress"])
+    assert verified.exit_code == 0, verified.output
+    exported = runner.invoke(app, ["export", "--run-dir", str(run)])
+    assert exported.exit_code == 0, exported.output
+    assert pl.read_parquet(export_file(run / "dataset", "sft")).height == 0  # the truth: the new ones fail
+    assert runner.invoke(app, ["report", str(run)]).exit_code == 0
+
+
+def test_push_refuses_a_dataset_exported_before_the_stages_changed(scripted, tmp_path: Path) -> None:
+    from scripted import backend_args
+
+    run = tmp_path / "run"
+    build = ["build-dataset", "--problems", str(EXAMPLE_PROBLEMS), "--limit", "1", "--run-dir", str(run),
+             *backend_args(scripted.url), "--samples", "1", "--proposals", "1", "--continuations", "1", "--no-progress"]
+    assert runner.invoke(app, build).exit_code == 0
+    verified = runner.invoke(app, ["verify", "--run-dir", str(run), "--force", "--continuations", "2", "--no-progress"])
+    assert verified.exit_code == 0, verified.output  # verify ran again, after the export
+    result = runner.invoke(app, ["push", str(run), "me/data"])
+    assert result.exit_code == 2 and "the dataset was exported before the stages last changed" in " ".join(
+        result.output.split()), result.output
 
 
 def test_push_to_an_unreachable_hub_is_one_line_and_keeps_the_card(tmp_path: Path) -> None:

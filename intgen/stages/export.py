@@ -88,11 +88,32 @@ def write_config(folder: Path, table: pl.LazyFrame) -> None:
     tmp.replace(path)
 
 
+def model_stages() -> list[Any]:
+    from intgen.stages import grade, propose, sample, verify
+
+    return [sample.STAGE, grade.STAGE, propose.STAGE, verify.STAGE]
+
+
+def require_current_export(run: RunDir, before: str) -> None:
+    """The stages follow their inputs, and RUN/dataset was exported from them as they are now."""
+    from intgen.driver import StaleRun, require_up_to_date, state_digest
+
+    require_up_to_date(run, model_stages(), before)
+    analysis = run.read_json("analysis.json") or {}
+    if analysis.get("exported_from") != state_digest(run, model_stages()):
+        raise StaleRun(f"{run.path}: the dataset was exported before the stages last changed: run `intgen export "
+                       f"--run-dir {run.path}` before {before}")
+
+
 def export(run: RunDir, config: RunConfig, skipped_rows: int = 0) -> dict[str, Any]:
-    """Write RUN/dataset/ in the Hub's folder layout: one parquet file per config and a README.md card."""
+    """Write RUN/dataset/ in the Hub's folder layout: one parquet file per config and a README.md card. Refused
+    while a stage does not follow its input (e.g. proposals made again after verify ran)."""
+    from intgen.driver import require_up_to_date
+
     for name in STAGE_NAMES:
         if not str(run.stage_entry(name).get("status", "")).startswith("done"):
             raise FileNotFoundError(f"{run.path}: the {name!r} stage has not finished; run it first")
+    require_up_to_date(run, model_stages(), "exporting")
     tables = dataset_tables(run, config.prompt("solve"), config.system_prompt)
     for name in CONFIGS:
         write_config(run.path / "dataset" / name, tables[name])
@@ -105,9 +126,12 @@ def export(run: RunDir, config: RunConfig, skipped_rows: int = 0) -> dict[str, A
 def write_analysis(run: RunDir, summary: dict[str, Any]) -> None:
     """RUN/analysis.json: Table 1 (with the proposal that stood for each problem) and the funnel (what the
     summary, the card and the report show)."""
+    from intgen.driver import state_digest
+
     table1 = summary["table1"] | {"units": matched_units(run.scan("verify"))}
     run.write_json("analysis.json", {"table1": table1, "funnel": {
-        k: v for k, v in summary.items() if k not in ("table1", "tokens_by_stage")}})
+        k: v for k, v in summary.items() if k not in ("table1", "tokens_by_stage")},
+        "exported_from": state_digest(run, model_stages())})
 
 
 def export_file(dataset_dir: Path, config_name: str) -> Path:
