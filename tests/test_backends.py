@@ -356,3 +356,24 @@ def test_only_a_context_overflow_is_too_long(message: str, expected) -> None:
     from intgen.backends.openai_http import context_overflow
 
     assert context_overflow(message, None) == expected
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ("stop", "stop"), (None, "stop"), ("eos", "stop"), ("end_turn", "stop"), ("STOP", "stop"),
+    ("length", "length"), ("max_tokens", "length"), ("MAX_TOKENS", "length"), ("max_output_tokens", "length"),
+    ("content_filter", "content_filter"),  # kept as it is, and warned of
+])
+def test_servers_words_for_a_finish_are_read_and_an_unknown_one_is_flagged(raw, reason, caplog) -> None:
+    from intgen.backends import base
+
+    base._warned_reasons.discard(str(raw))
+    with caplog.at_level("WARNING", logger="intgen"):
+        assert base.finish_reason(raw) == reason
+    assert ("does not know" in caplog.text) == (reason not in ("stop", "length"))
+
+
+def test_a_finish_reason_error_is_a_bad_reply() -> None:
+    from intgen.backends.base import BadReply, finish_reason
+
+    with pytest.raises(BadReply):
+        finish_reason("error")
