@@ -1,6 +1,6 @@
 """Decontamination speed and hits: MATH-500 x IMO-AnswerBench with intgen's hashed n-gram index, in one run.
 
-    python bench/decontaminate.py [--data tests/data] [--ngram 8] [--scale 200]
+    python bench/decontaminate.py [--data intgen/evalsets] [--ngram 8] [--scale 200]
 
 Indexes one set and checks the other (both ways), then checks `--scale` copies of the MATH-500 problems (a
 training set of that size, every one a hit) against both sets, and prints the index size, the time per
@@ -27,7 +27,7 @@ def timed(action):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="tests/data")
+    parser.add_argument("--data", default="intgen/evalsets")
     parser.add_argument("--ngram", type=int, default=8)
     parser.add_argument("--scale", type=int, default=200)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Throughput of `grade_many` against a plain single-process math-verify loop, in one run.
 
-    python bench/grading.py [--workers 2] [--data tests/data/math500/test.jsonl]
+    python bench/grading.py [--workers 2] [--data intgen/evalsets/math500/test.jsonl]
 
 Grades the 1,000 MATH-500 pairs (each reference solution against its own answer, and against the
 next problem's answer) both ways and prints items/s for each and the ratio. Our figure includes the

@@ -1,8 +1,9 @@
-"""Evaluation sets by name: `intgen eval --problems math500`.
+"""Evaluation sets by name: `intgen eval --problems math500`, `--decontaminate math500`,
+`intgen eval-localize --problems processbench-gsm8k`.
 
-A name is looked up as a file under a data folder laid out like the project's reference data (the folder
-given, `$INTGEN_DATA`, `./data`, then `./tests/data`, where a source checkout keeps them); where no such file
-exists, as its Hugging Face Hub dataset. A path is always a path.
+The sets ship with intgen (`intgen/evalsets/`, each folder with its SOURCE.txt and licence), so a fresh install
+works offline. A name is looked up as a file under a data folder laid out the same way: the folder given,
+`$INTGEN_DATA`, `./data`, then the shipped sets. A path is always a path.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ BENCHMARKS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     # one row (algebra-036) is malformed upstream: it is skipped and reported
     "imo-answerbench": ("imo_answerbench/answerbench_v2.csv", None, {"on_bad_row": "skip"}),
 }
+# name -> file of ProcessBench's format (`intgen eval-localize --problems NAME`)
+LOCALIZE_SETS: dict[str, str] = {"processbench-gsm8k": "processbench/gsm8k.json"}
+SHIPPED = Path(__file__).resolve().parent / "evalsets"
 
 
 def data_dirs(data_dir: str | Path | None = None) -> list[Path]:
-    candidates = [data_dir, os.environ.get("INTGEN_DATA"), "data", Path("tests") / "data"]
+    candidates = [data_dir, os.environ.get("INTGEN_DATA"), "data", SHIPPED]
     return [Path(c) for c in candidates if c]
 
 
@@ -40,3 +44,13 @@ def resolve_benchmark(source: str, data_dir: str | Path | None = None) -> tuple[
         looked = ", ".join(str(folder) for folder in data_dirs(data_dir))
         raise ValueError(f"{source}: no {relative} under {looked}; pass the file's path, or set $INTGEN_DATA")
     return hub, {k: v for k, v in options.items() if k != "on_bad_row"}
+
+
+def resolve_localize_set(source: Path) -> Path:
+    """A ProcessBench-format file by its name (`processbench-gsm8k`), or the path as it is."""
+    if source.exists() or str(source) not in LOCALIZE_SETS:
+        return source
+    for folder in data_dirs():
+        if (folder / LOCALIZE_SETS[str(source)]).is_file():
+            return folder / LOCALIZE_SETS[str(source)]
+    return source

@@ -605,7 +605,7 @@ app.add_typer(eval_app, name="eval")
 @eval_app.callback(invoke_without_command=True)
 def eval_run(
     ctx: typer.Context,
-    problems: Annotated[Optional[str], typer.Option(help="Benchmark: math500, gsm8k, aime24, amc23, imo-answerbench (from ../shared/data, ./data or $INTGEN_DATA), or a file, folder or Hub id.")] = None,
+    problems: Annotated[Optional[str], typer.Option(help="Benchmark: math500, gsm8k, aime24, amc23, imo-answerbench (shipped with intgen; $INTGEN_DATA or ./data first), or a file, folder or Hub id.")] = None,
     run_dir: RunDirOpt = Path("runs/eval"),
     protocol: Annotated[Protocol, typer.Option(help="paper: K=128, 16,384 tokens, T 0.7, top_p 0.8, top_k 20 (options given here still win).")] = Protocol.intgen,
     problem_column: ProblemColumnOpt = None,
@@ -745,7 +745,7 @@ def eval_compare(
 @app.command("eval-localize")
 def eval_localize(
     ctx: typer.Context,
-    problems: Annotated[Optional[list[Path]], typer.Option("--problems", help="ProcessBench subset file(s): a JSON list or JSON lines of {id, problem, steps, label, ...} (repeatable: one subset each).")] = None,
+    problems: Annotated[Optional[list[Path]], typer.Option("--problems", help="ProcessBench subset file(s): a JSON list or JSON lines of {id, problem, steps, label, ...}, or the shipped processbench-gsm8k (repeatable: one subset each).")] = None,
     run_dir: RunDirOpt = Path("runs/localize"),
     critic_prompt: Annotated[str, typer.Option(help="intgen (the proposer's critique prompt, no reference solution), processbench (ProcessBench's protocol: paragraphs from 0, the index in \\boxed{}), or your own file with the markers of one of them.")] = "intgen",
     backend: BackendOpt = BackendKind(D.backend),
@@ -787,7 +787,7 @@ def eval_localize(
         _print_localize(report)
         return
     if not problems:
-        _fail("--problems: give a ProcessBench subset file, e.g. ../shared/data/processbench/gsm8k.json")
+        _fail("--problems: give a ProcessBench subset file, or the shipped processbench-gsm8k")
     config, settings = _localize_settings(ctx, dict(locals()))
     items = _run_or_fail(lambda: _read_items(problems, limit))
     s = settings.sampling
@@ -803,9 +803,10 @@ def eval_localize(
 
 
 def _read_items(paths: list[Path], limit: int | None) -> Any:
+    from intgen.benchmarks import resolve_localize_set
     from intgen.stages.localize import read_item_files
 
-    items = read_item_files(paths)
+    items = read_item_files([resolve_localize_set(path) for path in paths])
     return items if limit is None else items.group_by("subset", maintain_order=True).head(limit).select(items.columns)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
+EVALSETS = REPO / "intgen" / "evalsets"  # the eval sets intgen ships
 # The sampling seed of the slow tests: run them under several (INTGEN_TEST_SEED=1, 2, 3) to shake out luck.
 TEST_SEED = int(os.environ.get("INTGEN_TEST_SEED", "3"))
 
@@ -16,6 +17,14 @@ def data_dir() -> Path:
     """The reference data the tests read (tests/data: each folder with its SOURCE.txt and licence)."""
     assert DATA.is_dir(), f"tests/data is missing from this checkout ({DATA})"
     return DATA
+
+
+@pytest.fixture(scope="session")
+def evalsets() -> Path:
+    """The eval sets intgen ships (intgen/evalsets: MATH-500, GSM8K, AIME 2024, AMC 2023, IMO-AnswerBench,
+    ProcessBench's GSM8K split)."""
+    assert EVALSETS.is_dir(), f"intgen/evalsets is missing from this checkout ({EVALSETS})"
+    return EVALSETS
 
 
 @pytest.fixture(scope="session")
@@ -34,14 +43,14 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def scripted(data_dir: Path):
+def scripted(evalsets: Path):
     """The scripted OpenAI-compatible server (tests/scripted.py) for the bundled examples and GSM8K: every sampled
     attempt wrong at a known step, every proposal accepted, continuations right after the intervention only."""
     from scripted import ScriptedServer, answers_of
 
     from intgen.config import EXAMPLE_PROBLEMS
 
-    server = ScriptedServer(answers_of(EXAMPLE_PROBLEMS, data_dir / "gsm8k/test.jsonl"), seed=TEST_SEED)
+    server = ScriptedServer(answers_of(EXAMPLE_PROBLEMS, evalsets / "gsm8k/test.jsonl"), seed=TEST_SEED)
     yield server
     server.stop()
 
@@ -67,9 +76,9 @@ def proxy(llama_server):
 
 
 @pytest.fixture(scope="session")
-def gsm8k(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gsm8k(evalsets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 4 GSM8K test problems as a JSON-lines file."""
-    rows = (data_dir / "gsm8k/test.jsonl").read_text().splitlines()[:4]
+    rows = (evalsets / "gsm8k/test.jsonl").read_text().splitlines()[:4]
     path = tmp_path_factory.mktemp("problems") / "gsm8k4.jsonl"
     path.write_text("\n".join(rows) + "\n")
     return path

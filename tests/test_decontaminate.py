@@ -29,8 +29,8 @@ def test_words_ignore_case_spacing_and_punctuation(text: str, expected: list[str
     assert words(text) == expected
 
 
-def test_a_benchmark_problem_respelled_is_found_and_an_unrelated_one_is_not(data_dir: Path) -> None:
-    rows = [json.loads(line) for line in (data_dir / "math500/test.jsonl").read_text().splitlines()[:50]]
+def test_a_benchmark_problem_respelled_is_found_and_an_unrelated_one_is_not(evalsets: Path) -> None:
+    rows = [json.loads(line) for line in (evalsets / "math500/test.jsonl").read_text().splitlines()[:50]]
     index = NgramIndex()
     index.add(row["problem"] for row in rows)
     original = rows[7]["problem"]

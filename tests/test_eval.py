@@ -137,10 +137,14 @@ def test_eval_on_the_embedded_engine_with_the_paper_protocol_named(gsm8k: Path, 
     assert PAPER_PROTOCOL == {"samples": 128, "max_tokens": 16384, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
 
 
-def test_benchmarks_load_by_name(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_benchmarks_load_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the shipped sets, from any folder: no $INTGEN_DATA, no ./data, nothing of the checkout on the path
+    from intgen.benchmarks import resolve_localize_set
     from intgen.pipeline import load_problem_set
 
-    monkeypatch.setenv("INTGEN_DATA", str(data_dir))
+    monkeypatch.delenv("INTGEN_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_localize_set(Path("processbench-gsm8k")).is_file()
     expected = {"math500": 500, "gsm8k": 1319, "aime24": 30, "amc23": 40, "imo-answerbench": 399}
     for name, count in expected.items():
         loaded = load_problem_set(name)

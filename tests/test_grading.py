@@ -115,8 +115,8 @@ def test_nemo_skills_cases_both_orders(data_dir: Path) -> None:
 # --- MATH-500: reference solutions against their own and a neighbour's answer -------------------
 
 @pytest.fixture(scope="module")
-def math500(data_dir: Path) -> list[dict]:
-    return _jsonl(data_dir / "math500/test.jsonl")
+def math500(evalsets: Path) -> list[dict]:
+    return _jsonl(evalsets / "math500/test.jsonl")
 
 
 def test_math500_solutions_match_their_answers(math500: list[dict]) -> None:
@@ -135,8 +135,8 @@ def test_math500_solutions_do_not_match_a_neighbours_answer(math500: list[dict])
 # --- IMO-AnswerBench short answers ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def imo_answers(data_dir: Path) -> list[str]:
-    with (data_dir / "imo_answerbench/answerbench_v2.csv").open(newline="") as handle:
+def imo_answers(evalsets: Path) -> list[str]:
+    with (evalsets / "imo_answerbench/answerbench_v2.csv").open(newline="") as handle:
         return [row["Short Answer"] for row in csv.DictReader(handle)]
 
 

@@ -121,16 +121,16 @@ def test_dataset_folders_load_through_datasets(tmp_path: Path) -> None:
 
 # --- the project's reference data --------------------------------------------------------------
 
-def test_math500(data_dir: Path) -> None:
-    problems = load_problems(data_dir / "math500/test.jsonl")
+def test_math500(evalsets: Path) -> None:
+    problems = load_problems(evalsets / "math500/test.jsonl")
     assert problems.height == 500
     assert problems["solution"].null_count() == 0
     assert problems["problem_id"].n_unique() == 500
     assert problems["source_id"][0] == "test/precalculus/807.json"
 
 
-def test_gsm8k_final_answer_line(data_dir: Path) -> None:
-    problems = load_problems(data_dir / "gsm8k/test.jsonl")
+def test_gsm8k_final_answer_line(evalsets: Path) -> None:
+    problems = load_problems(evalsets / "gsm8k/test.jsonl")
     assert problems.height == 1319
     first = problems.row(0, named=True)
     assert first["answer"] == "18"
@@ -139,14 +139,14 @@ def test_gsm8k_final_answer_line(data_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("name, count", [("aime24_test.jsonl", 30), ("amc23_test.jsonl", 40)])
-def test_aime_amc(data_dir: Path, name: str, count: int) -> None:
-    problems = load_problems(data_dir / "aime_amc" / name)
+def test_aime_amc(evalsets: Path, name: str, count: int) -> None:
+    problems = load_problems(evalsets / "aime_amc" / name)
     assert problems.height == count
     assert problems["answer"].str.contains(r"\.0$").sum() == 0  # AMC's float answers lose ".0"
 
 
-def test_imo_answerbench_reports_its_malformed_row(data_dir: Path) -> None:
-    path = data_dir / "imo_answerbench/answerbench_v2.csv"
+def test_imo_answerbench_reports_its_malformed_row(evalsets: Path) -> None:
+    path = evalsets / "imo_answerbench/answerbench_v2.csv"
     with pytest.raises(BadInputError, match=r"row 36 \(imo-bench-algebra-036\): 5 fields where the header has 6"):
         load_problems(path)
     result = read_problems(path, on_bad_row="skip")

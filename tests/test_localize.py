@@ -116,12 +116,12 @@ def test_parse_real_smollm2_replies(case: dict) -> None:
     assert parse_index(reply, case["num_steps"], case["critic"]) == case["expected"]
 
 
-def test_items_are_read_in_processbench_format(data_dir: Path, tmp_path: Path) -> None:
-    items = read_items(data_dir / "processbench/gsm8k.json")
+def test_items_are_read_in_processbench_format(evalsets: Path, tmp_path: Path) -> None:
+    items = read_items(evalsets / "processbench/gsm8k.json")
     assert items.height == 400 and set(items["subset"]) == {"gsm8k"}
     assert items.filter(pl.col("label") == -1).height == 193
     lines = tmp_path / "few.jsonl"
-    rows = json.loads((data_dir / "processbench/gsm8k.json").read_text())
+    rows = json.loads((evalsets / "processbench/gsm8k.json").read_text())
     lines.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     assert read_items(lines, subset="gsm8k").height == 3
     bad = tmp_path / "bad.json"
@@ -134,11 +134,11 @@ def test_items_are_read_in_processbench_format(data_dir: Path, tmp_path: Path) -
 
 @pytest.mark.slow
 @pytest.mark.parametrize("critic", ["intgen", "processbench"])
-def test_end_to_end_through_the_llama_server(llama_server, data_dir: Path, tmp_path: Path, critic: str) -> None:
+def test_end_to_end_through_the_llama_server(llama_server, evalsets: Path, tmp_path: Path, critic: str) -> None:
     from servers import Proxy
 
     few = tmp_path / "gsm8k.jsonl"
-    rows = json.loads((data_dir / "processbench/gsm8k.json").read_text())
+    rows = json.loads((evalsets / "processbench/gsm8k.json").read_text())
     few.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     proxy = Proxy(llama_server.url)
     args = ["eval-localize", "--problems", str(few), "--backend", "openai", "--model", "smollm2", "--base-url",

@@ -167,9 +167,9 @@ def test_number_steps_counts_from_one() -> None:
     assert number_steps(steps) == "Substep 1: The first step is here.\n\nSubstep 2: The second step is here."
 
 
-def test_processbench_steps_split_back_exactly(data_dir: Path) -> None:
+def test_processbench_steps_split_back_exactly(evalsets: Path) -> None:
     # Real solutions: ProcessBench's GSM8K steps (173 of 400 with \[...\]) joined the way models write them.
-    rows = json.loads((data_dir / "processbench/gsm8k.json").read_text())
+    rows = json.loads((evalsets / "processbench/gsm8k.json").read_text())
     for row in rows:
         text = "\n\n".join(row["steps"])
         steps = split_steps(text)
