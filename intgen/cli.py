@@ -139,30 +139,50 @@ EXIT_BAD_INPUT = 2  # a bad setting, file or run directory: nothing was done
 EXIT_FAILURES = 3  # the run finished, but some model calls failed: rerunning the same command retries them
 
 BackendOpt = Annotated[BackendKind, typer.Option("--backend", help="Model engine.")]
-ModelOpt = Annotated[Optional[str], typer.Option(help="Model name (local: a GGUF path; default: bundled SmolLM2-135M-Instruct).")]
-BaseUrlOpt = Annotated[Optional[list[str]], typer.Option("--base-url", help="Server URL (openai: e.g. http://127.0.0.1:8000/v1; gemini: API endpoint). openai: repeatable, requests go to the server with the fewest in flight; one that fails is rested and retried later.")]
-ApiKeyEnvOpt = Annotated[Optional[str], typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY / GEMINI_API_KEY).")]
+ModelOpt = Annotated[Optional[str], typer.Option(help=(
+    "Model name (local: a GGUF path; default: bundled SmolLM2-135M-Instruct)."))]
+BaseUrlOpt = Annotated[Optional[list[str]], typer.Option("--base-url", help=(
+    "Server URL (openai: e.g. http://127.0.0.1:8000/v1; gemini: API endpoint). openai: repeatable, requests go to "
+    "the server with the fewest in flight; one that fails is rested and retried later."))]
+ApiKeyEnvOpt = Annotated[Optional[str], typer.Option(help=(
+    "Environment variable holding the API key (default OPENAI_API_KEY / GEMINI_API_KEY)."))]
 ConcurrencyOpt = Annotated[int, typer.Option(help="Requests in flight at once (openai, gemini).")]
 RequestTimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for one try of a request (openai, gemini).")]
-MaxTriesOpt = Annotated[int, typer.Option(help="Tries per request before its failure is recorded (a rerun tries again).")]
-StructuredOpt = Annotated[StructuredOutput, typer.Option(help="openai: how to send a JSON schema: json_schema (OpenAI, vLLM, SGLang), json_object (llama-cpp-python), none.")]
-ContinuationOpt = Annotated[ContinuationMode, typer.Option(help="openai: how to continue an assistant message: chat (vLLM continue_final_message) or completions (client-side chat template).")]
-ChatTemplateOpt = Annotated[Optional[str], typer.Option(help="openai + completions: chat template file, .gguf file or tokenizer name (also counts tokens per sample).")]
+MaxTriesOpt = Annotated[int, typer.Option(help=(
+    "Tries per request before its failure is recorded (a rerun tries again)."))]
+StructuredOpt = Annotated[StructuredOutput, typer.Option(help=(
+    "openai: how to send a JSON schema: json_schema (OpenAI, vLLM, SGLang), json_object (llama-cpp-python), none."))]
+ContinuationOpt = Annotated[ContinuationMode, typer.Option(help=(
+    "openai: how to continue an assistant message: chat (vLLM continue_final_message) or completions (client-side "
+    "chat template)."))]
+ChatTemplateOpt = Annotated[Optional[str], typer.Option(help=(
+    "openai + completions: chat template file, .gguf file or tokenizer name (also counts tokens per sample)."))]
 ThinkingOpt = Annotated[Optional[int], typer.Option(help="gemini: thinking budget in tokens.")]
-MaxModelLenOpt = Annotated[Optional[int], typer.Option(help="The model's context in tokens, where the server does not report it (continuations are cut to fit).")]
-VllmArgOpt = Annotated[Optional[list[str]], typer.Option("--vllm-arg", help="vllm backend: one engine argument, key=value (repeatable), e.g. --vllm-arg tensor_parallel_size=2.")]
-ProposerBackendOpt = Annotated[Optional[BackendKind], typer.Option(help="Proposer engine (default: the policy's; self-proposed).")]
+MaxModelLenOpt = Annotated[Optional[int], typer.Option(help=(
+    "The model's context in tokens, where the server does not report it (continuations are cut to fit)."))]
+VllmArgOpt = Annotated[Optional[list[str]], typer.Option("--vllm-arg", help=(
+    "vllm backend: one engine argument, key=value (repeatable), e.g. --vllm-arg tensor_parallel_size=2."))]
+ProposerBackendOpt = Annotated[Optional[BackendKind], typer.Option(help=(
+    "Proposer engine (default: the policy's; self-proposed)."))]
 ProposerModelOpt = Annotated[Optional[str], typer.Option(help="Proposer model (default: the policy model).")]
-ProposerUrlOpt = Annotated[Optional[list[str]], typer.Option("--proposer-base-url", help="Proposer server URL (repeatable, as --base-url).")]
-ExecutorOpt = Annotated[ExecutorKind, typer.Option(help="local: parts one after another in this process; ray: parts on Ray Data actors (one backend each), grading as Ray tasks.")]
-RayAddressOpt = Annotated[Optional[str], typer.Option(help="--executor ray: the cluster (auto, ray://host:10001); default: this machine's, started if needed.")]
+ProposerUrlOpt = Annotated[Optional[list[str]], typer.Option("--proposer-base-url", help=(
+    "Proposer server URL (repeatable, as --base-url)."))]
+ExecutorOpt = Annotated[ExecutorKind, typer.Option(help=(
+    "local: parts one after another in this process; ray: parts on Ray Data actors (one backend each), grading as "
+    "Ray tasks."))]
+RayAddressOpt = Annotated[Optional[str], typer.Option(help=(
+    "--executor ray: the cluster (auto, ray://host:10001); default: this machine's, started if needed."))]
 RayActorsOpt = Annotated[int, typer.Option(help="--executor ray: actors per model stage, each with its own backend.")]
 RayActorCpusOpt = Annotated[float, typer.Option(help="--executor ray: CPUs each actor holds.")]
-RayActorGpusOpt = Annotated[float, typer.Option(help="--executor ray: GPUs each actor holds (1 for an in-process vLLM engine per GPU).")]
-ProblemColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the problem text (default: problem, question, ...).")]
+RayActorGpusOpt = Annotated[float, typer.Option(help=(
+    "--executor ray: GPUs each actor holds (1 for an in-process vLLM engine per GPU)."))]
+ProblemColumnOpt = Annotated[Optional[str], typer.Option(help=(
+    "Column holding the problem text (default: problem, question, ...)."))]
 AnswerColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the final answer (default: answer, ...).")]
-SolutionColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the reference solution (default: reference_solution, then solution).")]
-SplitOpt = Annotated[Optional[str], typer.Option(help="Split of a dataset folder or Hub dataset (default: its only split).")]
+SolutionColumnOpt = Annotated[Optional[str], typer.Option(help=(
+    "Column holding the reference solution (default: reference_solution, then solution)."))]
+SplitOpt = Annotated[Optional[str], typer.Option(help=(
+    "Split of a dataset folder or Hub dataset (default: its only split)."))]
 SubsetOpt = Annotated[Optional[str], typer.Option(help="Config (subset) of a Hub dataset.")]
 SamplesOpt = Annotated[int, typer.Option(help="Attempts per problem (K).")]
 MaxTokensOpt = Annotated[int, typer.Option(help="Token limit per attempt.")]
@@ -171,34 +191,51 @@ TopPOpt = Annotated[float, typer.Option()]
 TopKOpt = Annotated[int, typer.Option(help="0 disables top-k.")]
 SeedOpt = Annotated[int, typer.Option(help="Sampling seed: the same config and seed give the same dataset.")]
 LimitOpt = Annotated[Optional[int], typer.Option(help="Use only the first N problems.")]
-HardOnlyOpt = Annotated[bool, typer.Option(help="Propose only for problems whose pass rate is at most --hard-threshold.")]
+HardOnlyOpt = Annotated[bool, typer.Option(help=(
+    "Propose only for problems whose pass rate is at most --hard-threshold."))]
 HardThresholdOpt = Annotated[float, typer.Option(help="Pass-rate ceiling for --hard-only.")]
 ProposalsOpt = Annotated[int, typer.Option(help="Proposals per failed attempt (P).")]
-ProposeStyleOpt = Annotated[ProposeStyle, typer.Option(help="two-turn (the paper's: solve with the reference, then critique) or single-turn.")]
+ProposeStyleOpt = Annotated[ProposeStyle, typer.Option(help=(
+    "two-turn (the paper's: solve with the reference, then critique) or single-turn."))]
 ProposeMaxTokensOpt = Annotated[int, typer.Option(help="Token limit per proposal.")]
 ProposeTemperatureOpt = Annotated[float, typer.Option()]
-StructuredProposalsOpt = Annotated[bool, typer.Option(help="Constrain proposals by a JSON schema where the backend can.")]
-ProposeForOpt = Annotated[ProposeFor, typer.Option(help="Which attempts get proposals: not-correct (every attempt not graded correct: wrong, truncated, unboxed; the release's set) or incorrect (graded wrong only).")]
-AllowNoReferenceOpt = Annotated[bool, typer.Option(help="Propose for problems without a reference solution (the prompt then says only the final answer is known).")]
+StructuredProposalsOpt = Annotated[bool, typer.Option(help=(
+    "Constrain proposals by a JSON schema where the backend can."))]
+ProposeForOpt = Annotated[ProposeFor, typer.Option(help=(
+    "Which attempts get proposals: not-correct (every attempt not graded correct: wrong, truncated, unboxed; the "
+    "release's set) or incorrect (graded wrong only)."))]
+AllowNoReferenceOpt = Annotated[bool, typer.Option(help=(
+    "Propose for problems without a reference solution (the prompt then says only the final answer is known)."))]
 ContinuationsOpt = Annotated[int, typer.Option(help="Continuations per intervention (M).")]
 VerifyMaxTokensOpt = Annotated[int, typer.Option(help="Token limit per continuation.")]
 VerifyTemperatureOpt = Annotated[float, typer.Option()]
 MinSuccessOpt = Annotated[int, typer.Option(help="Keep an intervention with at least this many correct continuations.")]
-VerifyAllOpt = Annotated[bool, typer.Option(help="Verify every accepted proposal, not only the first of each attempt (the release verifies one per attempt; up to P times the verify compute).")]
-ConditionOpt = Annotated[Optional[list[Condition]], typer.Option("--condition", help="Verify conditions (repeatable): intervention, original-step, resample-step, problem-only.")]
-SystemPromptOpt = Annotated[Optional[str], typer.Option(help="System prompt for the policy (same in sampling, SFT and RL).")]
-SolvePromptOpt = Annotated[str, typer.Option(help="The policy's prompt (sample, verify, SFT and RL): a shipped file name or your own file with {{problem}}.")]
-ReferencePromptOpt = Annotated[str, typer.Option(help="Turn 1 of the two-turn proposer prompt (solve guided by the reference): a shipped file name or your own file.")]
-CritiquePromptOpt = Annotated[Optional[str], typer.Option(help="Turn 2 of the two-turn proposer prompt, or the single-turn prompt: a shipped file name or your own file. [default: propose_critique.md / propose_single.md]")]
+VerifyAllOpt = Annotated[bool, typer.Option(help=(
+    "Verify every accepted proposal, not only the first of each attempt (the release verifies one per attempt; up "
+    "to P times the verify compute)."))]
+ConditionOpt = Annotated[Optional[list[Condition]], typer.Option("--condition", help=(
+    "Verify conditions (repeatable): intervention, original-step, resample-step, problem-only."))]
+SystemPromptOpt = Annotated[Optional[str], typer.Option(help=(
+    "System prompt for the policy (same in sampling, SFT and RL)."))]
+SolvePromptOpt = Annotated[str, typer.Option(help=(
+    "The policy's prompt (sample, verify, SFT and RL): a shipped file name or your own file with {{problem}}."))]
+ReferencePromptOpt = Annotated[str, typer.Option(help=(
+    "Turn 1 of the two-turn proposer prompt (solve guided by the reference): a shipped file name or your own file."))]
+CritiquePromptOpt = Annotated[Optional[str], typer.Option(help=(
+    "Turn 2 of the two-turn proposer prompt, or the single-turn prompt: a shipped file name or your own file. "
+    "[default: propose_critique.md / propose_single.md]"))]
 GradeWorkersOpt = Annotated[int, typer.Option(help="Grading worker processes.")]
 GradeTimeoutOpt = Annotated[float, typer.Option(help="Seconds of grading work per answer at most.")]
-LenientOpt = Annotated[bool, typer.Option(help="Grade a response without \\boxed{} by the answer it states (for small models).")]
+LenientOpt = Annotated[bool, typer.Option(help=(
+    "Grade a response without \\boxed{} by the answer it states (for small models)."))]
 BatchSizeOpt = Annotated[int, typer.Option(help="Problems per batch (one parquet part each).")]
 PricesOpt = Annotated[Optional[Path], typer.Option(help="Price table (TOML/JSON) to report cost.")]
-CardTemplateOpt = Annotated[str, typer.Option(help="The dataset card's template: the shipped card.md, or your own file (see data_cards/).")]
+CardTemplateOpt = Annotated[str, typer.Option(help=(
+    "The dataset card's template: the shipped card.md, or your own file (see data_cards/)."))]
 SkipBadRowsOpt = Annotated[bool, typer.Option(help="Skip malformed problem rows (each is reported).")]
 RunDirOpt = Annotated[Path, typer.Option(help="Run directory (created if needed; rerunning resumes).")]
-ForceOpt = Annotated[bool, typer.Option(help="Recompute a stage whose settings changed (cached model calls are reused).")]
+ForceOpt = Annotated[bool, typer.Option(help=(
+    "Recompute a stage whose settings changed (cached model calls are reused)."))]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 NOT_SETTINGS = ("ctx", "config", "run_dir", "force", "progress", "protocol", "report")
@@ -248,7 +285,8 @@ def build_dataset(
     ctx: typer.Context,
     problems: Annotated[Optional[str], typer.Option(help="Problem set: a file, a dataset folder or a Hub id. Default: the 20 bundled examples (and the demo sizes).")] = None,
     run_dir: RunDirOpt = Path("runs/default"),
-    config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (the option names); options given here win.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help=(
+        "TOML file of settings (the option names); options given here win."))] = None,
     problem_column: ProblemColumnOpt = None,
     answer_column: AnswerColumnOpt = None,
     solution_column: SolutionColumnOpt = None,
@@ -308,7 +346,9 @@ def build_dataset(
     ray_actors: RayActorsOpt = D.ray_actors,
     ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
     ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
-    decontaminate: Annotated[Optional[list[str]], typer.Option("--decontaminate", help="Eval set (a benchmark name or a file; repeatable): problems sharing an n-gram with one of its problems are dropped before sampling.")] = None,
+    decontaminate: Annotated[Optional[list[str]], typer.Option("--decontaminate", help=(
+        "Eval set (a benchmark name or a file; repeatable): problems sharing an n-gram with one of its problems "
+        "are dropped before sampling."))] = None,
     decontaminate_ngram: Annotated[int, typer.Option(help="Words per n-gram for --decontaminate (after normalising case, whitespace and LaTeX spacing).")] = D.decontaminate_ngram,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
@@ -546,7 +586,8 @@ def push(
     repo_id: Annotated[str, typer.Argument(help="Hub dataset repo, e.g. me/my-int-data.")],
     private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if needed).")] = None,
-    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint (default: $HF_ENDPOINT or huggingface.co).")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(help=(
+        "Hub endpoint (default: $HF_ENDPOINT or huggingface.co)."))] = None,
     report: Annotated[bool, typer.Option(help="Put the run's HTML report beside the dataset (report.html).")] = True,
 ) -> None:
     """Upload RUN_DIR/dataset to the Hub: the card, each config's parquet file and the HTML report, in one commit
@@ -579,8 +620,10 @@ def push(
 
 @app.command("report")
 def report_cmd(
-    run_dirs: Annotated[list[Path], typer.Argument(help="A dataset run directory, or one or more eval run directories.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write (default: RUN_DIR/report.html).")] = None,
+    run_dirs: Annotated[list[Path], typer.Argument(help=(
+        "A dataset run directory, or one or more eval run directories."))],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=(
+        "Where to write (default: RUN_DIR/report.html)."))] = None,
 ) -> None:
     """Write one self-contained HTML file to look at a run in any browser, offline: for a dataset run the
     settings, funnel, Table 1, distributions and a trace viewer of every proposal; for eval runs pass@k curves,
@@ -605,15 +648,19 @@ app.add_typer(eval_app, name="eval")
 @eval_app.callback(invoke_without_command=True)
 def eval_run(
     ctx: typer.Context,
-    problems: Annotated[Optional[str], typer.Option(help="Benchmark: math500, gsm8k, aime24, amc23, imo-answerbench (shipped with intgen; $INTGEN_DATA or ./data first), or a file, folder or Hub id.")] = None,
+    problems: Annotated[Optional[str], typer.Option(help=(
+        "Benchmark: math500, gsm8k, aime24, amc23, imo-answerbench (shipped with intgen; $INTGEN_DATA or ./data "
+        "first), or a file, folder or Hub id."))] = None,
     run_dir: RunDirOpt = Path("runs/eval"),
-    protocol: Annotated[Protocol, typer.Option(help="paper: K=128, 16,384 tokens, T 0.7, top_p 0.8, top_k 20 (options given here still win).")] = Protocol.intgen,
+    protocol: Annotated[Protocol, typer.Option(help=(
+        "paper: K=128, 16,384 tokens, T 0.7, top_p 0.8, top_k 20 (options given here still win)."))] = Protocol.intgen,
     problem_column: ProblemColumnOpt = None,
     answer_column: AnswerColumnOpt = None,
     split: SplitOpt = None,
     subset: SubsetOpt = None,
     backend: BackendOpt = BackendKind(D.backend),
-    model: Annotated[Optional[str], typer.Option(help="Model (local: a GGUF file or a model folder from `intgen train`; default: the bundled SmolLM2).")] = None,
+    model: Annotated[Optional[str], typer.Option(help=(
+        "Model (local: a GGUF file or a model folder from `intgen train`; default: the bundled SmolLM2)."))] = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     concurrency: ConcurrencyOpt = D.concurrency,
@@ -745,11 +792,16 @@ def eval_compare(
 @app.command("eval-localize")
 def eval_localize(
     ctx: typer.Context,
-    problems: Annotated[Optional[list[Path]], typer.Option("--problems", help="ProcessBench subset file(s): a JSON list or JSON lines of {id, problem, steps, label, ...}, or the shipped processbench-gsm8k (repeatable: one subset each).")] = None,
+    problems: Annotated[Optional[list[Path]], typer.Option("--problems", help=(
+        "ProcessBench subset file(s): a JSON list or JSON lines of {id, problem, steps, label, ...}, or the "
+        "shipped processbench-gsm8k (repeatable: one subset each)."))] = None,
     run_dir: RunDirOpt = Path("runs/localize"),
-    critic_prompt: Annotated[str, typer.Option(help="intgen (the proposer's critique prompt, no reference solution), processbench (ProcessBench's protocol: paragraphs from 0, the index in \\boxed{}), or your own file with the markers of one of them.")] = "intgen",
+    critic_prompt: Annotated[str, typer.Option(help=(
+        "intgen (the proposer's critique prompt, no reference solution), processbench (ProcessBench's protocol: "
+        "paragraphs from 0, the index in \\boxed{}), or your own file with the markers of one of them."))] = "intgen",
     backend: BackendOpt = BackendKind(D.backend),
-    model: Annotated[Optional[str], typer.Option(help="The proposer model to measure (local: a GGUF file or a model folder).")] = None,
+    model: Annotated[Optional[str], typer.Option(help=(
+        "The proposer model to measure (local: a GGUF file or a model folder)."))] = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     concurrency: ConcurrencyOpt = D.concurrency,
@@ -761,14 +813,20 @@ def eval_localize(
     max_model_len: MaxModelLenOpt = None,
     vllm_arg: VllmArgOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Token limit per reply.")] = D.propose_max_tokens,
-    temperature: Annotated[Optional[float], typer.Option(help="Default: 0 (greedy, ProcessBench's protocol); 0.7 with --vote > 1.")] = None,
-    vote: Annotated[int, typer.Option(help="Samples per item; the prediction is their majority (ProcessBench uses 8).")] = 1,
-    structured: Annotated[bool, typer.Option(help="intgen prompt: constrain the reply by the proposer's JSON schema where the backend can.")] = True,
+    temperature: Annotated[Optional[float], typer.Option(help=(
+        "Default: 0 (greedy, ProcessBench's protocol); 0.7 with --vote > 1."))] = None,
+    vote: Annotated[int, typer.Option(help=(
+        "Samples per item; the prediction is their majority (ProcessBench uses 8)."))] = 1,
+    structured: Annotated[bool, typer.Option(help=(
+        "intgen prompt: constrain the reply by the proposer's JSON schema where the backend can."))] = True,
     seed: SeedOpt = D.seed,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N items of each file.")] = None,
     batch_size: BatchSizeOpt = D.batch_size,
-    score_run: Annotated[Optional[Path], typer.Option(help="Instead of asking a model: score this run's own proposals against --labels.")] = None,
-    labels: Annotated[Optional[Path], typer.Option(help="With --score-run: JSON (lines) of {attempt_id, label}, label the 0-based first wrong step of intgen's step split, -1 for none.")] = None,
+    score_run: Annotated[Optional[Path], typer.Option(help=(
+        "Instead of asking a model: score this run's own proposals against --labels."))] = None,
+    labels: Annotated[Optional[Path], typer.Option(help=(
+        "With --score-run: JSON (lines) of {attempt_id, label}, label the 0-based first wrong step of intgen's "
+        "step split, -1 for none."))] = None,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -845,14 +903,18 @@ def _print_localize(report: dict[str, Any]) -> None:
     console.print(f"mean F1 over {len(report['subsets'])} subset(s): {_percent(report['mean_f1'])}", highlight=False)
 
 
-train_app = typer.Typer(help="The bundled TRL recipe: SFT on the sft config, then GRPO on the rl config.", no_args_is_help=True)
+train_app = typer.Typer(help=(
+    "The bundled TRL recipe: SFT on the sft config, then GRPO on the rl config."), no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 DatasetArg = Annotated[str, typer.Option(help="Exported dataset: RUN_DIR/dataset or a Hub repo id.")]
 OutputOpt = Annotated[Path, typer.Option(help="Where the trained model is written.")]
-TrainModelOpt = Annotated[Optional[str], typer.Option(help="Model folder, Hub id or .gguf file (default: the bundled SmolLM2-135M-Instruct, dequantised).")]
-TrlConfigOpt = Annotated[Optional[Path], typer.Option(help="TRL settings file (YAML/JSON/TOML), passed to SFTConfig/GRPOConfig.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="One TRL setting, key=value (repeatable), e.g. --set learning_rate=1e-5.")]
+TrainModelOpt = Annotated[Optional[str], typer.Option(help=(
+    "Model folder, Hub id or .gguf file (default: the bundled SmolLM2-135M-Instruct, dequantised)."))]
+TrlConfigOpt = Annotated[Optional[Path], typer.Option(help=(
+    "TRL settings file (YAML/JSON/TOML), passed to SFTConfig/GRPOConfig."))]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help=(
+    "One TRL setting, key=value (repeatable), e.g. --set learning_rate=1e-5."))]
 
 
 def _train(
@@ -903,7 +965,8 @@ def train_grpo(
     model: TrainModelOpt = None,
     trl_config: TrlConfigOpt = None,
     settings: SetOpt = None,
-    lenient_answers: Annotated[bool, typer.Option(help="Reward answers stated without \\boxed{} too (small models).")] = False,
+    lenient_answers: Annotated[bool, typer.Option(help=(
+        "Reward answers stated without \\boxed{} too (small models)."))] = False,
 ) -> None:
     """TRL GRPOTrainer on the rl config with the math-verify reward (paper defaults: 8 generations, no KL, lr 1e-6)."""
     _train("grpo", dataset, output_dir, model, trl_config, settings, lenient_answers)
@@ -911,15 +974,18 @@ def train_grpo(
 
 @app.command("problems")
 def problems(
-    source: Annotated[str, typer.Argument(help="A .jsonl/.json/.parquet/.csv file, a dataset folder or a Hub dataset id.")],
+    source: Annotated[str, typer.Argument(help=(
+        "A .jsonl/.json/.parquet/.csv file, a dataset folder or a Hub dataset id."))],
     problem_column: Annotated[Optional[str], typer.Option(help="Column holding the problem text.")] = None,
     answer_column: Annotated[Optional[str], typer.Option(help="Column holding the final answer.")] = None,
     solution_column: Annotated[Optional[str], typer.Option(help="Column holding the reference solution.")] = None,
     split: SplitOpt = None,
     config: Annotated[Optional[str], typer.Option(help="Config (subset) of a Hub dataset.")] = None,
-    skip_bad_rows: Annotated[bool, typer.Option(help="Skip malformed rows (each is reported) instead of stopping.")] = False,
+    skip_bad_rows: Annotated[bool, typer.Option(help=(
+        "Skip malformed rows (each is reported) instead of stopping."))] = False,
     limit: Annotated[Optional[int], typer.Option(help="Load at most this many problems.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the loaded problems to this .parquet or .jsonl file.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help=(
+        "Write the loaded problems to this .parquet or .jsonl file."))] = None,
 ) -> None:
     """Load a problem set, report what was found (and skipped), optionally save it normalised."""
     from intgen.io import BadInputError, read_problems
