@@ -162,14 +162,13 @@ def funnel_steps(funnel: dict[str, Any], proposals: pl.DataFrame | None) -> list
 
 def dataset_summary(run: RunDir) -> tuple[dict[str, Any], dict[str, str]]:
     """(summary, traces): the summary is rendered up front; traces[problem_id] is that problem's packed texts."""
-    analysis = run.read_json("analysis.json")
-    if analysis is not None:
-        from intgen.stages.export import require_current_export
+    from intgen.stages.export import require_current_export
 
-        require_current_export(run, "writing its report")
+    analysis = run.read_json("analysis.json")
     if analysis is None:
         raise ReportError(f"{run.path}: no analysis.json (the run has not finished: run `intgen build-dataset` "
                           "or `intgen export` first)")
+    require_current_export(run, "writing its report")  # what it shows follows the stages as they are now
     manifest, config = run.manifest(), run.read_json("config.json") or {}
     problems = _table(run, "problems")
     graded = _table(run, "graded")
