@@ -19,10 +19,10 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from servers import LlamaServer  # noqa: E402
-
 from intgen.backends.base import Sampling, make_request  # noqa: E402
 from intgen.backends.openai_http import OpenAIBackend  # noqa: E402
+
+from servers import LlamaServer  # noqa: E402
 
 
 def prompts(count: int) -> list[str]:
@@ -77,7 +77,8 @@ def main() -> None:
     finally:
         server.stop()
     raw, mine = min(raw_times), min(our_times)
-    print(f"{args.requests} chat requests, concurrency {args.concurrency}, max_tokens {args.max_tokens}, best of {args.rounds}")
+    print(f"{args.requests} chat requests, concurrency {args.concurrency}, max_tokens {args.max_tokens}, "
+          f"best of {args.rounds}")
     print(f"raw openai.AsyncOpenAI : {raw:.3f} s")
     print(f"intgen openai backend  : {mine:.3f} s")
     print(f"ratio (intgen / raw)   : {mine / raw:.3f}")

@@ -39,7 +39,8 @@ def main() -> None:
         index = NgramIndex(args.ngram)
         _, build = timed(lambda: index.add(indexed))
         hits, check = timed(lambda: [text for text in checked if index.contaminated(text)])
-        print(f"index {name} ({len(indexed)} problems, {len(index.hashes)} {args.ngram}-grams) in {build * 1000:.0f} ms; "
+        print(f"index {name} ({len(indexed)} problems, {len(index.hashes)} {args.ngram}-grams) "
+              f"in {build * 1000:.0f} ms; "
               f"checked {len(checked)} problems in {check * 1000:.0f} ms ({check / len(checked) * 1e6:.0f} us each): "
               f"{len(hits)} share an n-gram")
 

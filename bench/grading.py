@@ -51,9 +51,11 @@ def main() -> None:
 
     n = len(golds)
     print(f"items: {n} (MATH-500 positives and negatives)")
-    print(f"math-verify parse/verify, 1 process : {n / baseline_s:7.1f} items/s ({baseline_s:.2f} s, {baseline_correct} correct)")
+    print(f"math-verify parse/verify, 1 process : {n / baseline_s:7.1f} items/s "
+          f"({baseline_s:.2f} s, {baseline_correct} correct)")
     ours_correct = sum(v.correct is True for v in verdicts)
-    print(f"intgen grade_many, {args.workers} workers      : {n / ours_s:7.1f} items/s ({ours_s:.2f} s, {ours_correct} correct, start-up included)")
+    print(f"intgen grade_many, {args.workers} workers      : {n / ours_s:7.1f} items/s "
+          f"({ours_s:.2f} s, {ours_correct} correct, start-up included)")
     print(f"ratio: {baseline_s / ours_s:.2f}x")
 
 

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from synthetic_run import write_synthetic_run  # noqa: E402
-
 from intgen.report import write_report  # noqa: E402
+
+from synthetic_run import write_synthetic_run  # noqa: E402
 
 
 def main() -> None:

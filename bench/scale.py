@@ -9,7 +9,8 @@
    with the problems.
 2. The whole pipeline. For each of `--sizes` (problems; each costs 1 sample request of n=4, 4 proposal
    requests of n=4 and 4 verify requests of n=4, one per attempt: 9 requests), the model stages and grading,
-   measured the same way. Verify's CPU includes handing its continuations to the grading workers and reading their verdicts.
+   measured the same way. Verify's CPU includes handing its continuations to the grading workers and reading their
+   verdicts.
 3. Ray executor. The sample stage for `--ray-problems` problems against the server answering after
    `--delay` seconds, with 1 and with 2 actors (on a local Ray cluster): requests per second of each.
 
@@ -109,7 +110,7 @@ def problems_file(folder: Path, count: int) -> Path:
 
 def measured_run(count: int, url: str, executor: str, actors: int, stages: str) -> dict:
     from intgen.config import resolve
-    from intgen.pipeline import STAGES, open_engine, run_named_stage, sample_problems, load_config_problems
+    from intgen.pipeline import STAGES, load_config_problems, open_engine, run_named_stage, sample_problems
     from intgen.rundir import RunDir
 
     folder = Path(tempfile.mkdtemp(prefix="intgen-scale-"))
@@ -148,9 +149,9 @@ def child(args: list[str]) -> dict:
 
 def report(what: str, small: dict, large: dict) -> None:
     for run in (small, large):
-        print(f"{what}, local executor, {run['problems']} problems: {run['requests']} requests in {run['wall_s']:.1f} s "
-              f"({run['requests'] / run['wall_s']:.0f} requests/s end to end); driver CPU {run['cpu_s']:.1f} s for "
-              f"the model stages; peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
+        print(f"{what}, local executor, {run['problems']} problems: {run['requests']} requests "
+              f"in {run['wall_s']:.1f} s ({run['requests'] / run['wall_s']:.0f} requests/s end to end); "
+              f"driver CPU {run['cpu_s']:.1f} s for the model stages; peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
     per_request = (large["cpu_s"] - small["cpu_s"]) / (large["requests"] - small["requests"])
     print(f"{what}: driver CPU per request of n=4 (difference of the two sizes) {per_request * 1000:.2f} ms; peak RSS "
           f"{large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x at {large['problems'] / small['problems']:.0f}x the "
@@ -188,7 +189,8 @@ def main() -> None:
         for actors in (1, 2):
             run = child([str(args.ray_problems), url, "ray", str(actors), "sample"])
             print(f"ray executor, {actors} actor(s), server answering after {args.delay * 1000:.0f} ms: "
-                  f"{run['requests']} sample requests in {run['wall_s']:.1f} s ({run['requests'] / run['wall_s']:.0f}/s)",
+                  f"{run['requests']} sample requests in {run['wall_s']:.1f} s "
+                  f"({run['requests'] / run['wall_s']:.0f}/s)",
                   flush=True)
     finally:
         server.terminate()

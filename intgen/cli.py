@@ -274,7 +274,8 @@ def _key_values(pairs: list[str], option: str) -> dict[str, Any]:
 def _exit_for(failed: dict[str, Any], what: str) -> None:
     """Exit with EXIT_FAILURES when calls failed, saying so and that a rerun retries them."""
     if failed:
-        detail = "; ".join(f"{stage}: {', '.join(f'{k} {v}' for k, v in kinds.items())}" for stage, kinds in failed.items())
+        detail = "; ".join(f"{stage}: {', '.join(f'{k} {v}' for k, v in kinds.items())}"
+                           for stage, kinds in failed.items())
         errors.print(f"[yellow]{what} finished with failed calls ({detail}). Run the same command again to retry "
                      f"them (answered calls come from the cache).[/yellow]", markup=True, highlight=False)
         raise typer.Exit(code=EXIT_FAILURES)
@@ -283,7 +284,9 @@ def _exit_for(failed: dict[str, Any], what: str) -> None:
 @app.command("build-dataset")
 def build_dataset(
     ctx: typer.Context,
-    problems: Annotated[Optional[str], typer.Option(help="Problem set: a file, a dataset folder or a Hub id. Default: the 20 bundled examples (and the demo sizes).")] = None,
+    problems: Annotated[Optional[str], typer.Option(help=(
+        "Problem set: a file, a dataset folder or a Hub id. Default: the 20 bundled examples (and the demo sizes)."
+    ))] = None,
     run_dir: RunDirOpt = Path("runs/default"),
     config: Annotated[Optional[Path], typer.Option(help=(
         "TOML file of settings (the option names); options given here win."))] = None,
@@ -349,7 +352,9 @@ def build_dataset(
     decontaminate: Annotated[Optional[list[str]], typer.Option("--decontaminate", help=(
         "Eval set (a benchmark name or a file; repeatable): problems sharing an n-gram with one of its problems "
         "are dropped before sampling."))] = None,
-    decontaminate_ngram: Annotated[int, typer.Option(help="Words per n-gram for --decontaminate (after normalising case, whitespace and LaTeX spacing).")] = D.decontaminate_ngram,
+    decontaminate_ngram: Annotated[int, typer.Option(help=(
+        "Words per n-gram for --decontaminate (after normalising case, whitespace and LaTeX spacing)."
+    ))] = D.decontaminate_ngram,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
     report: Annotated[bool, typer.Option(help="End by writing RUN_DIR/report.html (see `intgen report`).")] = True,
@@ -372,7 +377,8 @@ def build_dataset(
         console.print(
             f"No --problems: running the embedded demo ({settings.limit} bundled example problems on the local "
             f"SmolLM2 engine, K={settings.samples}, P={settings.proposals}, M={settings.continuations}). It takes "
-            f"about {DEMO_MINUTES} minutes on 2 CPU cores (less once the run directory has its cache).", highlight=False,
+            f"about {DEMO_MINUTES} minutes on 2 CPU cores (less once the run directory has its cache).",
+            highlight=False,
         )
     summary = _run_or_fail(lambda: build(settings, run_dir, force=force, progress=progress))
     _print_summary(summary, run_dir)
@@ -441,7 +447,8 @@ def sample(
                                                                           progress), settings.policy_backend())
     calls, last = entry["calls"], entry["last_run"]
     console.print(
-        f"samples: {entry['rows']} attempts ({entry['truncated']} truncated, failed: {entry['failed_rows'] or 'none'}); "
+        f"samples: {entry['rows']} attempts ({entry['truncated']} truncated, "
+        f"failed: {entry['failed_rows'] or 'none'}); "
         f"this run sent {last['requests_sent']} requests, {last['cache_hits']} cache hits, "
         f"{last['prompt_tokens']}+{last['completion_tokens']} tokens; total tokens "
         f"{calls['prompt_tokens']}+{calls['completion_tokens']}"
@@ -560,8 +567,8 @@ def verify(
     entry = _in_run(run_dir, settings, lambda run, engine: run_named_stage(run, settings, "verify", engine, force,
                                                                           progress), settings.policy_backend())
     for name, solved, accuracy, solved_ratio, accuracy_ratio in table1_rows(entry["table1"]):
-        console.print(f"{name}: {solved} problems solved at least once, mean accuracy {accuracy}"
-                      + (f", vs original-step {solved_ratio} solved, {accuracy_ratio} accuracy" if solved_ratio else ""),
+        versus = f", vs original-step {solved_ratio} solved, {accuracy_ratio} accuracy" if solved_ratio else ""
+        console.print(f"{name}: {solved} problems solved at least once, mean accuracy {accuracy}{versus}",
                       highlight=False)
     if entry["table1"]["conditions"]:
         console.print(f"(Table 1 counted on: {table1_selection(entry['table1'])})", highlight=False, soft_wrap=True)
@@ -737,7 +744,8 @@ def _print_eval(report: dict[str, Any], samples: int) -> None:
         cells = []
         for group in groups.values():
             low, high = group["ci95"].get(key, (None, None))
-            cells.append(_percent(group.get(key)) + (f" [{_percent(low)}, {_percent(high)}]" if low is not None else ""))
+            interval = f" [{_percent(low)}, {_percent(high)}]" if low is not None else ""
+            cells.append(_percent(group.get(key)) + interval)
         table.add_row(key, *cells)
     console.print(table)
     for row in report.get("skipped_problem_rows", []):
@@ -745,9 +753,9 @@ def _print_eval(report: dict[str, Any], samples: int) -> None:
     if report.get("failed_calls"):
         failed = ", ".join(f"{kind} {count}" for kind, count in report["failed_calls"].items())
         unanswered = report.get("unanswered_problems") or []
+        which = f": {', '.join(unanswered[:10])}" if unanswered else ""
         console.print(f"failed calls ({failed}) are left out of every metric; {len(unanswered)} problem(s) had no "
-                      f"answered attempt and are not scored" + (f": {', '.join(unanswered[:10])}" if unanswered else ""),
-                      highlight=False, markup=False)
+                      f"answered attempt and are not scored{which}", highlight=False, markup=False)
 
 
 @eval_app.command("compare")
@@ -774,8 +782,10 @@ def eval_compare(
         table.add_column(column, justify="left" if column == "run" else "right")
     for name, entry in result["runs"].items():
         low, high = entry.get("difference_ci95", (None, None))
-        difference = "" if low is None else f"{100 * entry['difference']:+.2f} pts [{100 * low:+.2f}, {100 * high:+.2f}]"
-        table.add_row(name, _percent(entry["avg"]), difference, str(len(entry.get("solved_only_here", []))) if low is not None else "",
+        difference = ("" if low is None
+                      else f"{100 * entry['difference']:+.2f} pts [{100 * low:+.2f}, {100 * high:+.2f}]")
+        table.add_row(name, _percent(entry["avg"]), difference,
+                      str(len(entry.get("solved_only_here", []))) if low is not None else "",
                       str(len(entry.get(f"solved_only_by_{base}", []))) if low is not None else "")
     console.print(table)
     for name, entry in result["runs"].items():
@@ -783,7 +793,8 @@ def eval_compare(
             console.print(f"{name} did not answer {len(entry['unanswered'])} problem(s), left out of the comparison: "
                           f"{', '.join(entry['unanswered'][:10])}", highlight=False, markup=False)
         if entry.get("solved_only_here"):
-            console.print(f"solved only by {name}: {', '.join(entry['solved_only_here'])}", highlight=False, markup=False)
+            console.print(f"solved only by {name}: {', '.join(entry['solved_only_here'])}", highlight=False,
+                          markup=False)
         if entry.get(f"solved_only_by_{base}"):
             console.print(f"solved by {base}, not by {name}: {', '.join(entry[f'solved_only_by_{base}'])}",
                           highlight=False, markup=False)
@@ -883,8 +894,10 @@ def _localize_settings(ctx: typer.Context, values: dict[str, Any]) -> tuple["Run
     try:
         config = resolve(given | {"problems": str(values["problems"][0])}, {})
         name = values["critic_prompt"]
-        prompt = load_prompt({"intgen": "localize_intgen.md", "processbench": "localize_processbench.md"}.get(name, name))
-        sampling = config.sampling(values["max_tokens"], temperature if temperature is not None else (0.0 if vote == 1 else 0.7))
+        shipped = {"intgen": "localize_intgen.md", "processbench": "localize_processbench.md"}
+        prompt = load_prompt(shipped.get(name, name))
+        greedy_or_voting = 0.0 if vote == 1 else 0.7
+        sampling = config.sampling(values["max_tokens"], temperature if temperature is not None else greedy_or_voting)
         settings = LocalizeSettings(critic_kind(prompt), prompt, sampling, vote, values["structured"])
     except (TypeError, ValueError) as exc:
         _fail(str(exc))
@@ -897,8 +910,8 @@ def _print_localize(report: dict[str, Any]) -> None:
         table.add_column(column, justify="left" if column == "subset" else "right")
     for name, row in report["subsets"].items():
         table.add_row(name, str(row["items"]), f"{_percent(row['error_acc'])} of {row['erroneous']}",
-                      f"{_percent(row['correct_acc'])} of {row['correct']}", _percent(row["f1"]), str(row["unparseable"]),
-                      str(row.get("left_out", 0)))
+                      f"{_percent(row['correct_acc'])} of {row['correct']}", _percent(row["f1"]),
+                      str(row["unparseable"]), str(row.get("left_out", 0)))
     console.print(table)
     console.print(f"mean F1 over {len(report['subsets'])} subset(s): {_percent(report['mean_f1'])}", highlight=False)
 
@@ -954,7 +967,8 @@ def train_sft(
     trl_config: TrlConfigOpt = None,
     settings: SetOpt = None,
 ) -> None:
-    """TRL SFTTrainer on the sft config (loss on the completion only; paper defaults: lr 1e-6, 4 epochs, cosine, warm-up 0.1)."""
+    """TRL SFTTrainer on the sft config (loss on the completion only; paper defaults: lr 1e-6, 4 epochs, cosine,
+    warm-up 0.1)."""
     _train("sft", dataset, output_dir, model, trl_config, settings)
 
 

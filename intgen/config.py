@@ -12,12 +12,13 @@ from the command line, a config file or a saved config.json, is checked here, an
 
 from __future__ import annotations
 
-import tomllib
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from intgen.backends import BackendConfig, BackendKind
 from intgen.backends.base import Sampling
@@ -227,7 +228,9 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "samples": (1, None), "proposals": (1, None), "continuations": (1, None), "min_success": (0, None),
     "limit": (1, None), "batch_size": (1, None), "concurrency": (1, None), "grade_workers": (1, None),
     "max_tokens": (1, None), "propose_max_tokens": (1, None), "verify_max_tokens": (1, None), "n_ctx": (128, None),
-    "max_model_len": (1, None), "decontaminate_ngram": (1, None), "ray_actors": (1, None), "ray_actor_cpus": (0, None), "ray_actor_gpus": (0, None), "max_tries": (1, None), "local_engines": (1, 64), "top_k": (0, None), "thinking_budget": (0, None),
+    "max_model_len": (1, None), "decontaminate_ngram": (1, None), "ray_actors": (1, None), "ray_actor_cpus": (0, None),
+    "ray_actor_gpus": (0, None), "max_tries": (1, None), "local_engines": (1, 64), "top_k": (0, None),
+    "thinking_budget": (0, None),
     "temperature": (0, None), "propose_temperature": (0, None), "verify_temperature": (0, None),
     "top_p": (0, 1), "grade_timeout": (0.01, None), "request_timeout": (0.01, None), "hard_threshold": (0, 1),
 }

@@ -188,7 +188,8 @@ class Executor:
         raise TypeError(f"unknown ask {type(ask).__name__}")
 
 
-def compute_part(run: RunDir, stage: Stage, settings: Any, index: int, execute: Executor, record: dict[str, Any]) -> int:
+def compute_part(run: RunDir, stage: Stage, settings: Any, index: int, execute: Executor,
+                 record: dict[str, Any]) -> int:
     """Compute part `index` of a stage and write it, marked finished; returns its units of work."""
     part = read_part(run, stage, index)
     work = stage.work(part, settings) if stage.work is not None else 0
@@ -202,7 +203,8 @@ def compute_part(run: RunDir, stage: Stage, settings: Any, index: int, execute: 
     return work
 
 
-def due_parts(run: RunDir, stage: Stage, fingerprint: dict[str, Any], stages: list[Stage]) -> list[tuple[int, dict[str, Any]]]:
+def due_parts(run: RunDir, stage: Stage, fingerprint: dict[str, Any],
+              stages: list[Stage]) -> list[tuple[int, dict[str, Any]]]:
     """The parts to compute, each with the record its marker will carry: those without a current marker (other
     settings, other input parts, or failed rows to retry)."""
     producer = producers(stages)
@@ -328,7 +330,8 @@ class StageProgress:
         console = Console(stderr=True)
         if self.enabled and console.is_terminal:
             self._bar = Progress(
-                TextColumn(f"[bold]{self.stage:<8}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+                TextColumn(f"[bold]{self.stage:<8}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[unit]}"),
                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                 console=console,
             )
@@ -381,4 +384,6 @@ class StageProgress:
 
 
 def format_seconds(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

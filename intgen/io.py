@@ -144,7 +144,8 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
         where = f"{path.name} row {number}"
         if len(fields) != len(header):
             label = f" ({fields[0]})" if fields else ""
-            yield where, BadRow(where + label, f"{len(fields)} fields where the header has {len(header)} (broken quoting?)")
+            yield where, BadRow(where + label,
+                                f"{len(fields)} fields where the header has {len(header)} (broken quoting?)")
             continue
         yield where, dict(zip(header, fields))
 

@@ -15,18 +15,17 @@ from typing import Any
 import polars as pl
 
 from intgen.backends import BackendConfig, make_backend
+from intgen.benchmarks import resolve_benchmark
 from intgen.calls import Price
 from intgen.config import RunConfig
-from intgen.driver import Engine, Grader, run_stage, write_input, write_problems
-from intgen.benchmarks import resolve_benchmark
 from intgen.decontaminate import NgramIndex, drop_contaminated
+from intgen.driver import Engine, Grader, run_stage, write_input, write_problems
+from intgen.evaluate import eval_report
+from intgen.grading import are_equivalent
 from intgen.io import LoadResult, read_problems
 from intgen.ray_executor import RaySettings
 from intgen.rundir import RunDir, held
-from intgen.stages import Stage
-from intgen.evaluate import eval_report
-from intgen.grading import are_equivalent
-from intgen.stages import grade, localize, propose, sample, verify
+from intgen.stages import Stage, grade, localize, propose, sample, verify
 from intgen.stages.export import export
 from intgen.stages.verify import Condition
 

@@ -29,6 +29,7 @@ from typing import Any
 from intgen.calls import CallStats
 from intgen.extras import need
 
+
 @dataclass(frozen=True)
 class RaySettings:
     """Where and how wide: the cluster's address (None: start or join a local one), actors per model stage,

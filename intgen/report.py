@@ -59,7 +59,8 @@ def _finite(value: Any) -> Any:
 
 def _json_for_html(value: Any) -> str:
     """JSON that is safe inside a <script> element: no `</script>`, no `<!--`, no NaN."""
-    return json.dumps(_finite(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    text = json.dumps(_finite(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c")
 
 
 def _packed(value: Any) -> str:

@@ -26,7 +26,8 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, dict):
         return str(completion.get("content") or "")
     if isinstance(completion, (list, tuple)):
-        return "".join(completion_text(part) for part in completion if not isinstance(part, dict) or part.get("role", "assistant") == "assistant")
+        return "".join(completion_text(part) for part in completion
+                       if not isinstance(part, dict) or part.get("role", "assistant") == "assistant")
     return str(completion)
 
 

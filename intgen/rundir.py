@@ -2,7 +2,8 @@
 
 Every file is written to a temporary name and renamed into place, so no half-written file is ever
 read back. A part is finished when its *marker* (`markers/TABLE/part-00000.json`, written after the
-part's files; table folders hold nothing but parquet, so any reader can load them whole) says so: it records the stage's fingerprint, a digest of the input parts it was computed from,
+part's files; table folders hold nothing but parquet, so any reader can load them whole) says so: it
+records the stage's fingerprint, a digest of the input parts it was computed from,
 the size and content digest of every file it wrote, and its failed rows. A part whose marker is missing,
 stale or disagrees with the files on disk is computed again (its model calls come from the cache).
 """

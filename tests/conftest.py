@@ -46,9 +46,9 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory):
 def scripted(evalsets: Path):
     """The scripted OpenAI-compatible server (tests/scripted.py) for the bundled examples and GSM8K: every sampled
     attempt wrong at a known step, every proposal accepted, continuations right after the intervention only."""
-    from scripted import ScriptedServer, answers_of
-
     from intgen.config import EXAMPLE_PROBLEMS
+
+    from scripted import ScriptedServer, answers_of
 
     server = ScriptedServer(answers_of(EXAMPLE_PROBLEMS, evalsets / "gsm8k/test.jsonl"), seed=TEST_SEED)
     yield server
@@ -99,7 +99,8 @@ def chromium() -> str:
         path = shutil.which("chromium")
     if path is None:
         if os.environ.get("CI"):
-            pytest.fail("chromium is not installed and apt-get could not install it (the report's browser tests need it)")
+            pytest.fail("chromium is not installed and apt-get could not install it "
+                        "(the report's browser tests need it)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     return path
 

@@ -96,8 +96,9 @@ class Proxy:
 
     `faults` is consumed in order, one entry per incoming request ("429", "500", "503", "drop", "hang", or
     None to forward); `fault_every` answers every N-th request with a fault instead; `fail_if(path, body)`
-    picks a fault (or None) from what a request asks. `answered` counts the answers forwarded back. `max_tokens_limit` plays a
-    vLLM server with a small context: a request asking for more completion tokens gets vLLM's 400."""
+    picks a fault (or None) from what a request asks. `answered` counts the answers forwarded back.
+    `max_tokens_limit` plays a vLLM server with a small context: a request asking for more completion tokens gets
+    vLLM's 400."""
 
     PROMPT_TOKENS = 100  # what the played vLLM says the prompt holds
 
@@ -255,7 +256,8 @@ class HubServer:
                     repo_id = f"{data['organization']}/{data['name']}" if data.get("organization") else data["name"]
                     server.repos.setdefault(repo_id, {"main": {}})
                     server.private[repo_id] = data.get("visibility") == "private" or data.get("private") is True
-                    reply(self, 200, json.dumps({"url": f"http://{self.headers['host']}/datasets/{repo_id}", "name": repo_id}).encode())
+                    reply(self, 200, json.dumps({"url": f"http://{self.headers['host']}/datasets/{repo_id}",
+                                                 "name": repo_id}).encode())
                     return
                 prefix, _, revision = path.removeprefix("/api/datasets/").rpartition(f"/{name}/")
                 repo_id = prefix
@@ -264,7 +266,8 @@ class HubServer:
                     reply(self, 200, b"{}")
                 elif name == "preupload":
                     files = json.loads(body)["files"]
-                    answer = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                    answer = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                        for f in files]}
                     reply(self, 200, json.dumps(answer).encode())
                 else:
                     target = server.repos.setdefault(repo_id, {"main": {}}).setdefault(revision, {})
@@ -272,7 +275,8 @@ class HubServer:
                         entry = json.loads(line)
                         if entry["key"] == "file":
                             target[entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
-                    answer = {"commitUrl": f"http://{self.headers['host']}/datasets/{repo_id}/commit/abc123", "commitOid": "abc123"}
+                    answer = {"commitUrl": f"http://{self.headers['host']}/datasets/{repo_id}/commit/abc123",
+                              "commitOid": "abc123"}
                     reply(self, 200, json.dumps(answer).encode())
 
         self.server, self.url = serve(Handler)

@@ -10,11 +10,11 @@ from pathlib import Path
 import polars as pl
 
 from intgen.backends.base import Sampling
+from intgen.driver import input_digest, producers
 from intgen.io import PROBLEM_SCHEMA
 from intgen.resources import load_prompt
 from intgen.rundir import RunDir
 from intgen.stages import grade, propose, verify
-from intgen.driver import input_digest, producers
 from intgen.stages.export import funnel, model_stages, write_analysis
 from intgen.stages.grade import GRADE_COLUMNS, PASS_RATE_SCHEMA
 from intgen.stages.propose import PROPOSAL_SCHEMA
@@ -24,8 +24,9 @@ from intgen.steps import join_steps, step_ends
 
 # Text that would run as code if a page put it in as markup (problem 0 carries it).
 HOSTILE = " </script><script>window.pwned = 1</script><img src=x onerror=\"window.pwned = 2\"> @@SUMMARY@@"
-WORDS = ("the", "𝑥-axis", "sum", "of", "both", "sides", "we", "get", "so", "then", "divide", "by", "each", "term", "gives",
-         "since", "is", "positive", "therefore", "value", "equation", "roots", "factor", "square", "count", "ways")
+WORDS = ("the", "𝑥-axis", "sum", "of", "both", "sides", "we", "get", "so", "then", "divide", "by", "each", "term",
+         "gives", "since", "is", "positive", "therefore", "value", "equation", "roots", "factor", "square", "count",
+         "ways")
 
 
 def sentence(rng: random.Random, words: int) -> str:
@@ -81,7 +82,8 @@ def write_synthetic_run(path: Path, problems: int, attempts: int = 4, continuati
                 continue
             unit = matched.setdefault(pid, proposal_id) == proposal_id
             for condition in ("intervention", "original-step"):
-                prefix = f"{proposal_id}/{condition}" if condition == "intervention" else f"{aid}/s{error_step}/original"
+                prefix = (f"{proposal_id}/{condition}" if condition == "intervention"
+                          else f"{aid}/s{error_step}/original")
                 successes = 0
                 for c in range(continuations):
                     correct = rng.random() < (0.4 if condition == "intervention" else 0.2)

@@ -16,6 +16,7 @@ from intgen.backends.openai_http import OpenAIBackend
 from intgen.cache import CallCache, sample_keys
 from intgen.calls import CallStats, run_requests
 from intgen.chat_template import load_chat_template
+
 from servers import JsonServer, Proxy, smollm2_gguf
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
@@ -47,7 +48,9 @@ def test_n_samples_are_all_returned_even_when_the_server_gives_one(proxy: Proxy,
 
 def test_continuation_goes_through_completions_as_the_same_turn(proxy: Proxy) -> None:
     messages = QUESTION + [{"role": "assistant", "content": PREFIX}]
-    [[completion]] = backend_for(proxy.url).generate([make_request(messages, Sampling(max_tokens=20, seed=1), continue_final=True)])
+    [[completion]] = backend_for(proxy.url).generate(
+        [make_request(messages, Sampling(max_tokens=20, seed=1), continue_final=True)]
+    )
     assert completion.error is None and completion.true_continuation
     [sent] = proxy.posts("/completions")
     prompt = sent["prompt"]
@@ -58,7 +61,8 @@ def test_continuation_goes_through_completions_as_the_same_turn(proxy: Proxy) ->
 
 
 def test_chat_continuation_sends_vllm_options(proxy: Proxy) -> None:
-    # vLLM-style servers continue through the chat endpoint; llama.cpp ignores the options, but the wire shape is checked.
+    # vLLM-style servers continue through the chat endpoint; llama.cpp ignores the options, but the wire shape is
+    # checked.
     messages = QUESTION + [{"role": "assistant", "content": PREFIX}]
     backend = backend_for(proxy.url, continuation="chat")
     backend.generate([make_request(messages, Sampling(max_tokens=5, seed=1), continue_final=True)])
@@ -78,7 +82,8 @@ def test_structured_output_is_enforced_by_the_server(proxy: Proxy) -> None:
 
 
 def test_concurrency_is_bounded(proxy: Proxy) -> None:
-    requests = [make_request([{"role": "user", "content": f"Say the number {i}."}], Sampling(max_tokens=8, seed=i)) for i in range(8)]
+    requests = [make_request([{"role": "user", "content": f"Say the number {i}."}], Sampling(max_tokens=8, seed=i))
+                for i in range(8)]
     results = backend_for(proxy.url, concurrency=3).generate(requests)
     assert all(len(r) == 1 and r[0].error is None for r in results)
     assert 1 <= proxy.max_in_flight <= 3
@@ -134,7 +139,8 @@ def test_cache_keys_follow_every_backend_setting_that_changes_a_reply() -> None:
     gemini = {"kind": BackendKind.gemini}
     assert keys(plain, **gemini, thinking_budget=0) != keys(plain, **gemini, thinking_budget=1024)
     vllm = {"kind": BackendKind.vllm}
-    assert keys(plain, **vllm, vllm_args=(("dtype", "bfloat16"),)) != keys(plain, **vllm, vllm_args=(("dtype", "half"),))
+    assert keys(plain, **vllm, vllm_args=(("dtype", "bfloat16"),)) != \
+        keys(plain, **vllm, vllm_args=(("dtype", "half"),))
     assert keys(plain, **vllm, vllm_args=(("dtype", "half"), ("gpu_memory_utilization", 0.5))) == \
         keys(plain, **vllm, vllm_args=(("dtype", "half"), ("gpu_memory_utilization", 0.9)))
     # a backend with no such setting keys its calls as before (existing caches stay valid)
@@ -181,8 +187,10 @@ def test_local_backend_samples_continues_and_follows_a_schema() -> None:
     try:
         samples, [continued], [structured] = backend.generate([
             make_request(QUESTION, Sampling(max_tokens=24, seed=5), n=2),
-            make_request(QUESTION + [{"role": "assistant", "content": PREFIX}], Sampling(max_tokens=10, seed=5), continue_final=True),
-            make_request([{"role": "user", "content": "2+3 as JSON"}], Sampling(max_tokens=200, seed=5), json_schema=SCHEMA),
+            make_request(QUESTION + [{"role": "assistant", "content": PREFIX}], Sampling(max_tokens=10, seed=5),
+                         continue_final=True),
+            make_request([{"role": "user", "content": "2+3 as JSON"}], Sampling(max_tokens=200, seed=5),
+                         json_schema=SCHEMA),
         ])
     finally:
         backend.close()
@@ -207,7 +215,8 @@ def gemini_reply(path: str, body: dict) -> tuple[int, dict]:
     count = body.get("generationConfig", {}).get("candidateCount", 1)
     return 200, {
         "candidates": [
-            {"content": {"role": "model", "parts": [{"text": f"answer {i} \\boxed{{5}}"}]}, "finishReason": "STOP", "index": i}
+            {"content": {"role": "model", "parts": [{"text": f"answer {i} \\boxed{{5}}"}]}, "finishReason": "STOP",
+             "index": i}
             for i in range(count)
         ],
         "usageMetadata": {"promptTokenCount": 11, "candidatesTokenCount": 6 * count, "totalTokenCount": 11 + 6 * count},
@@ -223,7 +232,8 @@ def test_gemini_backend_speaks_the_rest_protocol(monkeypatch: pytest.MonkeyPatch
         backend = GeminiBackend("gemini-test", base_url=server.url, thinking_budget=0)
         sampled, continued, structured = backend.generate([
             make_request([{"role": "system", "content": "Be brief."}] + QUESTION, Sampling(max_tokens=30, seed=2), n=2),
-            make_request(QUESTION + [{"role": "assistant", "content": PREFIX}], Sampling(max_tokens=10), continue_final=True),
+            make_request(QUESTION + [{"role": "assistant", "content": PREFIX}], Sampling(max_tokens=10),
+                         continue_final=True),
             make_request(QUESTION, Sampling(max_tokens=10), json_schema=SCHEMA),
         ])
     finally:
@@ -293,6 +303,7 @@ def test_max_tokens_is_cut_to_the_context_the_server_reports(llama_server, tmp_p
 
 def test_a_prompt_longer_than_the_context_is_too_long_not_a_failure(tmp_path: Path) -> None:
     from intgen.backends.base import TOO_LONG
+
     from servers import LlamaServer
 
     server = LlamaServer(tmp_path / "small.log", n_ctx=256)
@@ -324,7 +335,8 @@ def test_error_messages_are_read_like_the_openai_client(body: bytes, message: st
 def test_proxies_come_from_the_environment_once(monkeypatch: pytest.MonkeyPatch) -> None:
     from intgen.backends.openai_http import env_proxy
 
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+                 "http_proxy", "https_proxy", "all_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     assert env_proxy("http://gpu1:8000/v1") is None
     monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")

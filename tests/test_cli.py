@@ -11,8 +11,9 @@ from intgen import __version__
 from intgen.cli import app
 from intgen.config import EXAMPLE_PROBLEMS
 from intgen.stages.export import export_file
-from scripted import ScriptedServer, answers_of, backend_args
+
 from conftest import TEST_SEED
+from scripted import ScriptedServer, answers_of, backend_args
 
 runner = CliRunner()
 
@@ -28,7 +29,8 @@ def test_help_and_version() -> None:
 def test_problems_command_reports_and_saves(tmp_path: Path) -> None:
     source = tmp_path / "p.jsonl"
     source.write_text(
-        json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n{broken\n" + json.dumps({"problem": "3?", "answer": "3"}) + "\n"
+        json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n{broken\n"
+        + json.dumps({"problem": "3?", "answer": "3"}) + "\n"
     )
     result = runner.invoke(app, ["problems", str(source)])
     assert result.exit_code == 2
@@ -118,15 +120,16 @@ def test_a_retried_upstream_failure_recomputes_the_stages_after_it(tmp_path: Pat
     from intgen.rundir import RunDir
 
     run_dir = tmp_path / "run"
-    sample = ["sample", "--problems", str(EXAMPLE_PROBLEMS), "--run-dir", str(run_dir), "--limit", "2", "--samples", "1",
-              "--max-tokens", "40", "--no-progress"]
+    sample = ["sample", "--problems", str(EXAMPLE_PROBLEMS), "--run-dir", str(run_dir), "--limit", "2",
+              "--samples", "1", "--max-tokens", "40", "--no-progress"]
     assert runner.invoke(app, sample).exit_code == 0
     assert runner.invoke(app, ["grade", "--run-dir", str(run_dir), "--no-progress"]).exit_code == 0
     # Pretend the first attempt's call had failed: the part now holds an error row, as after a dropped request.
     run = RunDir(run_dir)
     part = pl.read_parquet(run.part_path("samples", 0))
     run.write_part("samples", 0, part.with_columns(
-        pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("http_503: injected")).otherwise(pl.col("error")).alias("error")
+        pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("http_503: injected")).otherwise(pl.col("error"))
+        .alias("error")
     ))
     assert runner.invoke(app, sample).exit_code == 0  # retried: the good sample comes from the cache
     assert pl.read_parquet(run_dir / "samples")["error"].null_count() == 2
@@ -145,7 +148,8 @@ def test_every_command_default_comes_from_run_config() -> None:
     for name in ("build-dataset", "sample", "grade", "propose", "verify"):
         for param in command.commands[name].params:
             field = param.name
-            if field in ("run_dir", "force", "progress", "config", "problems", "condition", "vllm_arg", "decontaminate", "report"):
+            if field in ("run_dir", "force", "progress", "config", "problems", "condition", "vllm_arg", "decontaminate",
+                         "report"):
                 continue
             default = param.default.value if hasattr(param.default, "value") else param.default
             assert default == getattr(DEFAULTS, field), (name, field, default)
@@ -182,10 +186,13 @@ def test_engine_arguments_from_the_command_line_and_a_vllm_table(tmp_path: Path)
 
 @pytest.mark.parametrize(
     "option, value, message",
-    [("--samples", "0", "--samples: must be at least 1"), ("--continuations", "-1", "--continuations: must be at least 1"),
+    [("--samples", "0", "--samples: must be at least 1"),
+     ("--continuations", "-1", "--continuations: must be at least 1"),
      ("--proposals", "0", "--proposals: must be at least 1"), ("--limit", "0", "--limit: must be at least 1"),
-     ("--batch-size", "0", "--batch-size: must be at least 1"), ("--concurrency", "0", "--concurrency: must be at least 1"),
-     ("--grade-timeout", "-1", "--grade-timeout: must be at least 0.01"), ("--top-p", "1.5", "--top-p: must be between"),
+     ("--batch-size", "0", "--batch-size: must be at least 1"),
+     ("--concurrency", "0", "--concurrency: must be at least 1"),
+     ("--grade-timeout", "-1", "--grade-timeout: must be at least 0.01"),
+     ("--top-p", "1.5", "--top-p: must be between"),
      ("--propose-style", "three-turn", "Invalid value"), ("--structured-output", "xml", "Invalid value"),
      ("--continuation", "magic", "Invalid value"), ("--min-success", "9", "min-success: 9 is more than continuations")],
 )
@@ -208,7 +215,8 @@ def test_bad_config_files_name_the_file_and_the_setting(text: str, message: str,
     config.write_text(text + "\n")
     result = runner.invoke(app, ["build-dataset", "--config", str(config), "--run-dir", str(tmp_path / "r")])
     assert result.exit_code == 2 and message in result.output and "run.toml" in result.output, result.output
-    result = runner.invoke(app, ["build-dataset", "--config", str(tmp_path / "missing.toml"), "--run-dir", str(tmp_path / "r")])
+    result = runner.invoke(app, ["build-dataset", "--config", str(tmp_path / "missing.toml"),
+                                 "--run-dir", str(tmp_path / "r")])
     assert result.exit_code == 2 and "missing.toml: no such config file" in result.output
 
 

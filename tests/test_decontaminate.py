@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from intgen.cli import app
 from intgen.config import EXAMPLE_PROBLEMS
 from intgen.decontaminate import NgramIndex, drop_contaminated, words
+
 from conftest import TEST_SEED
 
 runner = CliRunner()

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from intgen.cli import app
 from intgen.evaluate import compare, eval_report, ks, majority_correct, pass_at_k
 from intgen.grading import are_equivalent
+
 from conftest import TEST_SEED
 
 runner = CliRunner()
@@ -85,9 +86,10 @@ def test_report_on_a_hand_made_table() -> None:
 
 
 def test_compare_is_paired_over_shared_problems() -> None:
-    base = graded([("a", False, "1", False), ("a", False, "1", False), ("b", True, "2", False), ("b", False, "3", False)])
-    better = graded([("a", True, "5", False), ("a", False, "1", False), ("b", True, "2", False), ("b", True, "2", False),
-                     ("c", True, "9", False)])
+    base = graded([("a", False, "1", False), ("a", False, "1", False), ("b", True, "2", False),
+                   ("b", False, "3", False)])
+    better = graded([("a", True, "5", False), ("a", False, "1", False), ("b", True, "2", False),
+                     ("b", True, "2", False), ("c", True, "9", False)])
     result = compare({"base": base, "trained": better})
     assert result["problems"] == 2  # c is only in one run
     trained = result["runs"]["trained"]

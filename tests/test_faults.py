@@ -21,6 +21,7 @@ from intgen.cache import CallCache
 from intgen.cli import EXIT_FAILURES, app
 from intgen.config import EXAMPLE_PROBLEMS
 from intgen.stages.export import export_file
+
 from conftest import TEST_SEED
 from servers import JsonServer, Proxy, smollm2_gguf
 
@@ -66,7 +67,8 @@ def test_a_kill_late_in_a_stage_loses_no_answered_call(llama_server, tmp_path: P
     proxy = Proxy(llama_server.url)
     run_dir, calls, killed_after = tmp_path / "run", 40, 22
     try:
-        process = subprocess.Popen([sys.executable, "-m", "intgen", *sample_args(run_dir, proxy.url, "--concurrency", "2")],
+        process = subprocess.Popen([sys.executable, "-m", "intgen",
+                                    *sample_args(run_dir, proxy.url, "--concurrency", "2")],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for(lambda: proxy.answered >= killed_after or process.poll() is not None, what="22 answers")
         os.killpg(process.pid, signal.SIGKILL)
@@ -486,7 +488,8 @@ def test_bad_problem_files_are_one_clear_line(name: str, content: bytes, message
 
 def test_a_lone_surrogate_row_is_skipped_and_a_missing_out_folder_is_named(tmp_path: Path) -> None:
     path = tmp_path / "mixed.jsonl"
-    path.write_bytes(b'{"problem": "What is 1+1? \\udc00", "answer": "2"}\n{"problem": "What is 2+2?", "answer": "4"}\n')
+    path.write_bytes(b'{"problem": "What is 1+1? \\udc00", "answer": "2"}\n'
+                     b'{"problem": "What is 2+2?", "answer": "4"}\n')
     result = runner.invoke(app, ["problems", str(path), "--skip-bad-rows", "--out", str(tmp_path / "ok.jsonl")])
     assert result.exit_code == 0 and "skipped mixed.jsonl:1" in result.output, result.output
     assert len((tmp_path / "ok.jsonl").read_text().splitlines()) == 1

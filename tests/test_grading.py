@@ -76,7 +76,8 @@ MATH_VERIFY_CASES = "grader_cases/math_verify_cases.jsonl"
 MATH_VERIFY_KNOWN = {
     ("$9$", "Answer $ \n 9 \n $"): "test expects LaTeX-only extraction across a line break",
     ("$9$", "Answer \\( \n 9 \n \\)"): "test expects LaTeX-only extraction across a line break",
-    ("$(\\begin{pmatrix}\\frac{1}{3}\\\\ \\frac{1}{5} \\end{pmatrix})$", "$\\begin{pmatrix}0.33\\\\0.2 \\end{pmatrix}$"): "needs precision=2",
+    ("$(\\begin{pmatrix}\\frac{1}{3}\\\\ \\frac{1}{5} \\end{pmatrix})$",
+     "$\\begin{pmatrix}0.33\\\\0.2 \\end{pmatrix}$"): "needs precision=2",
     ("$(\\frac{3}{5},\\frac{8}{3}]$", "$(0.6,2.6667]$"): "needs precision=4",
     ("$x \\in [-2,7]$", "$-2 \\\\le x \\\\le 7$"): "needs allow_set_relation_comp",
     ("$f(x)$", "$f(y)$"): "needs strict=False",

@@ -13,8 +13,9 @@ from huggingface_hub import DatasetCard
 from typer.testing import CliRunner
 
 from intgen.cli import app
-from intgen.stages.export import export_file
 from intgen.rewards import compute_score, math_accuracy_reward
+from intgen.stages.export import export_file
+
 from scripted import backend_args
 from servers import HubServer
 
@@ -41,7 +42,8 @@ def test_card_parses_and_tells_the_story(exported: Path) -> None:
     assert data["license"] == "other" and "text-generation" in data["task_categories"]
     text = card.text
     for needle in ("## Funnel", "| attempts | 6 |", "## Where intgen differs from the paper's release",
-                   "without an end-of-turn", "## Intervention vs. the paper's baselines", "| proposals |", "rejected, by reason", "## Tokens and cost",
+                   "without an end-of-turn", "## Intervention vs. the paper's baselines", "| proposals |",
+                   "rejected, by reason", "## Tokens and cost",
                    "math-verify", "solve.md", "propose_single.md", "sha256", "## Caveats", "intgen train sft",
                    'load_dataset("' + str(exported / "dataset") + '", "sft"'):
         assert needle in text, needle

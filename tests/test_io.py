@@ -63,7 +63,8 @@ def test_missing_column_names_it_and_lists_those_present(tmp_path: Path) -> None
 
 def test_malformed_line_is_reported_or_skipped_and_counted(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"problem": "One?", "answer": "1"}\n{"problem": "Two?", "answ\n{"problem": "Three?", "answer": "3"}\n')
+    path.write_text('{"problem": "One?", "answer": "1"}\n{"problem": "Two?", "answ\n'
+                    '{"problem": "Three?", "answer": "3"}\n')
     with pytest.raises(BadInputError, match=r"bad.jsonl:2: not valid JSON"):
         load_problems(path)
     result = read_problems(path, on_bad_row="skip")
@@ -74,7 +75,8 @@ def test_malformed_line_is_reported_or_skipped_and_counted(tmp_path: Path) -> No
 def test_empty_problem_and_missing_answer_are_bad_rows(tmp_path: Path) -> None:
     path = write_jsonl(
         tmp_path / "e.jsonl",
-        [{"problem": "  ", "answer": "1"}, {"problem": "Fine?", "answer": "2"}, {"problem": "No answer?", "answer": None}],
+        [{"problem": "  ", "answer": "1"}, {"problem": "Fine?", "answer": "2"},
+         {"problem": "No answer?", "answer": None}],
     )
     with pytest.raises(BadInputError, match=r"e.jsonl:1: empty or missing problem"):
         load_problems(path)

@@ -14,8 +14,16 @@ from intgen.backends.base import Completion, Sampling
 from intgen.cli import app
 from intgen.resources import load_prompt
 from intgen.stages import Part
-from intgen.stages.localize import (LOCALIZE_SCHEMA, LocalizeSettings, compute, metrics, parse_index, proposal_rows,
-                                    read_items, vote)
+from intgen.stages.localize import (
+    LOCALIZE_SCHEMA,
+    LocalizeSettings,
+    compute,
+    metrics,
+    parse_index,
+    proposal_rows,
+    read_items,
+    vote,
+)
 from intgen.stages.propose import PROPOSAL_SCHEMA
 
 runner = CliRunner()

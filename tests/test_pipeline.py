@@ -20,10 +20,11 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TEST_SEED
 from intgen.cli import app
 from intgen.stages.export import export_file
 from intgen.steps import join_steps, split_steps
+
+from conftest import TEST_SEED
 from report_checks import check_dataset_report
 from scripted import ScriptedServer, answers_of
 from servers import Proxy, smollm2_gguf
@@ -259,8 +260,8 @@ def test_sigkill_late_in_verify_then_resume(gsm8k: Path, tmp_path: Path) -> None
 def test_rl_config_loads_through_verls_own_dataset_and_scores_like_its_reward_manager(
     finished_run: tuple[Path, int, str, str], tmp_path: Path
 ) -> None:
-    from verl.utils.dataset import rl_dataset  # the test command installs verl (tests/requirements-nodeps.txt)
     from transformers import AutoTokenizer
+    from verl.utils.dataset import rl_dataset  # the test command installs verl (tests/requirements-nodeps.txt)
 
     from intgen.backends.local import default_gguf
     from intgen.rewards import compute_score

@@ -12,8 +12,7 @@ import pytest
 from intgen.backends.base import Completion, Sampling, error_completion
 from intgen.grading import grade_items
 from intgen.resources import load_prompt, read_prompt
-from intgen.stages import Grading, ModelCalls, Part, run_by_hand
-from intgen.stages import propose
+from intgen.stages import Grading, ModelCalls, Part, propose, run_by_hand
 
 from examples import ATTEMPT, STEPS
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from intgen.cli import app
 from intgen.report import CONTINUATION_HEAD_CHARS, CONTINUATION_TAIL_CHARS, cut, keep_some_texts, write_report
 from intgen.rundir import RunDir
+
 from report_checks import check_dataset_report, open_report
 from synthetic_run import HOSTILE, write_synthetic_run
 
@@ -30,7 +31,9 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def summary_of(page_text: str) -> dict:
-    return json.loads(re.search(r'<script type="application/json" id="summary">(.*?)</script>', page_text, re.S).group(1))
+    return json.loads(
+        re.search(r'<script type="application/json" id="summary">(.*?)</script>', page_text, re.S).group(1)
+    )
 
 
 def test_the_page_lists_every_proposal_and_keeps_hostile_text_as_data(synthetic: Path) -> None:

@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from intgen.cli import app
-from servers import Proxy
+
 from conftest import TEST_SEED
+from servers import Proxy
 
 runner = CliRunner()
 SECRET = "sk-test-0123456789-never-written"
@@ -21,7 +22,8 @@ SECRET = "sk-test-0123456789-never-written"
 def problems(tmp_path: Path) -> Path:
     path = tmp_path / "problems.jsonl"
     rows = [
-        {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "Tom has 3+4=7.\n#### 7"},
+        {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+         "answer": "Tom has 3+4=7.\n#### 7"},
         {"question": "A box holds 6 eggs. How many eggs are in 2 boxes?", "answer": "6*2=12\n#### 12"},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

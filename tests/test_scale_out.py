@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 from intgen.cli import app
 from intgen.config import EXAMPLE_PROBLEMS
 from intgen.stages.export import export_file
-from servers import Proxy
+
 from conftest import TEST_SEED
+from servers import Proxy
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow

@@ -3,7 +3,6 @@ The propose stage's own tests (prompts, parsing, the leak test) are in test_prop
 
 from __future__ import annotations
 
-
 import polars as pl
 
 from intgen.resources import read_prompt
@@ -41,7 +40,8 @@ def test_sample_requests_ask_for_k_samples() -> None:
 def test_continuation_prefixes_for_each_condition() -> None:
     fix = "I add carefully: 3 + 4 is seven, not eight."
     # the intervention's prefix is the SFT completion itself: nothing added after the intervention
-    assert continuation_prefix(STEPS, 2, fix, Condition.intervention) == STEPS[0] + fix == intervened_text(STEPS, 2, fix)
+    assert (continuation_prefix(STEPS, 2, fix, Condition.intervention) == STEPS[0] + fix
+            == intervened_text(STEPS, 2, fix))
     assert continuation_prefix(STEPS, 2, fix, Condition.original_step) == STEPS[0] + STEPS[1]
     assert continuation_prefix(STEPS, 2, fix, Condition.resample_step) == STEPS[0]
     assert continuation_prefix(STEPS, 2, fix, Condition.problem_only) == ""
@@ -94,7 +94,8 @@ def test_export_rows_are_trl_conversational() -> None:
     out = frame.select(prompt_column("{{problem}}\n\nBox it.", "Be careful.").alias("prompt"),
                        completion_column().alias("completion"))
     row = out.row(0, named=True)
-    assert row["prompt"] == [{"role": "system", "content": "Be careful."}, {"role": "user", "content": "1+1?\n\nBox it."}]
+    assert row["prompt"] == [{"role": "system", "content": "Be careful."},
+                             {"role": "user", "content": "1+1?\n\nBox it."}]
     assert row["completion"] == [{"role": "assistant", "content": "Step one.\n\nFix."}]
 
 

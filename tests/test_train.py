@@ -16,6 +16,7 @@ from intgen.cli import app
 from intgen.config import EXAMPLE_PROBLEMS
 from intgen.stages.export import export_file
 from intgen.train import SFT_DEFAULTS, read_overrides
+
 from scripted import backend_args
 
 runner = CliRunner()
@@ -50,8 +51,14 @@ def dataset(scripted, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_paper_defaults_reach_the_trl_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trl import GRPOConfig, SFTConfig
 
-    from intgen.train import (GRPO_DEFAULTS, _config, checkpointing_defaults, grpo_batch_defaults, sft_batch_defaults,
-                              warmup_defaults)
+    from intgen.train import (
+        GRPO_DEFAULTS,
+        _config,
+        checkpointing_defaults,
+        grpo_batch_defaults,
+        sft_batch_defaults,
+        warmup_defaults,
+    )
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     sft_defaults = SFT_DEFAULTS | warmup_defaults(SFTConfig, {}) | checkpointing_defaults(SFTConfig, {})

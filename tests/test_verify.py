@@ -16,8 +16,15 @@ from intgen.grading import Verdict
 from intgen.resources import load_prompt
 from intgen.stages import Grading, ModelCalls, Part, run_by_hand
 from intgen.stages.sample import sample_requests
-from intgen.stages.verify import (CONTINUATION_SCHEMA, Condition, VerifySettings, compute, intervened_text, verify_jobs,
-                                  work)
+from intgen.stages.verify import (
+    CONTINUATION_SCHEMA,
+    Condition,
+    VerifySettings,
+    compute,
+    intervened_text,
+    verify_jobs,
+    work,
+)
 from intgen.steps import step_ends
 
 from examples import ATTEMPT, STEPS
@@ -113,6 +120,7 @@ def test_no_problem_only_continuation_is_a_sampled_attempt(tmp_path) -> None:
     from intgen.backends.openai_http import OpenAIBackend
     from intgen.cache import CallCache
     from intgen.calls import CallStats, run_requests
+
     from scripted import ScriptedServer
 
     sampling = Sampling(temperature=0.7, top_p=0.8, top_k=20, max_tokens=400, seed=0)

@@ -28,7 +28,8 @@ def test_vllm_backend_samples_continues_and_follows_a_schema() -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
     sampled, continued, structured = backend.generate([
         make_request(question, Sampling(max_tokens=32, seed=1), n=4),
-        make_request(question + [{"role": "assistant", "content": prefix}], Sampling(max_tokens=8, seed=1), continue_final=True),
+        make_request(question + [{"role": "assistant", "content": prefix}], Sampling(max_tokens=8, seed=1),
+                     continue_final=True),
         make_request(question, Sampling(max_tokens=32, seed=1), json_schema=schema),
     ])
     assert len(sampled) == 4 and all(c.completion_tokens > 0 for c in sampled)

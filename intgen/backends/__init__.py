@@ -9,7 +9,8 @@ from typing import Any
 
 from intgen.backends.base import Backend, Completion, Request, Sampling, make_request
 
-__all__ = ["Backend", "BackendConfig", "BackendKind", "Completion", "Request", "Sampling", "make_backend", "make_request"]
+__all__ = ["Backend", "BackendConfig", "BackendKind", "Completion", "Request", "Sampling", "make_backend",
+           "make_request"]
 
 
 class BackendKind(str, Enum):

@@ -304,7 +304,9 @@ class OpenAIBackend:
                 shorter = replace(request.sampling, max_tokens=context - prompt)
                 return await self._try(pool, replace(request, sampling=shorter))
             except StatusError as again:
-                return [Completion("", TOO_LONG) for _ in range(request.n)] if again.status == 400 else self._failed(again)
+                if again.status == 400:
+                    return [Completion("", TOO_LONG) for _ in range(request.n)]
+                return self._failed(again)
             except Exception as again:
                 return self._failed(again)
         except Exception as exc:
@@ -379,7 +381,8 @@ class OpenAIBackend:
 
     async def _call(self, server: Server, request: Request) -> list[Completion]:
         path, body = self.body(request)
-        async with server.session.post(server.url + path, data=json.dumps(body).encode(), proxy=server.proxy) as response:
+        data = json.dumps(body).encode()
+        async with server.session.post(server.url + path, data=data, proxy=server.proxy) as response:
             raw = await response.read()
             if response.status >= 400:
                 raise StatusError(response.status, error_message(raw), response.headers)

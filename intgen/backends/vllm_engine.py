@@ -67,7 +67,9 @@ class VLLMBackend:
         except ValueError as exc:
             if len(requests) == 1:
                 too_long = "longer than the maximum model length" in str(exc) or "context" in str(exc).lower()
-                return [[Completion("", TOO_LONG)] * requests[0].n if too_long else [error_completion(f"engine: {exc}"[:500])]]
+                if too_long:
+                    return [[Completion("", TOO_LONG)] * requests[0].n]
+                return [[error_completion(f"engine: {exc}"[:500])]]
             return [self._chat([r], continue_final)[0] for r in requests]
         return [_completions(output) for output in outputs]
 

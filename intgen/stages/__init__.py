@@ -10,8 +10,8 @@ progress. A stage can be tested alone by driving its generator with plain data.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Mapping
 from collections import Counter
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -168,7 +168,8 @@ def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
         "intervention_continuations": verify["intervention_continuations"],
         "intervention_correct": verify["intervention_correct"],
         "table1": verify["table1"],
-        "failed": {name: stages[name].get("failed_rows", {}) for name in STAGE_NAMES if stages[name].get("failed_rows")},
+        "failed": {name: stages[name].get("failed_rows", {}) for name in STAGE_NAMES
+                   if stages[name].get("failed_rows")},
         "prompt_tokens": sum(t.get("prompt_tokens", 0) for t in tokens.values()),
         "completion_tokens": sum(t.get("completion_tokens", 0) for t in tokens.values()),
         "tokens_by_stage": {s: (t.get("prompt_tokens", 0), t.get("completion_tokens", 0)) for s, t in tokens.items()},
@@ -199,7 +200,8 @@ def funnel_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("problems", str(summary["problems"])),
         ("  without a reference solution", str(summary["problems_without_reference"])),
         ("attempts", str(summary["attempts"])),
-        ("correct / incorrect / ungradable", f"{summary['correct']} / {summary['incorrect']} / {summary['ungradable']}"),
+        ("correct / incorrect / ungradable",
+         f"{summary['correct']} / {summary['incorrect']} / {summary['ungradable']}"),
         ("problems selected for proposals", str(summary["problems_selected"])),
         ("proposals", str(summary["proposals"])),
         ("rejected, by reason", rejected),
@@ -225,12 +227,15 @@ def table1_rows(table1: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             return ""
         return " [" + ", ".join("n/a" if v is None else f"{v:.2f}" for v in pair) + "]"
 
+    def ratio(vs: dict[str, Any], name: str) -> str:  # "1.35x [1.27, 1.44]"
+        return ("n/a" if vs[name] is None else f"{vs[name]:.2f}x") + interval(vs[f"{name}_ci95"])
+
     rows = []
     for condition, row in table1["conditions"].items():
         vs = row.get("vs_original_step")
-        solved = "" if not vs else ("n/a" if vs["solved_ratio"] is None else f"{vs['solved_ratio']:.2f}x") + interval(vs["solved_ratio_ci95"])
-        acc = "" if not vs else ("n/a" if vs["accuracy_ratio"] is None else f"{vs['accuracy_ratio']:.2f}x") + interval(vs["accuracy_ratio_ci95"])
-        rows.append((condition, f"{row['solved']}/{row['problems']}", f"{100 * row['mean_accuracy']:.2f}%", solved, acc))
+        solved, acc = (ratio(vs, "solved_ratio"), ratio(vs, "accuracy_ratio")) if vs else ("", "")
+        rows.append((condition, f"{row['solved']}/{row['problems']}", f"{100 * row['mean_accuracy']:.2f}%", solved,
+                     acc))
     return rows
 
 
@@ -249,7 +254,8 @@ def table1_markdown(table1: dict[str, Any]) -> str:
         left = {k: v for k, v in (table1.get("left_out") or {}).items() if v}
         return "(no problem has all its matched continuations" + "".join(
             f"; left out: {v} for {k.replace('_', ' ')}" for k, v in left.items()) + ")"
-    head = "| continue from | solved / problems | mean accuracy | solved vs original-step | accuracy vs original-step |\n|---|---|---|---|---|\n"
+    head = ("| continue from | solved / problems | mean accuracy | solved vs original-step "
+            "| accuracy vs original-step |\n|---|---|---|---|---|\n")
     return head + "\n".join("| " + " | ".join(row) + " |" for row in table1_rows(table1))
 
 
@@ -269,7 +275,8 @@ def write_card(run: RunDir, config: RunConfig, summary: dict[str, Any], load_pat
 def card_front_matter(config: RunConfig, rows: dict[str, int], files: dict[str, Path]) -> str:
     """The card's YAML: configs with their data files, licence, language, task, size, tags."""
     size = max(rows.values())
-    category = "n<1K" if size < 1_000 else "1K<n<10K" if size < 10_000 else "10K<n<100K" if size < 100_000 else "100K<n<1M"
+    category = ("n<1K" if size < 1_000 else "1K<n<10K" if size < 10_000 else "10K<n<100K" if size < 100_000
+                else "100K<n<1M")
     # `datasets` cannot load an empty parquet config ("corresponds to no data"): an empty one is left out of
     # the list (its file stays in the folder) and the card says so.
     front = {

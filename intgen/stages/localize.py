@@ -29,8 +29,16 @@ from intgen.grading import extract_answer
 from intgen.io import BadInputError
 from intgen.resources import Prompt, fill
 from intgen.stages import Compute, ModelCalls, Part, Stage
-from intgen.stages.propose import (CALL_FAILED, NO_ERROR_FOUND, NO_REFERENCE, NO_STEPS, PROMPT_TOO_LONG, TRUNCATED,
-                                   parse_proposal, proposal_schema)
+from intgen.stages.propose import (
+    CALL_FAILED,
+    NO_ERROR_FOUND,
+    NO_REFERENCE,
+    NO_STEPS,
+    PROMPT_TOO_LONG,
+    TRUNCATED,
+    parse_proposal,
+    proposal_schema,
+)
 from intgen.steps import number_steps
 
 CRITICS = ("intgen", "processbench")

@@ -19,8 +19,7 @@ import polars as pl
 from intgen.backends.base import ERROR, LENGTH, Completion, Request, Sampling, make_request
 from intgen.grading import BARE, boxed_answers, provisional
 from intgen.resources import Prompt, fill
-from intgen.stages import Answer, Ask, Compute, Grading, ModelCalls, Part, Stage
-from intgen.stages import grade
+from intgen.stages import Answer, Ask, Compute, Grading, ModelCalls, Part, Stage, grade
 from intgen.stages.verify import intervened_text
 from intgen.steps import STEPS_VERSION, number_steps, split_steps, step_ends
 
