@@ -81,8 +81,9 @@ def write_input(run: RunDir, table: str, frame: pl.DataFrame, id_column: str, ba
     count, changed = 0, 0
     for index, start in enumerate(range(0, frame.height, batch_size)):
         rows = frame.slice(start, batch_size)
-        if run.part_marker(table, index) is None or not _same_rows(run, table, index, rows):
-            changed += run.part_marker(table, index) is not None
+        written = run.part_marker(table, index) is not None
+        if not written or not _same_rows(run, table, index, rows):
+            changed += written
             run.write_part(table, index, rows)
             run.finish_part(table, index, [table], {"failed": {}})
         count += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -10,7 +9,5 @@ from conftest import REPO
 
 
 def test_ruff_is_clean() -> None:
-    ruff = shutil.which("ruff") or [sys.executable, "-m", "ruff"]
-    command = [ruff, "check", "."] if isinstance(ruff, str) else [*ruff, "check", "."]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

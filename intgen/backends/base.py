@@ -200,6 +200,6 @@ def share_usage(
         left -= known[i]
     completions = []
     for index, (text, finish) in enumerate(texts):
-        completions.append(Completion(repair_text(text), finish_reason(finish), prompt_tokens if index == 0 else 0,
-                                      known[index], true_continuation))
+        completions.append(Completion(text, finish_reason(finish), prompt_tokens if index == 0 else 0, known[index],
+                                      true_continuation))
     return completions

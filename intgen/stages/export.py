@@ -89,9 +89,10 @@ def write_config(folder: Path, table: pl.LazyFrame) -> None:
 
 
 def model_stages() -> list[Any]:
-    from intgen.stages import grade, propose, sample, verify
+    """The pipeline's stages, in order (`pipeline.STAGES`; imported here, as pipeline imports this module)."""
+    from intgen.pipeline import STAGES
 
-    return [sample.STAGE, grade.STAGE, propose.STAGE, verify.STAGE]
+    return STAGES
 
 
 def require_current_export(run: RunDir, before: str) -> None:
