@@ -110,7 +110,8 @@ def problems_file(folder: Path, count: int) -> Path:
 
 def measured_run(count: int, url: str, executor: str, actors: int, stages: str) -> dict:
     from intgen.config import resolve
-    from intgen.pipeline import STAGES, load_config_problems, open_engine, run_named_stage, sample_problems
+    from intgen.pipeline import load_config_problems, open_engine, run_named_stage, sample_problems
+    from intgen.plan import STAGES
     from intgen.rundir import RunDir
 
     folder = Path(tempfile.mkdtemp(prefix="intgen-scale-"))

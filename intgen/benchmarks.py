@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from intgen.errors import UserError
+
 # name -> (file under the data folder, Hub dataset id or None, loading options)
 BENCHMARKS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "math500": ("math500/test.jsonl", "HuggingFaceH4/MATH-500", {"split": "test"}),
@@ -42,7 +44,7 @@ def resolve_benchmark(source: str, data_dir: str | Path | None = None) -> tuple[
             return str(folder / relative), local
     if hub is None:
         looked = ", ".join(str(folder) for folder in data_dirs(data_dir))
-        raise ValueError(f"{source}: no {relative} under {looked}; pass the file's path, or set $INTGEN_DATA")
+        raise UserError(f"{source}: no {relative} under {looked}; pass the file's path, or set $INTGEN_DATA")
     return hub, {k: v for k, v in options.items() if k != "on_bad_row"}
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from intgen.backends.base import TOO_LONG, Completion, Request, request_settings
+from intgen.errors import UserError
 
 
 def request_identity(kind: str, model: str, request: Request, settings: dict[str, Any] | None = None) -> dict:
@@ -67,7 +68,7 @@ def _lookup(db: sqlite3.Connection, keys: list[str]) -> dict[str, Completion]:
     return found
 
 
-class CacheError(OSError):
+class CacheError(UserError, OSError):
     """The cache file cannot be read or written (full disk, corrupt file); the message names it."""
 
 

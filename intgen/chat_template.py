@@ -18,6 +18,7 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from intgen.errors import UserError
 from intgen.extras import need
 
 
@@ -41,7 +42,7 @@ class ChatTemplate:
             at = rendered.rfind(needle)
             if at >= 0:
                 return rendered[:at] + prefix
-        raise ValueError(f"the chat template {self.source} does not reproduce the assistant prefix verbatim")
+        raise UserError(f"the chat template {self.source} does not reproduce the assistant prefix verbatim")
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -67,18 +68,18 @@ def load_chat_template(source: str | Path) -> ChatTemplate:
     if path.is_file():
         return ChatTemplate(str(path), path.read_text(encoding="utf-8"))
     if not (path.exists() or "/" in str(source)):
-        raise ValueError(f"--chat-template {source}: no such file, and not a tokenizer name (owner/name)")
+        raise UserError(f"--chat-template {source}: no such file, and not a tokenizer name (owner/name)")
     transformers = need("transformers", "--chat-template with a tokenizer")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
     if not tokenizer.chat_template:
-        raise ValueError(f"the tokenizer {source} has no chat template")
+        raise UserError(f"the tokenizer {source} has no chat template")
     return ChatTemplate(str(source), tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "",
                         lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
 
 
 def _from_gguf(path: Path) -> ChatTemplate:
     if not path.is_file():
-        raise ValueError(f"--chat-template {path}: no such file")
+        raise UserError(f"--chat-template {path}: no such file")
     llama_cpp = need("llama_cpp", "--chat-template with a .gguf file")
     return template_from_llama(llama_cpp.Llama(str(path), vocab_only=True, verbose=False), str(path))
 
@@ -88,7 +89,7 @@ def template_from_llama(model: Any, source: str) -> ChatTemplate:
     metadata = model.metadata
     text = metadata.get("tokenizer.chat_template")
     if not text:
-        raise ValueError(f"{source} has no tokenizer.chat_template in its metadata")
+        raise UserError(f"{source} has no tokenizer.chat_template in its metadata")
 
     def token(name: str) -> str:
         token_id = metadata.get(f"tokenizer.ggml.{name}_token_id")

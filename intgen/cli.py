@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -12,9 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from intgen import __version__
-from intgen.backends import BackendKind
-from intgen.config import DEFAULTS, ContinuationMode, ExecutorKind, ProposeFor, ProposeStyle, StructuredOutput
-from intgen.stages.verify import Condition
+from intgen.errors import UserError
 
 if TYPE_CHECKING:
     from intgen.config import RunConfig
@@ -83,7 +85,7 @@ def _saved_config(run_dir: Path, overrides: dict[str, Any]) -> "RunConfig":
         _fail(f"{path}: unreadable ({exc}); fix or delete it and pass the settings again")
     try:
         return resolve(overrides, from_saved(saved).to_dict())
-    except (TypeError, ValueError) as exc:
+    except UserError as exc:
         _fail(f"{path}: {exc}" if not overrides else str(exc))
 
 
@@ -118,144 +120,100 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 def _run_or_fail(action: Callable[[], Any]) -> Any:
-    """Run `action`; what goes wrong with the input, the settings or the run directory is one line, exit 2."""
-    from intgen.cache import CacheError
-    from intgen.driver import StageConfigChanged
-    from intgen.extras import MissingExtra
-    from intgen.io import BadInputError
-    from intgen.rundir import RunDirError
+    """Run `action`; what the user can fix (a `UserError`: a setting, an input, the run directory) is one line,
+    exit 2, and so is an OSError about a named path (not found, not writable, disk full). Anything else is a bug
+    and keeps its traceback."""
+    from intgen.errors import UserError
 
     try:
         return action()
-    except (BadInputError, StageConfigChanged, ValueError, MissingExtra, RunDirError, CacheError) as exc:
+    except UserError as exc:
         _fail(str(exc))
-    except OSError as exc:  # anything else the file system says, with the path it is about
-        where = exc.filename or "intgen"
-        _fail(f"{where}: {exc.strerror or exc}" if exc.strerror else str(exc) or type(exc).__name__)
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        _fail(f"{exc.filename}: {exc.strerror or exc}")
 
 
-D = DEFAULTS  # every option's default comes from RunConfig
 EXIT_BAD_INPUT = 2  # a bad setting, file or run directory: nothing was done
 EXIT_FAILURES = 3  # the run finished, but some model calls failed: rerunning the same command retries them
 
-BackendOpt = Annotated[BackendKind, typer.Option("--backend", help="Model engine.")]
-ModelOpt = Annotated[Optional[str], typer.Option(help=(
-    "Model name (local: a GGUF path; default: bundled SmolLM2-135M-Instruct)."))]
-BaseUrlOpt = Annotated[Optional[list[str]], typer.Option("--base-url", help=(
-    "Server URL (openai: e.g. http://127.0.0.1:8000/v1; gemini: API endpoint). openai: repeatable, requests go to "
-    "the server with the fewest in flight; one that fails is rested and retried later."))]
-ApiKeyEnvOpt = Annotated[Optional[str], typer.Option(help=(
-    "Environment variable holding the API key (default OPENAI_API_KEY / GEMINI_API_KEY)."))]
-ConcurrencyOpt = Annotated[int, typer.Option(help="Requests in flight at once (openai, gemini).")]
-RequestTimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for one try of a request (openai, gemini).")]
-MaxTriesOpt = Annotated[int, typer.Option(help=(
-    "Tries per request before its failure is recorded (a rerun tries again)."))]
-StructuredOpt = Annotated[StructuredOutput, typer.Option(help=(
-    "openai: how to send a JSON schema: json_schema (OpenAI, vLLM, SGLang), json_object (llama-cpp-python), none."))]
-ContinuationOpt = Annotated[ContinuationMode, typer.Option(help=(
-    "openai: how to continue an assistant message: chat (vLLM continue_final_message) or completions (client-side "
-    "chat template)."))]
-ChatTemplateOpt = Annotated[Optional[str], typer.Option(help=(
-    "openai + completions: chat template file, .gguf file or tokenizer name (also counts tokens per sample)."))]
-ThinkingOpt = Annotated[Optional[int], typer.Option(help="gemini: thinking budget in tokens.")]
-MaxModelLenOpt = Annotated[Optional[int], typer.Option(help=(
-    "The model's context in tokens, where the server does not report it (continuations are cut to fit)."))]
-VllmArgOpt = Annotated[Optional[list[str]], typer.Option("--vllm-arg", help=(
-    "vllm backend: one engine argument, key=value (repeatable), e.g. --vllm-arg tensor_parallel_size=2."))]
-ProposerBackendOpt = Annotated[Optional[BackendKind], typer.Option(help=(
-    "Proposer engine (default: the policy's; self-proposed)."))]
-ProposerModelOpt = Annotated[Optional[str], typer.Option(help="Proposer model (default: the policy model).")]
-ProposerUrlOpt = Annotated[Optional[list[str]], typer.Option("--proposer-base-url", help=(
-    "Proposer server URL (repeatable, as --base-url)."))]
-ExecutorOpt = Annotated[ExecutorKind, typer.Option(help=(
-    "local: parts one after another in this process; ray: parts on Ray Data actors (one backend each), grading as "
-    "Ray tasks."))]
-RayAddressOpt = Annotated[Optional[str], typer.Option(help=(
-    "--executor ray: the cluster (auto, ray://host:10001); default: this machine's, started if needed."))]
-RayActorsOpt = Annotated[int, typer.Option(help="--executor ray: actors per model stage, each with its own backend.")]
-RayActorCpusOpt = Annotated[float, typer.Option(help="--executor ray: CPUs each actor holds.")]
-RayActorGpusOpt = Annotated[float, typer.Option(help=(
-    "--executor ray: GPUs each actor holds (1 for an in-process vLLM engine per GPU)."))]
-ProblemColumnOpt = Annotated[Optional[str], typer.Option(help=(
-    "Column holding the problem text (default: problem, question, ...)."))]
-AnswerColumnOpt = Annotated[Optional[str], typer.Option(help="Column holding the final answer (default: answer, ...).")]
-SolutionColumnOpt = Annotated[Optional[str], typer.Option(help=(
-    "Column holding the reference solution (default: reference_solution, then solution)."))]
-SplitOpt = Annotated[Optional[str], typer.Option(help=(
-    "Split of a dataset folder or Hub dataset (default: its only split)."))]
-SubsetOpt = Annotated[Optional[str], typer.Option(help="Config (subset) of a Hub dataset.")]
-SamplesOpt = Annotated[int, typer.Option(help="Attempts per problem (K).")]
-MaxTokensOpt = Annotated[int, typer.Option(help="Token limit per attempt.")]
-TemperatureOpt = Annotated[float, typer.Option()]
-TopPOpt = Annotated[float, typer.Option()]
-TopKOpt = Annotated[int, typer.Option(help="0 disables top-k.")]
-SeedOpt = Annotated[int, typer.Option(help="Sampling seed: the same config and seed give the same dataset.")]
-LimitOpt = Annotated[Optional[int], typer.Option(help="Use only the first N problems.")]
-HardOnlyOpt = Annotated[bool, typer.Option(help=(
-    "Propose only for problems whose pass rate is at most --hard-threshold."))]
-HardThresholdOpt = Annotated[float, typer.Option(help="Pass-rate ceiling for --hard-only.")]
-ProposalsOpt = Annotated[int, typer.Option(help="Proposals per failed attempt (P).")]
-ProposeStyleOpt = Annotated[ProposeStyle, typer.Option(help=(
-    "two-turn (the paper's: solve with the reference, then critique) or single-turn."))]
-ProposeMaxTokensOpt = Annotated[int, typer.Option(help="Token limit per proposal.")]
-ProposeTemperatureOpt = Annotated[float, typer.Option()]
-StructuredProposalsOpt = Annotated[bool, typer.Option(help=(
-    "Constrain proposals by a JSON schema where the backend can."))]
-ProposeForOpt = Annotated[ProposeFor, typer.Option(help=(
-    "Which attempts get proposals: not-correct (every attempt not graded correct: wrong, truncated, unboxed; the "
-    "release's set) or incorrect (graded wrong only)."))]
-AllowNoReferenceOpt = Annotated[bool, typer.Option(help=(
-    "Propose for problems without a reference solution (the prompt then says only the final answer is known)."))]
-ContinuationsOpt = Annotated[int, typer.Option(help="Continuations per intervention (M).")]
-VerifyMaxTokensOpt = Annotated[int, typer.Option(help="Token limit per continuation.")]
-VerifyTemperatureOpt = Annotated[float, typer.Option()]
-MinSuccessOpt = Annotated[int, typer.Option(help="Keep an intervention with at least this many correct continuations.")]
-VerifyAllOpt = Annotated[bool, typer.Option(help=(
-    "Verify every accepted proposal, not only the first of each attempt (the release verifies one per attempt; up "
-    "to P times the verify compute)."))]
-ConditionOpt = Annotated[Optional[list[Condition]], typer.Option("--condition", help=(
-    "Verify conditions (repeatable): intervention, original-step, resample-step, problem-only."))]
-SystemPromptOpt = Annotated[Optional[str], typer.Option(help=(
-    "System prompt for the policy (same in sampling, SFT and RL)."))]
-SolvePromptOpt = Annotated[str, typer.Option(help=(
-    "The policy's prompt (sample, verify, SFT and RL): a shipped file name or your own file with {{problem}}."))]
-ReferencePromptOpt = Annotated[str, typer.Option(help=(
-    "Turn 1 of the two-turn proposer prompt (solve guided by the reference): a shipped file name or your own file."))]
-CritiquePromptOpt = Annotated[Optional[str], typer.Option(help=(
-    "Turn 2 of the two-turn proposer prompt, or the single-turn prompt: a shipped file name or your own file. "
-    "[default: propose_critique.md / propose_single.md]"))]
-GradeWorkersOpt = Annotated[int, typer.Option(help="Grading worker processes.")]
-GradeTimeoutOpt = Annotated[float, typer.Option(help="Seconds of grading work per answer at most.")]
-LenientOpt = Annotated[bool, typer.Option(help=(
-    "Grade a response without \\boxed{} by the answer it states (for small models)."))]
-BatchSizeOpt = Annotated[int, typer.Option(help="Problems per batch (one parquet part each).")]
-PricesOpt = Annotated[Optional[Path], typer.Option(help="Price table (TOML/JSON) to report cost.")]
-CardTemplateOpt = Annotated[str, typer.Option(help=(
-    "The dataset card's template: the shipped card.md, or your own file (see data_cards/)."))]
-SkipBadRowsOpt = Annotated[bool, typer.Option(help="Skip malformed problem rows (each is reported).")]
 RunDirOpt = Annotated[Path, typer.Option(help="Run directory (created if needed; rerunning resumes).")]
 ForceOpt = Annotated[bool, typer.Option(help=(
     "Recompute a stage whose settings changed (cached model calls are reused)."))]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
 
-NOT_SETTINGS = ("ctx", "config", "run_dir", "force", "progress", "protocol", "report")
+
+# --- the settings' options, made from their fields (intgen.config) -----------------------------------
+
+def _option(spec: dataclasses.Field, section: str) -> tuple[Any, Any]:
+    """A setting's typer annotation and default: its type (an Enum for choices, a repeatable option for a list, a
+    table or a joined setting), its help and range, its flag; `--help` groups the options by section."""
+    from intgen.config import RunConfig
+    from intgen.setting import described, kind_of
+
+    kind, optional = kind_of(RunConfig, spec.name)
+    meta = spec.metadata
+    option = typer.Option(*([meta["option"]] if meta["option"] else []), help=described(spec),
+                          rich_help_panel=f"{section} settings")
+    choices = meta["choices"]
+    if kind in ("list", "table") or meta["join"]:
+        return Annotated[Optional[list[choices or str]], option], None  # type: ignore[valid-type]
+    value_type = choices or {"bool": bool, "int": int, "float": float, "str": str}[kind]
+    default = choices(spec.default) if choices is not None and spec.default is not None else spec.default
+    return Annotated[Optional[value_type] if optional else value_type, option], default  # type: ignore[valid-type]
+
+
+def settings_options(*sections: str, without: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> Callable:
+    """Give a command the options of these sections' settings (less `without`, plus the settings `extra`): they
+    reach it as `**settings`, each under its field's name."""
+    from intgen.config import FIELDS, SECTIONS
+
+    sections = tuple(SECTIONS) if sections == ("all",) else sections
+    section_of = {f.name: name for name, section in SECTIONS.items() for f in dataclasses.fields(section)}
+    names = [f.name for section in sections for f in dataclasses.fields(SECTIONS[section]) if f.metadata["cli"]]
+    names = [name for name in names + list(extra) if name not in without]
+
+    def decorate(command: Callable) -> Callable:
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        generated = []
+        for name in names:
+            annotation, default = _option(FIELDS[name], section_of[name])
+            generated.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                               annotation=annotation))
+
+        @functools.wraps(command)
+        def with_settings(**values: Any) -> Any:
+            return command(**values)
+
+        parameters = own + generated
+        with_settings.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        with_settings.__annotations__ = {p.name: p.annotation for p in parameters}
+        return with_settings
+
+    return decorate
 
 
 def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """The settings the user gave on the command line, as RunConfig values."""
-    given = _explicit(ctx, {k: v for k, v in values.items() if k not in NOT_SETTINGS})
-    for key, value in list(given.items()):
-        if isinstance(value, Enum):
-            given[key] = value.value
-        elif isinstance(value, Path):
-            given[key] = str(value)
-    if "condition" in given:
-        given["conditions"] = tuple(c.value if isinstance(c, Enum) else c for c in given.pop("condition"))
-    if "vllm_arg" in given:
-        given["vllm_args"] = _key_values(given.pop("vllm_arg"), "--vllm-arg")
-    for name in ("base_url", "proposer_base_url"):  # several servers: one setting, comma-separated
-        if name in given:
-            given[name] = ",".join(given[name]) if given[name] else None
+    """The settings the user gave on the command line (or through the environment), as RunConfig values."""
+    from intgen.config import FIELDS
+
+    given = {}
+    for name, value in _explicit(ctx, {k: v for k, v in values.items() if k in FIELDS}).items():
+        spec = FIELDS[name]
+        if isinstance(value, list):
+            value = [v.value if isinstance(v, Enum) else v for v in value]
+            if spec.metadata["join"]:  # several servers: one setting, comma-separated
+                value = ",".join(value) if value else None
+            elif isinstance(spec.default, tuple):
+                value = tuple(value)
+            else:
+                value = _key_values(value, spec.metadata["option"] or "--" + name.replace("_", "-"))
+        elif isinstance(value, Enum):
+            value = value.value
+        given[name] = value
     return given
 
 
@@ -282,82 +240,16 @@ def _exit_for(failed: dict[str, Any], what: str) -> None:
 
 
 @app.command("build-dataset")
+@settings_options("all")
 def build_dataset(
     ctx: typer.Context,
-    problems: Annotated[Optional[str], typer.Option(help=(
-        "Problem set: a file, a dataset folder or a Hub id. Default: the 20 bundled examples (and the demo sizes)."
-    ))] = None,
     run_dir: RunDirOpt = Path("runs/default"),
     config: Annotated[Optional[Path], typer.Option(help=(
         "TOML file of settings (the option names); options given here win."))] = None,
-    problem_column: ProblemColumnOpt = None,
-    answer_column: AnswerColumnOpt = None,
-    solution_column: SolutionColumnOpt = None,
-    split: SplitOpt = None,
-    subset: SubsetOpt = None,
-    backend: BackendOpt = BackendKind(D.backend),
-    model: ModelOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = D.concurrency,
-    request_timeout: RequestTimeoutOpt = D.request_timeout,
-    max_tries: MaxTriesOpt = D.max_tries,
-    structured_output: StructuredOpt = StructuredOutput(D.structured_output),
-    continuation: ContinuationOpt = ContinuationMode(D.continuation),
-    chat_template: ChatTemplateOpt = None,
-    thinking_budget: ThinkingOpt = None,
-    max_model_len: MaxModelLenOpt = None,
-    vllm_arg: VllmArgOpt = None,
-    proposer_backend: ProposerBackendOpt = None,
-    proposer_model: ProposerModelOpt = None,
-    proposer_base_url: ProposerUrlOpt = None,
-    samples: SamplesOpt = D.samples,
-    max_tokens: MaxTokensOpt = D.max_tokens,
-    temperature: TemperatureOpt = D.temperature,
-    top_p: TopPOpt = D.top_p,
-    top_k: TopKOpt = D.top_k,
-    seed: SeedOpt = D.seed,
-    limit: LimitOpt = None,
-    hard_only: HardOnlyOpt = D.hard_only,
-    hard_threshold: HardThresholdOpt = D.hard_threshold,
-    proposals: ProposalsOpt = D.proposals,
-    propose_style: ProposeStyleOpt = ProposeStyle(D.propose_style),
-    propose_max_tokens: ProposeMaxTokensOpt = D.propose_max_tokens,
-    propose_temperature: ProposeTemperatureOpt = D.propose_temperature,
-    structured: StructuredProposalsOpt = D.structured,
-    propose_for: ProposeForOpt = ProposeFor(D.propose_for),
-    allow_no_reference: AllowNoReferenceOpt = D.allow_no_reference,
-    continuations: ContinuationsOpt = D.continuations,
-    verify_max_tokens: VerifyMaxTokensOpt = D.verify_max_tokens,
-    verify_temperature: VerifyTemperatureOpt = D.verify_temperature,
-    min_success: MinSuccessOpt = D.min_success,
-    condition: ConditionOpt = None,
-    verify_all_proposals: VerifyAllOpt = D.verify_all_proposals,
-    system_prompt: SystemPromptOpt = None,
-    solve_prompt: SolvePromptOpt = D.solve_prompt,
-    reference_prompt: ReferencePromptOpt = D.reference_prompt,
-    critique_prompt: CritiquePromptOpt = None,
-    grade_workers: GradeWorkersOpt = D.grade_workers,
-    grade_timeout: GradeTimeoutOpt = D.grade_timeout,
-    lenient_answers: LenientOpt = D.lenient_answers,
-    batch_size: BatchSizeOpt = D.batch_size,
-    prices: PricesOpt = None,
-    skip_bad_rows: SkipBadRowsOpt = D.skip_bad_rows,
-    card_template: CardTemplateOpt = D.card_template,
-    executor: ExecutorOpt = ExecutorKind(D.executor),
-    ray_address: RayAddressOpt = None,
-    ray_actors: RayActorsOpt = D.ray_actors,
-    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
-    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
-    decontaminate: Annotated[Optional[list[str]], typer.Option("--decontaminate", help=(
-        "Eval set (a benchmark name or a file; repeatable): problems sharing an n-gram with one of its problems "
-        "are dropped before sampling."))] = None,
-    decontaminate_ngram: Annotated[int, typer.Option(help=(
-        "Words per n-gram for --decontaminate (after normalising case, whitespace and LaTeX spacing)."
-    ))] = D.decontaminate_ngram,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
     report: Annotated[bool, typer.Option(help="End by writing RUN_DIR/report.html (see `intgen report`).")] = True,
+    **settings: Any,
 ) -> None:
     """Run every stage — sample, grade, propose, verify, export — resuming whatever is already done.
 
@@ -368,19 +260,19 @@ def build_dataset(
     from intgen.pipeline import build_dataset as build
 
     try:
-        settings = resolve(_given(ctx, dict(locals())), read_config_file(config) if config else {})
-    except (TypeError, ValueError) as exc:
+        run_config = resolve(_given(ctx, settings), read_config_file(config) if config else {})
+    except UserError as exc:
         _fail(str(exc))
-    if settings.problems is None:
+    if run_config.problems is None:
         from intgen.config import DEMO_MINUTES
 
         console.print(
-            f"No --problems: running the embedded demo ({settings.limit} bundled example problems on the local "
-            f"SmolLM2 engine, K={settings.samples}, P={settings.proposals}, M={settings.continuations}). It takes "
-            f"about {DEMO_MINUTES} minutes on 2 CPU cores (less once the run directory has its cache).",
+            f"No --problems: running the embedded demo ({run_config.limit} bundled example problems on the local "
+            f"SmolLM2 engine, K={run_config.samples}, P={run_config.proposals}, M={run_config.continuations}). It "
+            f"takes about {DEMO_MINUTES} minutes on 2 CPU cores (less once the run directory has its cache).",
             highlight=False,
         )
-    summary = _run_or_fail(lambda: build(settings, run_dir, force=force, progress=progress))
+    summary = _run_or_fail(lambda: build(run_config, run_dir, force=force, progress=progress))
     _print_summary(summary, run_dir)
     if report:
         from intgen.report import write_report
@@ -392,59 +284,22 @@ def build_dataset(
 
 
 @app.command("sample")
-def sample(
-    ctx: typer.Context,
-    problems: Annotated[str, typer.Option(help="Problem set: a file, a dataset folder or a Hub dataset id.")],
-    run_dir: RunDirOpt,
-    problem_column: ProblemColumnOpt = None,
-    answer_column: AnswerColumnOpt = None,
-    solution_column: SolutionColumnOpt = None,
-    split: SplitOpt = None,
-    subset: SubsetOpt = None,
-    backend: BackendOpt = BackendKind(D.backend),
-    model: ModelOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = D.concurrency,
-    request_timeout: RequestTimeoutOpt = D.request_timeout,
-    max_tries: MaxTriesOpt = D.max_tries,
-    structured_output: StructuredOpt = StructuredOutput(D.structured_output),
-    continuation: ContinuationOpt = ContinuationMode(D.continuation),
-    chat_template: ChatTemplateOpt = None,
-    thinking_budget: ThinkingOpt = None,
-    max_model_len: MaxModelLenOpt = None,
-    vllm_arg: VllmArgOpt = None,
-    samples: SamplesOpt = D.samples,
-    max_tokens: MaxTokensOpt = D.max_tokens,
-    temperature: TemperatureOpt = D.temperature,
-    top_p: TopPOpt = D.top_p,
-    top_k: TopKOpt = D.top_k,
-    seed: SeedOpt = D.seed,
-    limit: LimitOpt = None,
-    batch_size: BatchSizeOpt = D.batch_size,
-    prices: PricesOpt = None,
-    skip_bad_rows: SkipBadRowsOpt = D.skip_bad_rows,
-    system_prompt: SystemPromptOpt = None,
-    solve_prompt: SolvePromptOpt = D.solve_prompt,
-    executor: ExecutorOpt = ExecutorKind(D.executor),
-    ray_address: RayAddressOpt = None,
-    ray_actors: RayActorsOpt = D.ray_actors,
-    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
-    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
-    force: ForceOpt = False,
-    progress: ProgressOpt = True,
-) -> None:
+@settings_options("problems", "backend", "sample", "run", "executor", without=("decontaminate", "decontaminate_ngram"))
+def sample(ctx: typer.Context, run_dir: RunDirOpt, force: ForceOpt = False, progress: ProgressOpt = True,
+           **values: Any) -> None:
     """Sample K attempts per problem into RUN_DIR/samples/ (resumable; cached calls are never sent twice)."""
     from intgen.config import resolve
     from intgen.pipeline import load_config_problems, sample_problems
 
+    if values["problems"] is None:
+        _fail("--problems: give the problem set to sample (a benchmark name, a file, a folder or a Hub id)")
     try:
-        settings = resolve(_given(ctx, dict(locals())), {})
-    except (TypeError, ValueError) as exc:
+        settings = resolve(_given(ctx, values), {})
+    except UserError as exc:
         _fail(str(exc))
     loaded = _run_or_fail(lambda: load_config_problems(settings))
     entry = _in_run(run_dir, settings, lambda run, engine: sample_problems(run, settings, engine, loaded.frame, force,
-                                                                          progress), settings.policy_backend())
+                                                                          progress), "sample")
     calls, last = entry["calls"], entry["last_run"]
     console.print(
         f"samples: {entry['rows']} attempts ({entry['truncated']} truncated, "
@@ -459,17 +314,20 @@ def sample(
 
 
 def _in_run(run_dir: Path, settings: "RunConfig", action: Callable[[Any, Any], dict[str, Any]],
-            engine_config: Any = None) -> dict[str, Any]:
-    """Run one stage command in the run directory, held by this process (with its engine, if it needs one);
-    save the settings."""
+            stage: str | None = None) -> dict[str, Any]:
+    """Run one command in the run directory, held by this process (with the engine of the model `stage` calls, as
+    the pipeline's definition says); save the settings."""
     from contextlib import nullcontext
 
     from intgen.pipeline import open_engine
+    from intgen.plan import model_config, step
     from intgen.rundir import held
+
+    model = step(stage).model if stage else None
 
     def run_it() -> dict[str, Any]:
         with held(run_dir) as run:
-            with open_engine(settings, engine_config) if engine_config is not None else nullcontext() as engine:
+            with open_engine(settings, model_config(settings, model)) if model else nullcontext() as engine:
                 entry = action(run, engine)
             run.write_json("config.json", settings.to_dict())
             return entry
@@ -478,27 +336,15 @@ def _in_run(run_dir: Path, settings: "RunConfig", action: Callable[[Any, Any], d
 
 
 @app.command("grade")
-def grade(
-    ctx: typer.Context,
-    run_dir: RunDirOpt,
-    hard_only: HardOnlyOpt = D.hard_only,
-    hard_threshold: HardThresholdOpt = D.hard_threshold,
-    grade_workers: GradeWorkersOpt = D.grade_workers,
-    grade_timeout: GradeTimeoutOpt = D.grade_timeout,
-    lenient_answers: LenientOpt = D.lenient_answers,
-    executor: ExecutorOpt = ExecutorKind(D.executor),
-    ray_address: RayAddressOpt = None,
-    ray_actors: RayActorsOpt = D.ray_actors,
-    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
-    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
-    force: ForceOpt = False,
-    progress: ProgressOpt = True,
-) -> None:
+@settings_options("grade", "executor")
+def grade(ctx: typer.Context, run_dir: RunDirOpt, force: ForceOpt = False, progress: ProgressOpt = True,
+          **values: Any) -> None:
     """Grade every attempt in RUN_DIR/samples/ (verdicts into graded/, pass rates into pass_rates/)."""
     from intgen.pipeline import run_named_stage
 
-    settings = _saved_config(run_dir, _given(ctx, dict(locals())))
-    entry = _in_run(run_dir, settings, lambda run, _: run_named_stage(run, settings, "grade", None, force, progress))
+    settings = _saved_config(run_dir, _given(ctx, values))
+    entry = _in_run(run_dir, settings, lambda run, _: run_named_stage(run, settings, "grade", None, force, progress),
+                    "grade")
     console.print(f"graded: {entry['correct']} correct, {entry['incorrect']} incorrect, {entry['ungradable']} "
                   f"ungradable {entry['ungradable_by_reason'] or ''}; {entry['problems_selected']} problems selected",
                   highlight=False)
@@ -506,66 +352,31 @@ def grade(
 
 
 @app.command("propose")
-def propose(
-    ctx: typer.Context,
-    run_dir: RunDirOpt,
-    proposals: ProposalsOpt = D.proposals,
-    proposer_backend: ProposerBackendOpt = None,
-    proposer_model: ProposerModelOpt = None,
-    proposer_base_url: ProposerUrlOpt = None,
-    propose_style: ProposeStyleOpt = ProposeStyle(D.propose_style),
-    propose_max_tokens: ProposeMaxTokensOpt = D.propose_max_tokens,
-    propose_temperature: ProposeTemperatureOpt = D.propose_temperature,
-    structured: StructuredProposalsOpt = D.structured,
-    propose_for: ProposeForOpt = ProposeFor(D.propose_for),
-    allow_no_reference: AllowNoReferenceOpt = D.allow_no_reference,
-    reference_prompt: ReferencePromptOpt = D.reference_prompt,
-    critique_prompt: CritiquePromptOpt = None,
-    executor: ExecutorOpt = ExecutorKind(D.executor),
-    ray_address: RayAddressOpt = None,
-    ray_actors: RayActorsOpt = D.ray_actors,
-    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
-    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
-    force: ForceOpt = False,
-    progress: ProgressOpt = True,
-) -> None:
+@settings_options("proposer", "propose", "executor")
+def propose(ctx: typer.Context, run_dir: RunDirOpt, force: ForceOpt = False, progress: ProgressOpt = True,
+            **values: Any) -> None:
     """Propose interventions for the failed attempts (into RUN_DIR/proposals/)."""
     from intgen.pipeline import run_named_stage
 
-    settings = _saved_config(run_dir, _given(ctx, dict(locals())))
+    settings = _saved_config(run_dir, _given(ctx, values))
     entry = _in_run(run_dir, settings, lambda run, engine: run_named_stage(run, settings, "propose", engine, force,
-                                                                          progress),
-                    settings.proposer_config() or settings.policy_backend())
+                                                                          progress), "propose")
     console.print(f"proposals: {entry['rows']} for {entry['attempts']} failed attempts; accepted {entry['accepted']}; "
                   f"rejected {entry['rejected_by_reason'] or 'none'}", highlight=False)
     _exit_for({"propose": entry["failed_rows"]} if entry["failed_rows"] else {}, "propose")
 
 
 @app.command("verify")
-def verify(
-    ctx: typer.Context,
-    run_dir: RunDirOpt,
-    continuations: ContinuationsOpt = D.continuations,
-    verify_max_tokens: VerifyMaxTokensOpt = D.verify_max_tokens,
-    verify_temperature: VerifyTemperatureOpt = D.verify_temperature,
-    min_success: MinSuccessOpt = D.min_success,
-    condition: ConditionOpt = None,
-    verify_all_proposals: VerifyAllOpt = D.verify_all_proposals,
-    executor: ExecutorOpt = ExecutorKind(D.executor),
-    ray_address: RayAddressOpt = None,
-    ray_actors: RayActorsOpt = D.ray_actors,
-    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
-    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
-    force: ForceOpt = False,
-    progress: ProgressOpt = True,
-) -> None:
+@settings_options("verify", "executor")
+def verify(ctx: typer.Context, run_dir: RunDirOpt, force: ForceOpt = False, progress: ProgressOpt = True,
+           **values: Any) -> None:
     """Continue each accepted intervention M times and keep the ones that lead to the answer."""
     from intgen.pipeline import run_named_stage
     from intgen.stages.export import table1_rows, table1_selection
 
-    settings = _saved_config(run_dir, _given(ctx, dict(locals())))
+    settings = _saved_config(run_dir, _given(ctx, values))
     entry = _in_run(run_dir, settings, lambda run, engine: run_named_stage(run, settings, "verify", engine, force,
-                                                                          progress), settings.policy_backend())
+                                                                          progress), "verify")
     for name, solved, accuracy, solved_ratio, accuracy_ratio in table1_rows(entry["table1"]):
         versus = f", vs original-step {solved_ratio} solved, {accuracy_ratio} accuracy" if solved_ratio else ""
         console.print(f"{name}: {solved} problems solved at least once, mean accuracy {accuracy}{versus}",
@@ -578,11 +389,12 @@ def verify(
 
 
 @app.command("export")
-def export(ctx: typer.Context, run_dir: RunDirOpt, card_template: CardTemplateOpt = D.card_template) -> None:
+@settings_options("dataset")
+def export(ctx: typer.Context, run_dir: RunDirOpt, **values: Any) -> None:
     """Write RUN_DIR/dataset/ (parquet per config and a README.md dataset card)."""
     from intgen.stages.export import export as write
 
-    settings = _saved_config(run_dir, _given(ctx, {"card_template": card_template}))
+    settings = _saved_config(run_dir, _given(ctx, values))
     summary = _in_run(run_dir, settings, lambda run, _: write(run, settings))
     _print_summary(summary, run_dir)
 
@@ -600,7 +412,7 @@ def push(
     """Upload RUN_DIR/dataset to the Hub: the card, each config's parquet file and the HTML report, in one commit
     (token from $HF_TOKEN or `hf auth login`; never printed). The local card is changed only after a successful
     upload."""
-    from intgen.hub import PushError, push_dataset
+    from intgen.hub import push_dataset
     from intgen.report import write_report
     from intgen.rundir import atomic_write_text
     from intgen.stages.export import card_text, funnel, require_current_export
@@ -609,15 +421,12 @@ def push(
 
     def upload(run: Any, _: Any) -> str:
         if not (run.path / "dataset" / "README.md").is_file():
-            raise ValueError(f"{run.path / 'dataset'}: no exported dataset (run `intgen export` first)")
+            raise UserError(f"{run.path / 'dataset'}: no exported dataset (run `intgen export` first)")
         require_current_export(run, "pushing")
         card = card_text(run, settings, funnel(run), repo_id)  # the card's examples load the repo
         page = write_report([run.path]) if report else None  # written again: it shows the run as pushed
-        try:
-            url = push_dataset(run.path / "dataset", repo_id, card, private=private, revision=revision,
-                               endpoint=endpoint, report=page)
-        except PushError as exc:
-            raise ValueError(str(exc)) from None
+        url = push_dataset(run.path / "dataset", repo_id, card, private=private, revision=revision,
+                           endpoint=endpoint, report=page)
         atomic_write_text(run.path / "dataset" / "README.md", card)
         return url
 
@@ -653,52 +462,16 @@ app.add_typer(eval_app, name="eval")
 
 
 @eval_app.callback(invoke_without_command=True)
+@settings_options("problems", "backend", "sample", "grade", "run", "executor",
+                  without=("solution_column", "decontaminate", "decontaminate_ngram", "hard_only", "hard_threshold"))
 def eval_run(
     ctx: typer.Context,
-    problems: Annotated[Optional[str], typer.Option(help=(
-        "Benchmark: math500, gsm8k, aime24, amc23, imo-answerbench (shipped with intgen; $INTGEN_DATA or ./data "
-        "first), or a file, folder or Hub id."))] = None,
     run_dir: RunDirOpt = Path("runs/eval"),
     protocol: Annotated[Protocol, typer.Option(help=(
         "paper: K=128, 16,384 tokens, T 0.7, top_p 0.8, top_k 20 (options given here still win)."))] = Protocol.intgen,
-    problem_column: ProblemColumnOpt = None,
-    answer_column: AnswerColumnOpt = None,
-    split: SplitOpt = None,
-    subset: SubsetOpt = None,
-    backend: BackendOpt = BackendKind(D.backend),
-    model: Annotated[Optional[str], typer.Option(help=(
-        "Model (local: a GGUF file or a model folder from `intgen train`; default: the bundled SmolLM2)."))] = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = D.concurrency,
-    request_timeout: RequestTimeoutOpt = D.request_timeout,
-    max_tries: MaxTriesOpt = D.max_tries,
-    chat_template: ChatTemplateOpt = None,
-    thinking_budget: ThinkingOpt = None,
-    max_model_len: MaxModelLenOpt = None,
-    vllm_arg: VllmArgOpt = None,
-    samples: SamplesOpt = D.samples,
-    max_tokens: MaxTokensOpt = D.max_tokens,
-    temperature: TemperatureOpt = D.temperature,
-    top_p: TopPOpt = D.top_p,
-    top_k: TopKOpt = D.top_k,
-    seed: SeedOpt = D.seed,
-    limit: LimitOpt = None,
-    system_prompt: SystemPromptOpt = None,
-    solve_prompt: SolvePromptOpt = D.solve_prompt,
-    grade_workers: GradeWorkersOpt = D.grade_workers,
-    grade_timeout: GradeTimeoutOpt = D.grade_timeout,
-    lenient_answers: LenientOpt = D.lenient_answers,
-    batch_size: BatchSizeOpt = D.batch_size,
-    prices: PricesOpt = None,
-    skip_bad_rows: SkipBadRowsOpt = D.skip_bad_rows,
-    executor: ExecutorOpt = ExecutorKind(D.executor),
-    ray_address: RayAddressOpt = None,
-    ray_actors: RayActorsOpt = D.ray_actors,
-    ray_actor_cpus: RayActorCpusOpt = D.ray_actor_cpus,
-    ray_actor_gpus: RayActorGpusOpt = D.ray_actor_gpus,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
+    **values: Any,
 ) -> None:
     """Sample K attempts per problem with the dataset's solve prompt and grade them (the pipeline's sample and
     grade stages: cached, resumable); write RUN_DIR/eval.json and print avg@K, pass@k, maj@K with 95% intervals."""
@@ -708,12 +481,13 @@ def eval_run(
     from intgen.evaluate import PAPER_PROTOCOL
     from intgen.pipeline import run_eval
 
+    problems = values["problems"]
     if problems is None:
         _fail("--problems: name a benchmark (math500, gsm8k, aime24, amc23, imo-answerbench) or give a file")
-    given = _given(ctx, dict(locals()))
+    given = _given(ctx, values)
     try:
         settings = resolve((PAPER_PROTOCOL if protocol is Protocol.paper else {}) | given, {})
-    except (TypeError, ValueError) as exc:
+    except UserError as exc:
         _fail(str(exc))
     prompt = _run_or_fail(lambda: settings.prompt("solve"))
     console.print(
@@ -801,6 +575,7 @@ def eval_compare(
 
 
 @app.command("eval-localize")
+@settings_options("backend", without=("continuation",), extra=("seed", "batch_size"))
 def eval_localize(
     ctx: typer.Context,
     problems: Annotated[Optional[list[Path]], typer.Option("--problems", help=(
@@ -810,29 +585,14 @@ def eval_localize(
     critic_prompt: Annotated[str, typer.Option(help=(
         "intgen (the proposer's critique prompt, no reference solution), processbench (ProcessBench's protocol: "
         "paragraphs from 0, the index in \\boxed{}), or your own file with the markers of one of them."))] = "intgen",
-    backend: BackendOpt = BackendKind(D.backend),
-    model: Annotated[Optional[str], typer.Option(help=(
-        "The proposer model to measure (local: a GGUF file or a model folder)."))] = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = D.concurrency,
-    request_timeout: RequestTimeoutOpt = D.request_timeout,
-    max_tries: MaxTriesOpt = D.max_tries,
-    structured_output: StructuredOpt = StructuredOutput(D.structured_output),
-    chat_template: ChatTemplateOpt = None,
-    thinking_budget: ThinkingOpt = None,
-    max_model_len: MaxModelLenOpt = None,
-    vllm_arg: VllmArgOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="Token limit per reply.")] = D.propose_max_tokens,
+    max_tokens: Annotated[int, typer.Option(help="Token limit per reply.")] = 16384,
     temperature: Annotated[Optional[float], typer.Option(help=(
         "Default: 0 (greedy, ProcessBench's protocol); 0.7 with --vote > 1."))] = None,
     vote: Annotated[int, typer.Option(help=(
         "Samples per item; the prediction is their majority (ProcessBench uses 8)."))] = 1,
     structured: Annotated[bool, typer.Option(help=(
         "intgen prompt: constrain the reply by the proposer's JSON schema where the backend can."))] = True,
-    seed: SeedOpt = D.seed,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N items of each file.")] = None,
-    batch_size: BatchSizeOpt = D.batch_size,
     score_run: Annotated[Optional[Path], typer.Option(help=(
         "Instead of asking a model: score this run's own proposals against --labels."))] = None,
     labels: Annotated[Optional[Path], typer.Option(help=(
@@ -840,6 +600,7 @@ def eval_localize(
         "step split, -1 for none."))] = None,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
+    **values: Any,
 ) -> None:
     """How well does the proposer find the first wrong step? ProcessBench's metric (per subset: accuracy on
     erroneous and on correct items, their harmonic mean F1; the mean F1 over subsets) into RUN_DIR/localize.json,
@@ -857,7 +618,9 @@ def eval_localize(
         return
     if not problems:
         _fail("--problems: give a ProcessBench subset file, or the shipped processbench-gsm8k")
-    config, settings = _localize_settings(ctx, dict(locals()))
+    config, settings = _localize_settings(ctx, values, {"critic_prompt": critic_prompt, "max_tokens": max_tokens,
+                                                        "temperature": temperature, "vote": vote,
+                                                        "structured": structured, "problems": problems})
     items = _run_or_fail(lambda: _read_items(problems, limit))
     s = settings.sampling
     console.print(
@@ -865,8 +628,8 @@ def eval_localize(
         f"{config.model or 'SmolLM2-135M-Instruct (bundled)'}; critic prompt {Path(settings.prompt.name).name} (sha256 "
         f"{settings.prompt.sha256[:12]}), T {s.temperature}{' (greedy)' if s.temperature == 0 else ''}, max tokens "
         f"{s.max_tokens}, vote {settings.vote}", highlight=False, markup=False)
-    report = _run_or_fail(lambda: run_localize(items, settings, config.policy_backend(), run_dir, batch_size, force,
-                                               progress))
+    report = _run_or_fail(lambda: run_localize(items, settings, config.policy_backend(), run_dir,
+                                               config.batch_size, force, progress))
     _print_localize(report)
     console.print(f"written: {run_dir / 'localize.json'}, {run_dir / 'localize.parquet'}", highlight=False)
 
@@ -879,15 +642,14 @@ def _read_items(paths: list[Path], limit: int | None) -> Any:
     return items if limit is None else items.group_by("subset", maintain_order=True).head(limit).select(items.columns)
 
 
-def _localize_settings(ctx: typer.Context, values: dict[str, Any]) -> tuple["RunConfig", Any]:
-    """The backend's settings (checked as a run's are) and the localize stage's."""
+def _localize_settings(ctx: typer.Context, settings: dict[str, Any], values: dict[str, Any]
+                       ) -> tuple["RunConfig", Any]:
+    """The backend's settings (checked as a run's are) and the localize stage's (`values`: its own options)."""
     from intgen.config import resolve
     from intgen.resources import load_prompt
     from intgen.stages.localize import LocalizeSettings, critic_kind
 
-    wanted = ("backend", "model", "base_url", "api_key_env", "concurrency", "request_timeout", "max_tries",
-              "structured_output", "chat_template", "thinking_budget", "max_model_len", "vllm_arg", "seed")
-    given = _given(ctx, {k: v for k, v in values.items() if k in wanted})
+    given = _given(ctx, settings)
     vote, temperature = values["vote"], values["temperature"]
     if vote < 1:
         _fail(f"--vote: must be at least 1, got {vote}")
@@ -898,10 +660,10 @@ def _localize_settings(ctx: typer.Context, values: dict[str, Any]) -> tuple["Run
         prompt = load_prompt(shipped.get(name, name))
         greedy_or_voting = 0.0 if vote == 1 else 0.7
         sampling = config.sampling(values["max_tokens"], temperature if temperature is not None else greedy_or_voting)
-        settings = LocalizeSettings(critic_kind(prompt), prompt, sampling, vote, values["structured"])
-    except (TypeError, ValueError) as exc:
+        localize = LocalizeSettings(critic_kind(prompt), prompt, sampling, vote, values["structured"])
+    except UserError as exc:
         _fail(str(exc))
-    return config, settings
+    return config, localize
 
 
 def _print_localize(report: dict[str, Any]) -> None:
@@ -936,10 +698,7 @@ def _train(
 ) -> None:
     from intgen import train
 
-    try:
-        overrides = train.read_overrides(trl_config, settings or [])
-    except (ValueError, OSError) as exc:
-        _fail(str(exc))
+    overrides = _run_or_fail(lambda: train.read_overrides(trl_config, settings or []))
     if kind == "sft":
         history = _run_or_fail(lambda: train.train_sft(dataset, output_dir, model, overrides))
     else:
@@ -987,36 +746,24 @@ def train_grpo(
 
 
 @app.command("problems")
+@settings_options("problems", without=("problems", "decontaminate", "decontaminate_ngram"))
 def problems(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(help=(
-        "A .jsonl/.json/.parquet/.csv file, a dataset folder or a Hub dataset id."))],
-    problem_column: Annotated[Optional[str], typer.Option(help="Column holding the problem text.")] = None,
-    answer_column: Annotated[Optional[str], typer.Option(help="Column holding the final answer.")] = None,
-    solution_column: Annotated[Optional[str], typer.Option(help="Column holding the reference solution.")] = None,
-    split: SplitOpt = None,
-    config: Annotated[Optional[str], typer.Option(help="Config (subset) of a Hub dataset.")] = None,
-    skip_bad_rows: Annotated[bool, typer.Option(help=(
-        "Skip malformed rows (each is reported) instead of stopping."))] = False,
-    limit: Annotated[Optional[int], typer.Option(help="Load at most this many problems.")] = None,
+        "A benchmark name, a .jsonl/.json/.parquet/.csv file, a dataset folder or a Hub dataset id."))],
     out: Annotated[Optional[Path], typer.Option(help=(
         "Write the loaded problems to this .parquet or .jsonl file."))] = None,
+    **values: Any,
 ) -> None:
     """Load a problem set, report what was found (and skipped), optionally save it normalised."""
-    from intgen.io import BadInputError, read_problems
+    from intgen.config import resolve
+    from intgen.pipeline import load_config_problems
 
     try:
-        result = read_problems(
-            source,
-            problem_column=problem_column,
-            answer_column=answer_column,
-            solution_column=solution_column,
-            split=split,
-            config=config,
-            on_bad_row="skip" if skip_bad_rows else "error",
-            limit=limit,
-        )
-    except BadInputError as exc:
+        settings = resolve(_given(ctx, values) | {"problems": source}, {})
+    except UserError as exc:
         _fail(str(exc))
+    result = _run_or_fail(lambda: load_config_problems(settings))
     frame = result.frame
     table = Table(title=f"problems from {source}")
     for name in ("problems", "with reference solution", "skipped rows", "duplicates dropped"):

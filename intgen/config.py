@@ -1,28 +1,29 @@
-"""The settings of a run: one flat, frozen record, saved as RUN_DIR/config.json.
+"""The settings of a run, declared once: sections of fields (problems, backend, proposer, sample, grade,
+propose, verify, run, executor, dataset), each field carrying its help, bounds, choices and whether it changes
+a model's output (`intgen.setting`). `RunConfig` is every section's fields in one flat, frozen record, saved as
+RUN_DIR/config.json; the CLI's options, the `--config` keys and validation are all made from these fields.
 
 Defaults follow the InT paper (K=4 attempts at T=0.7, top_p 0.8, top_k 20, 16,384 tokens; 4 proposals
 per failed attempt; 32 continuations; keep an intervention with at least 1 success). With no problem set
 given, `build-dataset` runs the embedded demo — 20 bundled example problems on the local SmolLM2
 engine — with the `DEMO` sizes below, so that it finishes in minutes on a laptop CPU. Explicit options
 and a `--config` TOML file always win over both.
-
-This is the one source of defaults (the CLI shows these) and of what a valid setting is: every value,
-from the command line, a config file or a saved config.json, is checked here, and a bad one is named.
 """
 
 from __future__ import annotations
 
-import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from intgen.backends import BackendConfig, BackendKind
+from intgen.backends import BackendConfig, BackendKind, ContinuationMode, StructuredOutput  # noqa: F401 (re-exported)
 from intgen.backends.base import Sampling
+from intgen.errors import UserError
 from intgen.resources import Prompt, load_prompt
+from intgen.setting import check, setting
 from intgen.stages.propose import ProposeFor
 from intgen.stages.verify import Condition
 
@@ -38,103 +39,147 @@ class ProposeStyle(str, Enum):
     single_turn = "single-turn"
 
 
-class StructuredOutput(str, Enum):
-    json_schema = "json_schema"
-    json_object = "json_object"
-    none = "none"
-
-
 class ExecutorKind(str, Enum):
     local = "local"
     ray = "ray"
 
 
-class ContinuationMode(str, Enum):
-    chat = "chat"
-    completions = "completions"
+@dataclass(frozen=True)
+class ProblemsSection:
+    problems: str | None = setting(
+        None, "Problem set: a benchmark name (math500, gsm8k, aime24, amc23, imo-answerbench: shipped with intgen), "
+        "a file, a dataset folder or a Hub id. build-dataset's default: the 20 bundled examples (and the demo sizes).")
+    problem_column: str | None = setting(None, "Column holding the problem text (default: problem, question, ...).")
+    answer_column: str | None = setting(None, "Column holding the final answer (default: answer, ...).")
+    solution_column: str | None = setting(None, "Column holding the reference solution (default: reference_solution, "
+                                                "then solution).")
+    split: str | None = setting(None, "Split of a dataset folder or Hub dataset (default: its only split).")
+    subset: str | None = setting(None, "Config (subset) of a Hub dataset.")
+    skip_bad_rows: bool = setting(False, "Skip malformed problem rows (each is reported).")
+    limit: int | None = setting(None, "Use only the first N problems.", low=1)
+    decontaminate: tuple[str, ...] = setting(
+        (), "Eval set (a benchmark name or a file; repeatable): problems sharing an n-gram with one of its problems "
+        "are dropped before sampling.")
+    decontaminate_ngram: int = setting(8, "Words per n-gram for --decontaminate (after normalising case, whitespace "
+                                          "and LaTeX spacing).", low=1)
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    # problems
-    problems: str | None = None  # None: the bundled example problems
-    problem_column: str | None = None
-    answer_column: str | None = None
-    solution_column: str | None = None
-    split: str | None = None  # None: the source's only split (an error if it has several)
-    subset: str | None = None
-    skip_bad_rows: bool = False
-    limit: int | None = None
-    decontaminate: tuple[str, ...] = ()  # eval sets (paths or benchmark names) whose problems' n-grams are dropped
-    decontaminate_ngram: int = 8  # words per n-gram
-    # the policy model
-    backend: str = "local"
-    model: str | None = None
-    base_url: str | None = None
-    api_key_env: str | None = None
-    concurrency: int = 32
-    request_timeout: float = 600.0  # seconds per try of one request (openai, gemini)
-    max_tries: int = 6  # tries per request before its failure is recorded
-    structured_output: str = "json_schema"
-    continuation: str = "chat"
-    chat_template: str | None = None
-    thinking_budget: int | None = None
-    max_model_len: int | None = None  # the model's context in tokens, where the server does not say
-    n_ctx: int = 8192  # local engine context
-    local_engines: int = 1  # local: llama.cpp engines side by side, sharing the cores (small models: one per core)
-    vllm_args: dict[str, Any] = field(default_factory=dict)  # engine arguments for the in-process vLLM backend
-    # the proposer (default: the policy model itself)
-    proposer_backend: str | None = None
-    proposer_model: str | None = None
-    proposer_base_url: str | None = None
-    # sample
-    seed: int = 0
-    samples: int = 4
-    max_tokens: int = 16384
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
-    system_prompt: str | None = None
-    solve_prompt: str = "solve.md"  # the policy's prompt (sample, verify, and the dataset's SFT/RL prompts)
-    # grade
-    grade_workers: int = 2
-    grade_timeout: float = 5.0
-    lenient_answers: bool = False  # grade an unboxed response by the answer it states (small models)
-    hard_only: bool = False
-    hard_threshold: float = 0.0
-    # propose
-    proposals: int = 4
-    propose_style: str = "two-turn"
-    reference_prompt: str = "propose_reference.md"  # turn 1 of the two-turn prompt
-    critique_prompt: str | None = None  # turn 2, or the single-turn prompt (default: the shipped one for the style)
-    propose_max_tokens: int = 16384  # per turn, as the release (a cut first turn would be fed to the second)
-    propose_temperature: float = 0.7
-    structured: bool = True  # constrain proposals by a JSON schema where the backend can
-    propose_for: str = "not-correct"  # every attempt not graded correct, as the release; "incorrect": wrong ones only
-    allow_no_reference: bool = False
-    # verify
-    continuations: int = 32
-    verify_max_tokens: int = 16384
-    verify_temperature: float = 0.7
-    min_success: int = 1
-    conditions: tuple[str, ...] = ("intervention",)
-    verify_all_proposals: bool = False  # verify every accepted proposal, not only the first of each attempt
-    # run
-    batch_size: int = 64
-    prices: str | None = None
-    executor: str = "local"  # local: parts one after another in this process; ray: parts on Ray Data actors
-    ray_address: str | None = None  # None: join this machine's cluster or start one; "auto"; "ray://host:10001"
-    ray_actors: int = 2  # actors per model stage, each with its own backend
-    ray_actor_cpus: float = 0.5
-    ray_actor_gpus: float = 0.0  # 1 for an in-process vLLM engine per GPU
-    license: str = "other"
-    card_template: str = "card.md"  # the dataset card's template: the shipped one, or your own file
+class ProposerSection:
+    """The proposer model where it is not the policy (default: self-proposed); the rest of its backend settings
+    are the policy's."""
 
+    proposer_backend: str | None = setting(None, "Proposer engine (default: the policy's; self-proposed).",
+                                           choices=BackendKind)
+    proposer_model: str | None = setting(None, "Proposer model (default: the policy model).")
+    proposer_base_url: str | None = setting(None, "Proposer server URL (repeatable, as --base-url).", join=True)
+
+
+@dataclass(frozen=True)
+class SampleSection:
+    seed: int = setting(0, "Sampling seed: the same config and seed give the same dataset.", output=True)
+    samples: int = setting(4, "Attempts per problem (K).", low=1, output=True)
+    max_tokens: int = setting(16384, "Token limit per attempt.", low=1, output=True)
+    temperature: float = setting(0.7, "Sampling temperature of the attempts.", low=0, output=True)
+    top_p: float = setting(0.8, "Nucleus sampling (every model call).", low=0, high=1, output=True)
+    top_k: int = setting(20, "Top-k sampling (every model call); 0 disables it.", low=0, output=True)
+    system_prompt: str | None = setting(None, "System prompt for the policy (same in sampling, SFT and RL).",
+                                        output=True)
+    solve_prompt: str = setting("solve.md", "The policy's prompt (sample, verify, SFT and RL): a shipped file name or "
+                                            "your own file with {{problem}}.", output=True)
+
+
+@dataclass(frozen=True)
+class GradeSection:
+    grade_workers: int = setting(2, "Grading worker processes.", low=1)
+    grade_timeout: float = setting(5.0, "Seconds of grading work per answer at most.", low=0.01, output=True)
+    lenient_answers: bool = setting(False, "Grade a response without \\boxed{} by the answer it states (for small "
+                                           "models).", output=True)
+    hard_only: bool = setting(False, "Propose only for problems whose pass rate is at most --hard-threshold.",
+                              output=True)
+    hard_threshold: float = setting(0.0, "Pass-rate ceiling for --hard-only.", low=0, high=1, output=True)
+
+
+@dataclass(frozen=True)
+class ProposeSection:
+    proposals: int = setting(4, "Proposals per failed attempt (P).", low=1, output=True)
+    propose_style: str = setting("two-turn", "two-turn (the paper's: solve with the reference, then critique) or "
+                                             "single-turn.", choices=ProposeStyle, output=True)
+    reference_prompt: str = setting("propose_reference.md", "Turn 1 of the two-turn proposer prompt (solve guided by "
+                                    "the reference): a shipped file name or your own file.", output=True)
+    critique_prompt: str | None = setting(
+        None, "Turn 2 of the two-turn proposer prompt, or the single-turn prompt: a shipped file name or your own "
+        "file. [default: propose_critique.md / propose_single.md]", output=True)
+    # per turn, as the release (a cut first turn would be fed to the second)
+    propose_max_tokens: int = setting(16384, "Token limit per proposal (per turn).", low=1, output=True)
+    propose_temperature: float = setting(0.7, "Sampling temperature of the proposer.", low=0, output=True)
+    structured: bool = setting(True, "Constrain proposals by a JSON schema where the backend can.", output=True)
+    propose_for: str = setting(
+        "not-correct", "Which attempts get proposals: not-correct (every attempt not graded correct: wrong, "
+        "truncated, unboxed; the release's set) or incorrect (graded wrong only).", choices=ProposeFor, output=True)
+    allow_no_reference: bool = setting(False, "Propose for problems without a reference solution (the prompt then "
+                                              "says only the final answer is known).", output=True)
+
+
+@dataclass(frozen=True)
+class VerifySection:
+    continuations: int = setting(32, "Continuations per intervention (M).", low=1, output=True)
+    verify_max_tokens: int = setting(16384, "Token limit per continuation.", low=1, output=True)
+    verify_temperature: float = setting(0.7, "Sampling temperature of the continuations.", low=0, output=True)
+    min_success: int = setting(1, "Keep an intervention with at least this many correct continuations.", low=0,
+                               output=True)
+    conditions: tuple[str, ...] = setting(
+        ("intervention",), "Verify conditions (repeatable): intervention, original-step, resample-step, "
+        "problem-only.", choices=Condition, option="--condition", output=True)
+    verify_all_proposals: bool = setting(
+        False, "Verify every accepted proposal, not only the first of each attempt (the release verifies one per "
+        "attempt; up to P times the verify compute).", output=True)
+
+
+@dataclass(frozen=True)
+class RunSection:
+    batch_size: int = setting(64, "Problems per batch (one parquet part each).", low=1)
+    prices: str | None = setting(None, "Price table (TOML/JSON) to report cost.")
+
+
+@dataclass(frozen=True)
+class ExecutorSection:
+    executor: str = setting("local", "local: parts one after another in this process; ray: parts on Ray Data actors "
+                                     "(one backend each), grading as Ray tasks.", choices=ExecutorKind)
+    ray_address: str | None = setting(None, "--executor ray: the cluster (auto, ray://host:10001); default: this "
+                                            "machine's, started if needed.")
+    ray_actors: int = setting(2, "--executor ray: actors per model stage, each with its own backend.", low=1)
+    ray_actor_cpus: float = setting(0.5, "--executor ray: CPUs each actor holds.", low=0)
+    ray_actor_gpus: float = setting(0.0, "--executor ray: GPUs each actor holds (1 for an in-process vLLM engine "
+                                         "per GPU).", low=0)
+
+
+@dataclass(frozen=True)
+class DatasetSection:
+    license: str = setting("other", "The dataset's licence, as the card states it (a Hub licence id).")
+    card_template: str = setting("card.md", "The dataset card's template: the shipped card.md, or your own file (see "
+                                            "data_cards/).")
+
+
+SECTIONS: dict[str, type] = {
+    "problems": ProblemsSection, "backend": BackendConfig, "proposer": ProposerSection, "sample": SampleSection,
+    "grade": GradeSection, "propose": ProposeSection, "verify": VerifySection, "run": RunSection,
+    "executor": ExecutorSection, "dataset": DatasetSection,
+}
+
+
+# Every section's fields in one record; the sections stay separate types for the code that needs only one
+# (BackendConfig makes a backend). The bases are listed last section first: a dataclass orders its fields from
+# the last base to the first, so config.json lists them in section order.
+@dataclass(frozen=True)
+class RunConfig(DatasetSection, ExecutorSection, RunSection, VerifySection, ProposeSection, GradeSection,
+                SampleSection, ProposerSection, BackendConfig, ProblemsSection):
     def __post_init__(self) -> None:
-        found = [f"{name}: {problem}" for name, value in asdict(self).items() if (problem := check(name, value))]
+        found = [f"{f.name}: {problem}" for f in fields(self)
+                 if (problem := check(RunConfig, f, getattr(self, f.name)))]
         found += [f"{name}: {problem}" for name, problem in cross_checks(asdict(self))]
         if found:
-            raise ValueError("; ".join(found))
+            raise UserError("; ".join(found))
 
     def sampling(self, max_tokens: int | None = None, temperature: float | None = None) -> Sampling:
         return Sampling(
@@ -146,14 +191,7 @@ class RunConfig:
         )
 
     def policy_backend(self) -> BackendConfig:
-        return BackendConfig(
-            kind=BackendKind(self.backend), model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
-            concurrency=self.concurrency, max_tries=self.max_tries, request_timeout=self.request_timeout,
-            structured_output=self.structured_output, continuation=self.continuation,
-            chat_template=self.chat_template, thinking_budget=self.thinking_budget, n_ctx=self.n_ctx,
-            max_model_len=self.max_model_len, vllm_args=tuple(sorted(self.vllm_args.items())),
-            local_engines=self.local_engines,
-        )
+        return BackendConfig(**{f.name: getattr(self, f.name) for f in fields(BackendConfig)})
 
     def proposer_config(self) -> BackendConfig | None:
         """None when the proposer is the policy model itself (self-proposed interventions)."""
@@ -161,7 +199,7 @@ class RunConfig:
             return None
         return replace(
             self.policy_backend(),
-            kind=BackendKind(self.proposer_backend or self.backend),
+            backend=self.proposer_backend or self.backend,
             model=self.proposer_model or self.model,
             base_url=self.proposer_base_url or self.base_url,
         )
@@ -174,7 +212,7 @@ class RunConfig:
         prompt = load_prompt(name)
         missing = [m for m in PROMPT_MARKERS[kind] if "{{" + m + "}}" not in prompt.text]
         if missing:
-            raise ValueError(f"{name}: the {kind} prompt has no {', '.join('{{' + m + '}}' for m in missing)} marker")
+            raise UserError(f"{name}: the {kind} prompt has no {', '.join('{{' + m + '}}' for m in missing)} marker")
         return prompt
 
     def propose_prompts(self) -> list[Prompt]:
@@ -213,71 +251,16 @@ DEMO = {
 }
 DEMO_MINUTES = 5  # what the demo takes on the project's 2-core machine, at most (README)
 
-FIELD_NAMES = {f.name for f in fields(RunConfig)}
-
-# --- what a valid setting is ----------------------------------------------------------------------
-
-LIST_FIELDS = ("conditions", "decontaminate")
-CHOICES: dict[str, type[Enum]] = {
-    "backend": BackendKind, "proposer_backend": BackendKind, "propose_style": ProposeStyle,
-    "structured_output": StructuredOutput, "continuation": ContinuationMode, "executor": ExecutorKind,
-    "propose_for": ProposeFor,
-}
-# (lowest, highest) allowed; None: no bound.
-BOUNDS: dict[str, tuple[float | None, float | None]] = {
-    "samples": (1, None), "proposals": (1, None), "continuations": (1, None), "min_success": (0, None),
-    "limit": (1, None), "batch_size": (1, None), "concurrency": (1, None), "grade_workers": (1, None),
-    "max_tokens": (1, None), "propose_max_tokens": (1, None), "verify_max_tokens": (1, None), "n_ctx": (128, None),
-    "max_model_len": (1, None), "decontaminate_ngram": (1, None), "ray_actors": (1, None), "ray_actor_cpus": (0, None),
-    "ray_actor_gpus": (0, None), "max_tries": (1, None), "local_engines": (1, 64), "top_k": (0, None),
-    "thinking_budget": (0, None),
-    "temperature": (0, None), "propose_temperature": (0, None), "verify_temperature": (0, None),
-    "top_p": (0, 1), "grade_timeout": (0.01, None), "request_timeout": (0.01, None), "hard_threshold": (0, 1),
-}
-_HINTS = typing.get_type_hints(RunConfig)
+FIELDS = {f.name: f for f in fields(RunConfig)}
+FIELD_NAMES = set(FIELDS)
+LIST_FIELDS = tuple(name for name in FIELDS if isinstance(RunConfig.__dataclass_fields__[name].default, tuple))
 
 
-def _kind(name: str) -> tuple[str, bool]:
-    """The value kind a field takes (bool, int, float, str, list, table) and whether it may be None."""
-    hint = _HINTS[name]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args and optional else hint
-    origin = typing.get_origin(base)
-    if origin is tuple:
-        return "list", optional
-    if origin is dict:
-        return "table", optional
-    return {bool: "bool", int: "int", float: "float", str: "str"}[base], optional
+# --- what a valid setting is: each field says (intgen.setting.check) ---------------------------------
 
-
-def check(name: str, value: Any) -> str | None:
+def check_setting(name: str, value: Any) -> str | None:
     """What is wrong with one setting's value, or None."""
-    kind, optional = _kind(name)
-    if value is None:
-        return None if optional else "must be set"
-    wrong = {
-        "bool": not isinstance(value, bool),
-        "int": isinstance(value, bool) or not isinstance(value, int),
-        "float": isinstance(value, bool) or not isinstance(value, (int, float)),
-        "str": not isinstance(value, str),
-        "list": not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value),
-        "table": not isinstance(value, dict),
-    }[kind]
-    if wrong:
-        expected = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text",
-                    "list": 'a list of names, e.g. ["intervention", "problem-only"]', "table": "a table"}[kind]
-        return f"expected {expected}, got {value!r}"
-    if name in CHOICES and value not in {c.value for c in CHOICES[name]}:
-        return f"{value!r} is not one of {', '.join(c.value for c in CHOICES[name])}"
-    if name == "conditions":
-        bad = [v for v in value if v not in CONDITIONS]
-        return f"unknown condition(s) {', '.join(bad)}; known: {', '.join(CONDITIONS)}" if bad else None
-    low, high = BOUNDS.get(name, (None, None))
-    if (low is not None and value < low) or (high is not None and value > high):
-        span = f"at least {low}" if high is None else f"between {low} and {high}"
-        return f"must be {span}, got {value!r}"
-    return None
+    return check(RunConfig, FIELDS[name], value)
 
 
 def cross_checks(values: dict[str, Any]) -> list[tuple[str, str]]:
@@ -299,32 +282,32 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such config file") from None
+        raise UserError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable TOML file ({exc})") from None
+        raise UserError(f"{path}: not a readable TOML file ({exc})") from None
     values = {key.replace("-", "_"): value for key, value in data.items()}
     if "vllm" in values:
         values["vllm_args"] = values.pop("vllm")
     unknown = sorted(set(values) - FIELD_NAMES)
     if unknown:
-        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELD_NAMES))}")
+        raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELD_NAMES))}")
     for name, value in values.items():
-        if problem := check(name, value):
-            raise ValueError(f"{path}: {name.replace('_', '-')}: {problem}")
+        if problem := check_setting(name, value):
+            raise UserError(f"{path}: {name.replace('_', '-')}: {problem}")
     return values
 
 
 def resolve(explicit: dict[str, Any], file_values: dict[str, Any]) -> RunConfig:
     """Defaults < the demo sizes (only when no problem set is given) < the config file < explicit options."""
     for name, value in explicit.items():
-        if problem := check(name, value):
-            raise ValueError(f"--{name.replace('_', '-')}: {problem}")
+        if problem := check_setting(name, value):
+            raise UserError(f"--{name.replace('_', '-')}: {problem}")
     values = dict(file_values) | explicit
     if values.get("problems") is None:
         values = DEMO | values
     values |= {name: tuple(values[name]) for name in LIST_FIELDS if name in values}
     for name, problem in cross_checks(values):
-        raise ValueError(f"{name.replace('_', '-')}: {problem}")
+        raise UserError(f"{name.replace('_', '-')}: {problem}")
     return RunConfig(**values)
 
 

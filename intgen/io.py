@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import polars as pl
 
+from intgen.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PROBLEM_COLUMNS = ("problem_id", "problem", "answer", "solution", "source", "source_id")
@@ -38,7 +40,7 @@ _GSM8K_ANSWER = re.compile(r"\n####\s*(.+?)\s*$", re.DOTALL)
 _GSM8K_CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
-class BadInputError(ValueError):
+class BadInputError(UserError):
     """The problem source cannot be read as asked; the message says where and why."""
 
 

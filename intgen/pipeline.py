@@ -7,29 +7,28 @@ stage commands and `build-dataset` both go through it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from intgen.backends import BackendConfig, make_backend
+from intgen.backends import Backend, BackendConfig, make_backend
 from intgen.benchmarks import resolve_benchmark
 from intgen.calls import Price
 from intgen.config import RunConfig
 from intgen.decontaminate import NgramIndex, drop_contaminated
 from intgen.driver import Engine, Grader, run_stage, write_input, write_problems
+from intgen.errors import UserError
 from intgen.evaluate import eval_report
 from intgen.grading import are_equivalent
 from intgen.io import LoadResult, read_problems
+from intgen.plan import PIPELINE, STAGES, step
 from intgen.ray_executor import RaySettings
 from intgen.rundir import RunDir, held
-from intgen.stages import Stage, grade, localize, propose, sample, verify
+from intgen.stages import localize
 from intgen.stages.export import export
-from intgen.stages.verify import Condition
-
-STAGES: list[Stage] = [sample.STAGE, grade.STAGE, propose.STAGE, verify.STAGE]
 
 
 def load_price(path: str | Path | None, model: str) -> Price | None:
@@ -48,46 +47,16 @@ def load_price(path: str | Path | None, model: str) -> Price | None:
 
             table = tomllib.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"{path}: not a readable price table ({exc})") from None
+        raise UserError(f"{path}: not a readable price table ({exc})") from None
     entry = table.get(model) if isinstance(table, dict) else None
     if entry is None:
         priced = ", ".join(table) if isinstance(table, dict) else ""
-        raise ValueError(f"{path}: no price for model {model!r}; models priced: {priced or '(none)'}")
+        raise UserError(f"{path}: no price for model {model!r}; models priced: {priced or '(none)'}")
     try:
         return Price(float(entry["input"]), float(entry["output"]))
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{path}: the price of {model!r} needs numbers `input` and `output` "
+        raise UserError(f"{path}: the price of {model!r} needs numbers `input` and `output` "
                          "(USD per million tokens)") from None
-
-
-# --- each stage's settings, from the run's ---------------------------------------------------------
-
-def sample_settings(config: RunConfig) -> sample.SampleSettings:
-    return sample.SampleSettings(config.samples, config.sampling(), config.prompt("solve"), config.system_prompt)
-
-
-def grade_settings(config: RunConfig) -> grade.GradeSettings:
-    return grade.GradeSettings(config.grade_timeout, config.lenient_answers, config.hard_only, config.hard_threshold)
-
-
-def propose_settings(config: RunConfig) -> propose.ProposeSettings:
-    prompts = config.propose_prompts()
-    return propose.ProposeSettings(
-        config.proposals, config.sampling(config.propose_max_tokens, config.propose_temperature),
-        critique_prompt=prompts[-1], reference_prompt=prompts[0] if len(prompts) == 2 else None,
-        structured=config.structured, propose_for=config.propose_for, allow_no_reference=config.allow_no_reference,
-    )
-
-
-def verify_settings(config: RunConfig) -> verify.VerifySettings:
-    return verify.VerifySettings(
-        config.continuations, config.sampling(config.verify_max_tokens, config.verify_temperature),
-        config.prompt("solve"), config.system_prompt, config.min_success,
-        tuple(Condition(c) for c in config.conditions), config.lenient_answers, config.verify_all_proposals,
-    )
-
-
-SETTINGS = {"sample": sample_settings, "grade": grade_settings, "propose": propose_settings, "verify": verify_settings}
 
 
 def ray_settings(config: RunConfig) -> RaySettings | None:
@@ -114,14 +83,14 @@ def open_engine(config: RunConfig, backend_config: BackendConfig) -> Iterator[En
 
 def run_named_stage(run: RunDir, config: RunConfig, name: str, engine: Engine | None = None, force: bool = False,
                     progress: bool = True) -> dict[str, Any]:
-    """Run one stage of the pipeline (`sample`, `grade`, `propose` or `verify`) with the run's settings; a stage
-    without a model still runs its grading on Ray under the Ray executor."""
-    stage = next(s for s in STAGES if s.name == name)
+    """Run one stage of the pipeline (`plan.PIPELINE`) with the run's settings; a stage without a model still runs
+    its grading on Ray under the Ray executor."""
+    stage = step(name)
     if engine is None:
         engine = Engine(ray=ray_settings(config))
     has_model = engine.backend is not None or engine.config is not None
     price = load_price(config.prices, engine.identity()["model"]) if has_model else None
-    return run_stage(run, stage, SETTINGS[name](config), STAGES, engine=engine,
+    return run_stage(run, stage.stage, stage.settings(config), STAGES, engine=engine,
                      grader=Grader(config.grade_workers, config.grade_timeout), price=price, force=force,
                      progress=progress)
 
@@ -167,29 +136,36 @@ def decontaminate(problems: pl.DataFrame, config: RunConfig) -> tuple[pl.DataFra
                   "dropped_ids": dropped}
 
 
-def build_dataset(config: RunConfig, run_dir: Path, force: bool = False, progress: bool = True) -> dict[str, Any]:
+def build_dataset(config: RunConfig, run_dir: Path, force: bool = False, progress: bool = True,
+                  backends: Mapping[str, Backend] | None = None) -> dict[str, Any]:
     """Run every stage (resuming what is done) and export the dataset; returns the funnel summary. The run
-    directory is held by this process: a second one is refused at once."""
+    directory is held by this process: a second one is refused at once. `backends`: your own backends for the
+    "policy" model (and the "proposer", default: the policy), in place of those the settings name; you close them
+    (their `kind` and `model` are in each stage's fingerprint and cache keys as any backend's)."""
     started = time.monotonic()
     with held(run_dir) as run:
-        summary = _build(run, config, force, progress)
+        summary = _build(run, config, force, progress, backends)
     summary["seconds"] = round(time.monotonic() - started, 1)
     return summary
 
 
-def _build(run: RunDir, config: RunConfig, force: bool, progress: bool) -> dict[str, Any]:
+def _build(run: RunDir, config: RunConfig, force: bool, progress: bool,
+           backends: Mapping[str, Backend] | None) -> dict[str, Any]:
     if run.read_json("config.json") is None:
         run.write_json("config.json", config.to_dict())
     loaded = load_config_problems(config)
     problems, decontamination = decontaminate(loaded.frame, config)
-    proposer_config = config.proposer_config()
-    with ExitStack() as engines:
-        policy = engines.enter_context(open_engine(config, config.policy_backend()))
-        proposer = engines.enter_context(open_engine(config, proposer_config)) if proposer_config else policy
-        sample_problems(run, config, policy, problems, force, progress, decontamination)
-        run_named_stage(run, config, "grade", None, force, progress)
-        run_named_stage(run, config, "propose", proposer, force, progress)
-        run_named_stage(run, config, "verify", policy, force, progress)
+    write_problems(run, problems, config.batch_size, force, {"decontamination": decontamination})
+    with ExitStack() as stack:
+        if backends is not None:
+            engines = {"policy": Engine(backends["policy"]),
+                       "proposer": Engine(backends.get("proposer", backends["policy"]))}
+        else:
+            engines = {"policy": stack.enter_context(open_engine(config, config.policy_backend()))}
+            proposer = config.proposer_config()
+            engines["proposer"] = stack.enter_context(open_engine(config, proposer)) if proposer else engines["policy"]
+        for each in PIPELINE:
+            run_named_stage(run, config, each.name, engines[each.model] if each.model else None, force, progress)
     run.write_json("config.json", config.to_dict())
     return export(run, config, skipped_rows=len(loaded.skipped))
 

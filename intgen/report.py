@@ -25,6 +25,8 @@ from typing import Any
 
 import polars as pl
 
+from intgen.errors import UserError
+from intgen.plan import MODEL_STAGES, STAGE_NAMES
 from intgen.rundir import RunDir, atomic_write_text
 from intgen.steps import split_steps, steps_at
 
@@ -40,7 +42,7 @@ TEXTS_KEPT_BASELINE = 1
 CONTINUATION_HEAD_CHARS, CONTINUATION_TAIL_CHARS = 500, 1500
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """The run directory cannot be reported on; the message names it."""
 
 
@@ -128,7 +130,7 @@ def _numbers(values: list[Any]) -> list[float]:
 def settings_rows(manifest: dict[str, Any], config: dict[str, Any]) -> list[dict[str, Any]]:
     """Per model stage: backend, model, sampling, prompt files and hashes, as fingerprinted in the manifest."""
     rows = []
-    for stage in ("sample", "propose", "verify"):
+    for stage in MODEL_STAGES:
         entry = manifest.get("stages", {}).get(stage) or {}
         fp = entry.get("fingerprint") or {}
         hashes = fp.get("prompts_sha256") or ([fp["prompt_sha256"]] if fp.get("prompt_sha256") else [])
@@ -142,7 +144,7 @@ def settings_rows(manifest: dict[str, Any], config: dict[str, Any]) -> list[dict
 
 def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    for stage in ("sample", "grade", "propose", "verify"):
+    for stage in STAGE_NAMES:
         entry = manifest.get("stages", {}).get(stage) or {}
         calls = entry.get("calls") or {}
         rows.append({"stage": stage, "rows": entry.get("rows"), "requests": calls.get("requests_sent"),

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from intgen.errors import MissingFile, UserError
+
 _PACKAGE = Path(__file__).resolve().parent
 _MARKER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -31,7 +33,7 @@ def resource_path(folder: str, name: str) -> Path:
     """A shipped file by its bare name, else the user's own file at the path `name`."""
     found = shipped_path(folder, name) or (Path(name) if Path(name).is_file() else None)
     if found is None:
-        raise FileNotFoundError(f"no {folder[:-1]} file {name!r}: not a file, and not one of the shipped "
+        raise MissingFile(f"no {folder[:-1]} file {name!r}: not a file, and not one of the shipped "
                                 f"{folder} ({_PACKAGE / folder})")
     return found
 
@@ -62,7 +64,7 @@ def load_prompt(name: str) -> Prompt:
     try:
         return Prompt(name, path.read_bytes().decode("utf-8"))  # as written: the hash is the file's
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: a prompt file must be UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise UserError(f"{path}: a prompt file must be UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def file_sha256(path: Path) -> str:

@@ -27,9 +27,10 @@ import polars as pl
 
 from intgen import __version__
 from intgen.cache import CallCache
+from intgen.errors import MissingFile, UserError
 
 
-class RunDirError(OSError):
+class RunDirError(UserError, OSError):
     """The run directory cannot be used as asked (full disk, not writable, busy, unreadable file); the
     message names the path."""
 
@@ -228,7 +229,7 @@ class RunDir:
     def scan(self, table: str) -> pl.LazyFrame:
         parts = self.parts(table)
         if not parts:
-            raise FileNotFoundError(f"{self.path}: table {table!r} has no output yet")
+            raise MissingFile(f"{self.path}: table {table!r} has no output yet")
         return pl.scan_parquet(parts)
 
     def table(self, table: str) -> pl.DataFrame:

@@ -24,6 +24,7 @@ from typing import Any
 import tomllib
 import yaml
 
+from intgen.errors import UserError
 from intgen.extras import need
 
 # The paper's SFT: lr 1e-6, 4 epochs, cosine to a floor of 0.1 x lr, 10% warm-up (`warmup_defaults`), effective
@@ -114,19 +115,22 @@ def read_overrides(config_file: Path | None, pairs: list[str]) -> dict[str, Any]
     """Settings from a YAML/JSON/TOML file, then `key=value` pairs (values read as JSON or YAML: 1e-5, true, [a, b])."""
     settings: dict[str, Any] = {}
     if config_file is not None:
-        text = config_file.read_text(encoding="utf-8")
-        if config_file.suffix == ".toml":
-            settings = tomllib.loads(text)
-        elif config_file.suffix == ".json":
-            settings = json.loads(text)
-        else:
-            settings = yaml.safe_load(text) or {}
+        try:
+            text = config_file.read_text(encoding="utf-8")
+            if config_file.suffix == ".toml":
+                settings = tomllib.loads(text)
+            elif config_file.suffix == ".json":
+                settings = json.loads(text)
+            else:
+                settings = yaml.safe_load(text) or {}
+        except (OSError, ValueError, yaml.YAMLError) as exc:  # decode errors of all three are ValueError or YAMLError
+            raise UserError(f"{config_file}: not a readable settings file ({exc})") from None
         if not isinstance(settings, dict):
-            raise ValueError(f"{config_file}: expected a mapping of TRL settings")
+            raise UserError(f"{config_file}: expected a mapping of TRL settings")
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set {pair!r}: expected key=value")
+            raise UserError(f"--set {pair!r}: expected key=value")
         settings[key.strip().replace("-", "_")] = parse_value(value)
     return settings
 
@@ -198,7 +202,7 @@ def _config(config_class: Any, defaults: dict[str, Any], overrides: dict[str, An
     known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"unknown {config_class.__name__} option(s): {', '.join(unknown)}")
+        raise UserError(f"unknown {config_class.__name__} option(s): {', '.join(unknown)}")
     import torch
 
     # TRL defaults to bf16, which a CPU-only machine cannot train in.
@@ -238,16 +242,16 @@ def load_config_rows(dataset: str, name: str, columns: list[str]) -> Any:
     if folder.is_dir():
         files = sorted((folder / name).glob("train-*.parquet"))
         if not files:
-            raise ValueError(f"{dataset}: no {name} config (is it an exported dataset folder, RUN_DIR/dataset?)")
+            raise UserError(f"{dataset}: no {name} config (is it an exported dataset folder, RUN_DIR/dataset?)")
         import polars as pl
 
         if pl.scan_parquet(files).select(pl.len()).collect().item() == 0:
-            raise ValueError(f"{dataset}: the {name} config is empty"
+            raise UserError(f"{dataset}: the {name} config is empty"
                              + (" (no intervention was kept)" if name == "sft" else ""))
     try:
         return datasets.load_dataset(dataset, name, split="train").select_columns(columns)
     except ValueError as exc:
-        raise ValueError(f"{dataset}: cannot load the {name} config ({exc})") from None
+        raise UserError(f"{dataset}: cannot load the {name} config ({exc})") from None
 
 
 def tokenize_sft_row(prompt: list[dict[str, str]], completion: list[dict[str, str]], tokenizer: Any,
@@ -293,7 +297,7 @@ def sft_trainer(
     cutoff, dropped = sft_cutoff(lengths, overrides.pop("max_length", None))
     tokens = tokens.filter(lambda row: len(row["input_ids"]) <= cutoff)
     if tokens.num_rows == 0:
-        raise ValueError(f"{dataset}: every sft row is longer than max_length={cutoff} tokens")
+        raise UserError(f"{dataset}: every sft row is longer than max_length={cutoff} tokens")
     defaults = (SFT_DEFAULTS | warmup_defaults(SFTConfig, overrides) | checkpointing_defaults(SFTConfig, overrides)
                 | sft_batch_defaults(overrides))
     config = _config(SFTConfig, defaults, overrides | {"max_length": cutoff}, output_dir)

@@ -12,10 +12,11 @@ import polars as pl
 from intgen.backends.base import Sampling
 from intgen.driver import input_digest, producers
 from intgen.io import PROBLEM_SCHEMA
+from intgen.plan import STAGES
 from intgen.resources import load_prompt
 from intgen.rundir import RunDir
 from intgen.stages import grade, propose, verify
-from intgen.stages.export import funnel, model_stages, write_analysis
+from intgen.stages.export import funnel, write_analysis
 from intgen.stages.grade import GRADE_COLUMNS, PASS_RATE_SCHEMA
 from intgen.stages.propose import PROPOSAL_SCHEMA
 from intgen.stages.sample import ATTEMPT_SCHEMA
@@ -117,7 +118,7 @@ def write_synthetic_run(path: Path, problems: int, attempts: int = 4, continuati
         run.write_part(name, 0, frame)
     # markers as the driver writes them: each stage's part records the digest of the inputs it was computed from
     run.finish_part("problems", 0, ["problems"], {"failed": {}})
-    stages = model_stages()
+    stages = STAGES
     for stage in stages:
         run.finish_part(stage.table, 0, list(stage.writes), {"input": input_digest(run, stage, 0, producers(stages))})
     lazy = {name: frame.lazy() for name, frame in tables.items()}

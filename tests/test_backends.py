@@ -116,7 +116,7 @@ def test_cache_keys_never_change() -> None:
 
 
 def test_cache_keys_follow_every_backend_setting_that_changes_a_reply() -> None:
-    from intgen.backends import BackendConfig, BackendKind
+    from intgen.backends import BackendConfig
 
     plain = make_request(QUESTION, Sampling(max_tokens=40, seed=7), n=2)
     schema = make_request(QUESTION, Sampling(max_tokens=40, seed=7), json_schema=SCHEMA)
@@ -124,8 +124,8 @@ def test_cache_keys_follow_every_backend_setting_that_changes_a_reply() -> None:
                              continue_final=True)
 
     def keys(request, **config):
-        settings = BackendConfig(**({"kind": BackendKind.openai, "model": "m"} | config)).reply_settings()
-        return sample_keys(config.get("kind", "openai"), "m", request, settings)
+        settings = BackendConfig(**({"backend": "openai", "model": "m"} | config)).reply_settings()
+        return sample_keys(config.get("backend", "openai"), "m", request, settings)
 
     # the JSON-schema mechanism changes the replies to schema requests, and only those
     assert keys(schema, structured_output="json_object") != keys(schema, structured_output="json_schema")
@@ -136,19 +136,19 @@ def test_cache_keys_follow_every_backend_setting_that_changes_a_reply() -> None:
         keys(continued, continuation="completions", chat_template="b.gguf")
     assert keys(plain, continuation="completions", chat_template="a.jinja") == keys(plain)
     # gemini's thinking budget changes every reply; vLLM's engine arguments too, unless they only size the engine
-    gemini = {"kind": BackendKind.gemini}
+    gemini = {"backend": "gemini"}
     assert keys(plain, **gemini, thinking_budget=0) != keys(plain, **gemini, thinking_budget=1024)
-    vllm = {"kind": BackendKind.vllm}
-    assert keys(plain, **vllm, vllm_args=(("dtype", "bfloat16"),)) != \
-        keys(plain, **vllm, vllm_args=(("dtype", "half"),))
-    assert keys(plain, **vllm, vllm_args=(("dtype", "half"), ("gpu_memory_utilization", 0.5))) == \
-        keys(plain, **vllm, vllm_args=(("dtype", "half"), ("gpu_memory_utilization", 0.9)))
+    vllm = {"backend": "vllm"}
+    assert keys(plain, **vllm, vllm_args={"dtype": "bfloat16"}) != \
+        keys(plain, **vllm, vllm_args={"dtype": "half"})
+    assert keys(plain, **vllm, vllm_args={"dtype": "half", "gpu_memory_utilization": 0.5}) == \
+        keys(plain, **vllm, vllm_args={"dtype": "half", "gpu_memory_utilization": 0.9})
     # a backend with no such setting keys its calls as before (existing caches stay valid)
-    assert keys(plain, kind=BackendKind.local) == sample_keys("local", "m", plain)
+    assert keys(plain, backend="local") == sample_keys("local", "m", plain)
     # what make_backend builds carries them
     from intgen.backends import make_backend
 
-    backend = make_backend(BackendConfig(BackendKind.openai, "m", base_url="http://127.0.0.1:9/v1",
+    backend = make_backend(BackendConfig("openai", "m", base_url="http://127.0.0.1:9/v1",
                                          structured_output="json_object"))
     assert backend.reply_settings == {"structured_output": "json_object", "continuation": "chat", "chat_template": None}
 
@@ -182,6 +182,7 @@ def test_a_request_that_keeps_failing_becomes_an_error_row_not_a_crash(llama_ser
     assert len(cache) == 0  # failures are not cached: a rerun tries again
 
 
+@pytest.mark.slow  # a real model (llama.cpp) or server
 def test_local_backend_samples_continues_and_follows_a_schema() -> None:
     backend = LocalBackend()
     try:
@@ -200,6 +201,7 @@ def test_local_backend_samples_continues_and_follows_a_schema() -> None:
     assert isinstance(json.loads(structured.text)["answer"], int)
 
 
+@pytest.mark.slow  # a real model (llama.cpp) or server
 def test_local_backend_reproduces_with_a_seed() -> None:
     backend = LocalBackend()
     try:
@@ -223,6 +225,7 @@ def gemini_reply(path: str, body: dict) -> tuple[int, dict]:
     }
 
 
+@pytest.mark.slow  # a real model (llama.cpp) or server
 def test_gemini_backend_speaks_the_rest_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
     from intgen.backends.gemini import GeminiBackend
 
@@ -256,6 +259,7 @@ def test_gemini_backend_speaks_the_rest_protocol(monkeypatch: pytest.MonkeyPatch
     assert third["generationConfig"]["responseJsonSchema"] == SCHEMA
 
 
+@pytest.mark.slow  # a real model (llama.cpp) or server
 def test_gemini_retries_on_429(monkeypatch: pytest.MonkeyPatch) -> None:
     from intgen.backends.gemini import GeminiBackend
 
@@ -301,6 +305,7 @@ def test_max_tokens_is_cut_to_the_context_the_server_reports(llama_server, tmp_p
         proxy.stop()
 
 
+@pytest.mark.slow  # a real model (llama.cpp) or server
 def test_a_prompt_longer_than_the_context_is_too_long_not_a_failure(tmp_path: Path) -> None:
     from intgen.backends.base import TOO_LONG
 

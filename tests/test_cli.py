@@ -42,6 +42,7 @@ def test_problems_command_reports_and_saves(tmp_path: Path) -> None:
     assert pl.read_parquet(out)["answer"].to_list() == ["2", "3"]
 
 
+@pytest.mark.slow  # a real model (llama.cpp) or server
 def test_build_dataset_on_the_bundled_examples_with_the_local_engine(tmp_path: Path) -> None:
     # The README's main command with its sizes cut down (the full demo is timed in the README).
     run_dir = tmp_path / "demo"
@@ -64,6 +65,7 @@ def test_build_dataset_on_the_bundled_examples_with_the_local_engine(tmp_path: P
     assert ("config_name: sft" in card) == (kept > 0) and ("the sft config is empty" in result.output) == (kept == 0)
 
 
+@pytest.mark.slow  # a real model (llama.cpp) or server
 def test_an_empty_sft_config_is_said_not_broken(tmp_path: Path) -> None:
     # every continuation misses the answer: nothing is kept, and the card, the summary and `train sft` say so
     server = ScriptedServer(answers_of(EXAMPLE_PROBLEMS), fixes=False)
@@ -84,6 +86,7 @@ def test_an_empty_sft_config_is_said_not_broken(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "the sft config is empty (no intervention was kept)" in result.output
 
 
+@pytest.mark.slow  # a real model (llama.cpp) or server
 def test_stage_commands_one_by_one(tmp_path: Path) -> None:
     from intgen.config import EXAMPLE_PROBLEMS
 
@@ -115,6 +118,7 @@ def test_stage_commands_one_by_one(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "stage 'verify' was computed with other settings" in result.output
 
 
+@pytest.mark.slow  # a real model (llama.cpp) or server
 def test_a_retried_upstream_failure_recomputes_the_stages_after_it(tmp_path: Path) -> None:
     from intgen.config import EXAMPLE_PROBLEMS
     from intgen.rundir import RunDir
@@ -148,8 +152,8 @@ def test_every_command_default_comes_from_run_config() -> None:
     for name in ("build-dataset", "sample", "grade", "propose", "verify"):
         for param in command.commands[name].params:
             field = param.name
-            if field in ("run_dir", "force", "progress", "config", "problems", "condition", "vllm_arg", "decontaminate",
-                         "report"):
+            if field in ("run_dir", "force", "progress", "config", "problems", "conditions", "vllm_args",
+                         "decontaminate", "report"):
                 continue
             default = param.default.value if hasattr(param.default, "value") else param.default
             assert default == getattr(DEFAULTS, field), (name, field, default)
@@ -250,6 +254,7 @@ def test_a_setting_that_changes_replies_is_refused_and_never_answered_from_the_o
     assert critiques and all("response_format" not in body for body in critiques)  # asked again, without a schema
 
 
+@pytest.mark.slow  # a real model (llama.cpp) or server
 def test_allow_no_reference_reaches_the_propose_stage(tmp_path: Path) -> None:
     # problems with answers but no reference solution: skipped and counted without the option, proposed for with it
     problems = {f"What is {a} + {b}?": str(a + b) for a, b in ((12, 29), (7, 8))}
@@ -273,3 +278,33 @@ def test_allow_no_reference_reaches_the_propose_stage(tmp_path: Path) -> None:
     assert server.kinds["critique"] == 4
     config = json.loads((tmp_path / "with" / "config.json").read_text())
     assert config["allow_no_reference"] is True
+
+
+@pytest.mark.parametrize(
+    "raised, code, line",
+    [(KeyError("a bug"), 1, None), (ValueError("a bug's message"), 1, None),
+     (PermissionError(13, "Permission denied", "/data/p.jsonl"), 2, "error: /data/p.jsonl: Permission denied"),
+     (OSError("no path said"), 1, None)],
+)
+def test_only_what_the_user_can_fix_is_one_line_a_bug_keeps_its_traceback(
+    raised: BaseException, code: int, line: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import intgen.pipeline
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(intgen.pipeline, "build_dataset", broken)
+    result = runner.invoke(app, ["build-dataset", "--run-dir", str(tmp_path / "r"), "--no-report"])
+    assert result.exit_code == code, result.output
+    if line is None:
+        assert result.exception is raised  # not blamed on the user: the traceback is kept
+    else:
+        assert line in result.output and "Traceback" not in result.output
+
+
+def test_a_user_error_from_deep_inside_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["build-dataset", "--run-dir", str(tmp_path / "r"), "--problems", str(EXAMPLE_PROBLEMS),
+                                 "--backend", "openai"])
+    assert result.exit_code == 2 and "the openai backend needs --model" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from intgen.backends.base import Backend, Completion, Request, Sampling, make_request
+from intgen.errors import UserError
+from intgen.setting import setting
 
-__all__ = ["Backend", "BackendConfig", "BackendKind", "Completion", "Request", "Sampling", "make_backend",
-           "make_request"]
+__all__ = ["Backend", "BackendConfig", "BackendKind", "Completion", "ContinuationMode", "Request", "Sampling",
+           "StructuredOutput", "make_backend", "make_request"]
 
 
 class BackendKind(str, Enum):
@@ -18,6 +20,17 @@ class BackendKind(str, Enum):
     vllm = "vllm"
     gemini = "gemini"
     local = "local"
+
+
+class StructuredOutput(str, Enum):
+    json_schema = "json_schema"
+    json_object = "json_object"
+    none = "none"
+
+
+class ContinuationMode(str, Enum):
+    chat = "chat"
+    completions = "completions"
 
 
 # vLLM engine arguments that say how much of the machine the engine uses, not what it computes.
@@ -30,51 +43,64 @@ VLLM_RESOURCE_ARGS = frozenset({
 
 @dataclass(frozen=True)
 class BackendConfig:
-    """Which engine and how to reach it. Credentials are never part of it: only the name of the
-    environment variable that holds the key."""
+    """Which engine and how to reach it: the backend section of a run's settings (`RunConfig` holds these fields
+    as they are). Credentials are never part of it: only the name of the environment variable that holds the key."""
 
-    kind: BackendKind = BackendKind.local
-    model: str | None = None  # local: a GGUF file or a model folder (default: the bundled SmolLM2); others: its name
-    base_url: str | None = None
-    api_key_env: str | None = None
-    concurrency: int = 32
-    max_tries: int = 6
-    request_timeout: float = 600.0  # seconds per try
-    structured_output: str = "json_schema"  # openai: json_schema | json_object | none
-    continuation: str = "chat"  # openai: chat (vLLM-style continue_final_message) | completions
-    chat_template: str | None = None  # openai + completions: template file, .gguf or tokenizer
-    thinking_budget: int | None = None  # gemini
-    n_ctx: int = 8192  # local
-    local_engines: int = 1  # local: llama.cpp engines side by side, sharing the cores
-    max_model_len: int | None = None  # the model's context, where the server does not say
-    vllm_args: tuple[tuple[str, Any], ...] = ()  # vllm: engine arguments (dtype, tensor_parallel_size, ...)
+    backend: str = setting("local", "Model engine.", choices=BackendKind)
+    model: str | None = setting(None, "Model name (local: a GGUF file or a model folder from `intgen train`; "
+                                      "default: the bundled SmolLM2-135M-Instruct).")
+    base_url: str | None = setting(None, "Server URL (openai: e.g. http://127.0.0.1:8000/v1; gemini: the API "
+                                         "endpoint). openai: repeatable, requests go to the server with the fewest in "
+                                         "flight; one that fails is rested and retried later.", join=True)
+    api_key_env: str | None = setting(None, "Environment variable holding the API key (default OPENAI_API_KEY / "
+                                            "GEMINI_API_KEY).")
+    concurrency: int = setting(32, "Requests in flight at once (openai, gemini).", low=1)
+    request_timeout: float = setting(600.0, "Seconds to wait for one try of a request (openai, gemini).", low=0.01)
+    max_tries: int = setting(6, "Tries per request before its failure is recorded (a rerun tries again).", low=1)
+    structured_output: str = setting(
+        "json_schema", "openai: how to send a JSON schema: json_schema (OpenAI, vLLM, SGLang), json_object "
+        "(llama-cpp-python), none.", choices=StructuredOutput, output=True, backends=("openai",))
+    continuation: str = setting(
+        "chat", "openai: how to continue an assistant message: chat (vLLM continue_final_message) or completions "
+        "(client-side chat template).", choices=ContinuationMode, output=True, backends=("openai",))
+    chat_template: str | None = setting(
+        None, "openai + completions: chat template file, .gguf file or tokenizer name (also counts tokens per "
+        "sample).", output=True, backends=("openai",))
+    thinking_budget: int | None = setting(None, "gemini: thinking budget in tokens.", low=0, output=True,
+                                          backends=("gemini",))
+    max_model_len: int | None = setting(None, "The model's context in tokens, where the server does not report it "
+                                              "(continuations are cut to fit).", low=1)
+    n_ctx: int = setting(8192, "local: the engine's context in tokens.", low=128)
+    local_engines: int = setting(1, "local: llama.cpp engines side by side, sharing the cores (small models: one "
+                                    "per core).", low=1, high=64)
+    vllm_args: dict[str, Any] = setting({}, "vllm: one engine argument, key=value (repeatable), e.g. --vllm-arg "
+                                            "tensor_parallel_size=2; a config file's [vllm] table.",
+                                        option="--vllm-arg", output=True, backends=("vllm",))
 
     def reply_settings(self) -> dict[str, Any]:
-        """The settings besides kind and model that can change a reply, for the backend this config makes: they
-        are part of each stage's fingerprint (a change is refused without --force) and of every call's cache key
-        (those that matter for the request: `base.request_settings`). Where a server or an engine runs and how
-        hard it is pushed (URLs, concurrency, timeouts, memory) changes no reply and is left out."""
-        kind = BackendKind(self.kind)
-        if kind is BackendKind.openai:
-            return {"structured_output": self.structured_output, "continuation": self.continuation,
-                    "chat_template": self.chat_template}
-        if kind is BackendKind.gemini:
-            return {"thinking_budget": self.thinking_budget}
-        if kind is BackendKind.vllm:
-            engine = {k: v for k, v in self.vllm_args if k not in VLLM_RESOURCE_ARGS}
-            return {"engine_args": engine or None}
-        return {}
+        """The settings besides the engine and the model that can change a reply, for the backend this config makes
+        (the fields marked `output` for it): they are part of each stage's fingerprint (a change is refused without
+        --force) and of every call's cache key (those that matter for the request: `base.request_settings`). Where a
+        server or an engine runs and how hard it is pushed (URLs, concurrency, timeouts, memory) changes no reply
+        and is left out."""
+        kind = BackendKind(self.backend)
+        found = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.metadata["output"] and kind.value in f.metadata["backends"]}
+        if "vllm_args" in found:  # the engine's arguments, less those that only size it
+            engine = {k: v for k, v in sorted(found.pop("vllm_args").items()) if k not in VLLM_RESOURCE_ARGS}
+            found["engine_args"] = engine or None
+        return found
 
     def identity(self) -> tuple[str, str]:
         """(kind, model) as the backend made from this config names itself (in fingerprints and cache keys),
         known without loading it (the Ray executor's driver makes no engine of its own)."""
-        kind = BackendKind(self.kind)
+        kind = BackendKind(self.backend)
         if kind is BackendKind.local:
             from intgen.backends.local import SMOLLM2_FILE
 
             return kind.value, Path(self.model).name if self.model else SMOLLM2_FILE
         if self.model is None:
-            raise ValueError(f"the {kind.value} backend needs --model")
+            raise UserError(f"the {kind.value} backend needs --model")
         return kind.value, self.model
 
 
@@ -85,7 +111,7 @@ def make_backend(config: BackendConfig) -> Backend:
 
 
 def _make_backend(config: BackendConfig) -> Backend:
-    kind = BackendKind(config.kind)
+    kind = BackendKind(config.backend)
     if kind is BackendKind.local:
         from intgen.backends.local import LocalBackend
 
@@ -96,7 +122,7 @@ def _make_backend(config: BackendConfig) -> Backend:
 
         return LocalBackend(config.model, n_ctx=config.n_ctx, engines=config.local_engines)
     if config.model is None:
-        raise ValueError(f"the {kind.value} backend needs --model")
+        raise UserError(f"the {kind.value} backend needs --model")
     if kind is BackendKind.openai:
         from intgen.backends.openai_http import OpenAIBackend
         from intgen.chat_template import load_chat_template
@@ -118,7 +144,7 @@ def _make_backend(config: BackendConfig) -> Backend:
         from intgen.backends.gemini import GeminiBackend
 
         if config.base_url and "," in config.base_url:
-            raise ValueError("the gemini backend takes one --base-url (the API endpoint)")
+            raise UserError("the gemini backend takes one --base-url (the API endpoint)")
 
         return GeminiBackend(
             config.model,
@@ -131,4 +157,4 @@ def _make_backend(config: BackendConfig) -> Backend:
         )
     from intgen.backends.vllm_engine import VLLMBackend
 
-    return VLLMBackend(config.model, **dict(config.vllm_args))
+    return VLLMBackend(config.model, **config.vllm_args)

@@ -19,6 +19,7 @@ from intgen.backends.base import (
     share_usage,
 )
 from intgen.backends.retry import BackoffWait, bounded_gather, retrying, run_sync
+from intgen.errors import UserError
 from intgen.extras import need
 
 CONTINUE_INSTRUCTION = (
@@ -62,7 +63,7 @@ class GeminiBackend:
         options = types.HttpOptions(base_url=base_url, timeout=int(timeout_s * 1000))  # milliseconds
         key = os.environ.get(api_key_env) or os.environ.get("GOOGLE_API_KEY")
         if not key:
-            raise RuntimeError(f"the gemini backend needs an API key in ${api_key_env} (or $GOOGLE_API_KEY)")
+            raise UserError(f"the gemini backend needs an API key in ${api_key_env} (or $GOOGLE_API_KEY)")
         self._client = genai.Client(api_key=key, http_options=options)
         self.concurrency = concurrency
         self.max_tries = max_tries

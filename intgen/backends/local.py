@@ -16,6 +16,7 @@ from typing import Any
 
 from intgen.backends.base import LENGTH, STOP, TOO_LONG, Completion, OnDone, Request, error_completion
 from intgen.chat_template import ChatTemplate, template_from_llama
+from intgen.errors import MissingFile
 from intgen.extras import need
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,7 +42,7 @@ class LocalBackend:
 
         self.path = Path(model_path) if model_path else default_gguf()
         if not self.path.is_file():
-            raise FileNotFoundError(f"no GGUF model file at {self.path}")
+            raise MissingFile(f"no GGUF model file at {self.path}")
         self.model = self.path.name
         # llama-cpp-python defaults to half the cores: use them all, split between the engines
         threads = max(1, (os.cpu_count() or 1) // engines)

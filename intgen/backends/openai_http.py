@@ -57,6 +57,7 @@ from intgen.backends.base import (
 )
 from intgen.backends.retry import BackoffWait, bounded_gather, retrying, run_sync
 from intgen.chat_template import ChatTemplate
+from intgen.errors import UserError
 
 StructuredOutput = Literal["json_schema", "json_object", "none"]
 Continuation = Literal["chat", "completions"]
@@ -233,7 +234,7 @@ class OpenAIBackend:
         max_model_len: int | None = None,
     ) -> None:
         if continuation == "completions" and chat_template is None:
-            raise ValueError("continuation='completions' needs the model's chat template (--chat-template)")
+            raise UserError("continuation='completions' needs the model's chat template (--chat-template)")
         self.model = model
         self.base_url = base_url
         # The key is read from the environment and handed to the client only; it is never stored

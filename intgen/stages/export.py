@@ -21,6 +21,8 @@ import yaml
 
 from intgen import __version__
 from intgen.analysis import SELECTION_RULE, matched_units
+from intgen.errors import MissingFile
+from intgen.plan import MODEL_STAGES, STAGE_NAMES, STAGES
 from intgen.resources import Prompt, fill, resource_path
 from intgen.rundir import RunDir, atomic_write_text, file_digest
 from intgen.stages.sample import solve_messages
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
     from intgen.config import RunConfig
 
 CONFIGS = ("sft", "rl", "interventions", "samples")
-STAGE_NAMES = ("sample", "grade", "propose", "verify")
 MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
 
 
@@ -88,20 +89,13 @@ def write_config(folder: Path, table: pl.LazyFrame) -> None:
     tmp.replace(path)
 
 
-def model_stages() -> list[Any]:
-    """The pipeline's stages, in order (`pipeline.STAGES`; imported here, as pipeline imports this module)."""
-    from intgen.pipeline import STAGES
-
-    return STAGES
-
-
 def require_current_export(run: RunDir, before: str) -> None:
     """The stages follow their inputs, and RUN/dataset was exported from them as they are now."""
     from intgen.driver import StaleRun, require_up_to_date, state_digest
 
-    require_up_to_date(run, model_stages(), before)
+    require_up_to_date(run, STAGES, before)
     analysis = run.read_json("analysis.json") or {}
-    if analysis.get("exported_from") != state_digest(run, model_stages()):
+    if analysis.get("exported_from") != state_digest(run, STAGES):
         raise StaleRun(f"{run.path}: the dataset was exported before the stages last changed: run `intgen export "
                        f"--run-dir {run.path}` before {before}")
 
@@ -113,8 +107,8 @@ def export(run: RunDir, config: RunConfig, skipped_rows: int = 0) -> dict[str, A
 
     for name in STAGE_NAMES:
         if not str(run.stage_entry(name).get("status", "")).startswith("done"):
-            raise FileNotFoundError(f"{run.path}: the {name!r} stage has not finished; run it first")
-    require_up_to_date(run, model_stages(), "exporting")
+            raise MissingFile(f"{run.path}: the {name!r} stage has not finished; run it first")
+    require_up_to_date(run, STAGES, "exporting")
     tables = dataset_tables(run, config.prompt("solve"), config.system_prompt)
     for name in CONFIGS:
         write_config(run.path / "dataset" / name, tables[name])
@@ -132,7 +126,7 @@ def write_analysis(run: RunDir, summary: dict[str, Any]) -> None:
     table1 = summary["table1"] | {"units": matched_units(run.scan("verify"))}
     run.write_json("analysis.json", {"table1": table1, "funnel": {
         k: v for k, v in summary.items() if k not in ("table1", "tokens_by_stage")},
-        "exported_from": state_digest(run, model_stages())})
+        "exported_from": state_digest(run, STAGES)})
 
 
 def export_file(dataset_dir: Path, config_name: str) -> Path:
@@ -146,7 +140,7 @@ def export_file(dataset_dir: Path, config_name: str) -> Path:
 def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
     stages = run.manifest()["stages"]
     sample, graded, proposals, verify = (stages[name] for name in STAGE_NAMES)
-    tokens = {name: stages[name].get("calls", {}) for name in ("sample", "propose", "verify")}
+    tokens = {name: stages[name].get("calls", {}) for name in MODEL_STAGES}
     costs = [t.get("cost_usd") for t in tokens.values()]
     return {
         "problems": sample.get("problems"),
@@ -319,7 +313,7 @@ def dataset_card(
         decontamination=card_decontamination(summary.get("decontamination")),
         engine_args=", ".join(f"`{k}={v}`" for k, v in sorted(config.vllm_args.items())) or "none",
         token_counts=", ".join(f"{name}: {stages[name].get('token_counts', 'n/a')}"
-                               for name in ("sample", "propose", "verify"))
+                               for name in MODEL_STAGES)
         + " (engine: counted by the engine per sample; tokenizer: counted with the model's tokenizer; estimated: the "
           "request's usage shared by text length)",
         table1=table1_markdown(summary["table1"]),
@@ -338,9 +332,10 @@ def dataset_card(
         load_path=load_path,
         problems=config.problems or "intgen's bundled example problems",
         n_problems=str(summary["problems"]),
-        policy=f"{config.backend}: {stages['sample']['fingerprint']['model']} (sample and verify stages)",
+        policy=f"{stages['sample']['fingerprint']['backend']}: {stages['sample']['fingerprint']['model']} (sample and "
+               "verify stages)",
         proposer="the policy model (self-proposed)" if proposer is None
-        else f"{proposer.kind.value}: {stages['propose']['fingerprint']['model']}",
+        else f"{stages['propose']['fingerprint']['backend']}: {stages['propose']['fingerprint']['model']}",
         samples=str(config.samples), temperature=str(config.temperature), top_p=str(config.top_p),
         top_k=str(config.top_k), max_tokens=str(config.max_tokens), seed=str(config.seed),
         proposals=str(config.proposals), propose_style=config.propose_style, structured=str(config.structured).lower(),

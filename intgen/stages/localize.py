@@ -25,6 +25,7 @@ from typing import Any
 import polars as pl
 
 from intgen.backends.base import ERROR, LENGTH, TOO_LONG, Completion, Sampling, make_request
+from intgen.errors import UserError
 from intgen.grading import extract_answer
 from intgen.io import BadInputError
 from intgen.resources import Prompt, fill
@@ -107,7 +108,7 @@ def critic_kind(prompt: Prompt) -> str:
         return "processbench"
     if "{{numbered_attempt}}" in prompt.text:
         return "intgen"
-    raise ValueError(f"{prompt.name}: a critic prompt needs {{{{numbered_attempt}}}} (intgen's numbered steps, "
+    raise UserError(f"{prompt.name}: a critic prompt needs {{{{numbered_attempt}}}} (intgen's numbered steps, "
                      "the reply parsed as a proposal) or {{{{tagged_steps}}}} (ProcessBench's paragraphs, the index in "
                      "\\boxed{{}})")
 
