@@ -10,6 +10,33 @@ DATA = REPO / "tests" / "data"
 EVALSETS = REPO / "intgen" / "evalsets"  # the eval sets intgen ships
 # The sampling seed of the slow tests: run them under several (INTGEN_TEST_SEED=1, 2, 3) to shake out luck.
 TEST_SEED = int(os.environ.get("INTGEN_TEST_SEED", "3"))
+# Fixtures that start a server, a browser or a model: a test that uses one is in the slow tier.
+REAL_PARTS = {"llama_server", "proxy", "scripted", "scripted_proxy", "chromium", "browser"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_PARTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_nothing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pytest -m "not slow"` starts no server and loads no model: a fast test that tries fails, naming the fix."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a test outside the slow tier started a server or a model: mark it @pytest.mark.slow")
+
+    from intgen.backends import local
+
+    import scripted
+    import servers
+
+    for module, name in ((servers, "serve"), (scripted, "serve"), (local.LocalBackend, "__init__"),
+                         (servers.LlamaServer, "__init__")):
+        monkeypatch.setattr(module, name, refuse)
 
 
 @pytest.fixture(scope="session")

@@ -45,43 +45,19 @@ def wrong_answer(gold: str, h: int) -> str:
     return str(int(gold) + 1 + h % 5) if re.fullmatch(r"-?\d+", gold.strip()) else str(1000003 + h % 5)
 
 
-class ScriptedServer:
-    """See the module docstring. `answers` maps each problem's text to its gold answer; `delay` holds every reply
-    that long (a kill test needs requests in flight); with `fixes` False no continuation reaches the answer, so
-    nothing is kept; `intervention` is what its proposals say (another text than INTERVENTION never leads to the
-    answer); `kinds` counts the requests by what they asked."""
+class Script:
+    """The scripted answers, without a server: `answer(path, body)` replies to one OpenAI-shaped request body.
+    `answers` maps each problem's text to its gold answer; with `fixes` False no continuation reaches the answer,
+    so nothing is kept; `intervention` is what its proposals say (another text than INTERVENTION never leads to
+    the answer); `kinds` counts the requests by what they asked."""
 
-    def __init__(self, answers: dict[str, str], seed: int = 0, delay: float = 0.0, model: str = "scripted",
-                 max_model_len: int = 32768, fixes: bool = True, intervention: str = INTERVENTION) -> None:
+    def __init__(self, answers: dict[str, str], seed: int = 0, model: str = "scripted", max_model_len: int = 32768,
+                 fixes: bool = True, intervention: str = INTERVENTION) -> None:
         self.answers = sorted(answers.items(), key=lambda item: -len(item[0]))  # the longest match wins
-        self.seed, self.delay, self.model, self.max_model_len, self.fixes = seed, delay, model, max_model_len, fixes
-        self.intervention = intervention  # what its proposals say; only INTERVENTION leads to the answer
+        self.seed, self.model, self.max_model_len, self.fixes = seed, model, max_model_len, fixes
+        self.intervention = intervention
         self.kinds: Counter[str] = Counter()
         self.lock = threading.Lock()
-        server = self
-
-        class Handler(QuietHandler):
-            def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/models"):
-                    data = [{"id": server.model, "object": "model", "owned_by": "tests",
-                             "max_model_len": server.max_model_len}]
-                    reply(self, 200, json.dumps({"object": "list", "data": data}).encode())
-                else:
-                    reply(self, 404, json.dumps({"error": {"message": f"no route {self.path}"}}).encode())
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-                if server.delay:
-                    time.sleep(server.delay)
-                status, answer = server.answer(self.path, body)
-                reply(self, status, json.dumps(answer).encode())
-
-        self.server, url = serve(Handler)
-        self.url = url + "/v1"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     # --- what a request asks, and the scripted reply -----------------------------------------------------
 
@@ -165,6 +141,40 @@ class ScriptedServer:
         steps[error - 1] = f"{WRONG_STEP} {wrong}, and we carry that total forward."
         steps.append(f"So the answer is $\\boxed{{{wrong}}}$.")
         return "\n\n".join(steps)
+
+
+class ScriptedServer(Script):
+    """The script (see the module docstring) behind the OpenAI API on 127.0.0.1; `delay` holds every reply that
+    long (a kill test needs requests in flight)."""
+
+    def __init__(self, answers: dict[str, str], seed: int = 0, delay: float = 0.0, model: str = "scripted",
+                 max_model_len: int = 32768, fixes: bool = True, intervention: str = INTERVENTION) -> None:
+        super().__init__(answers, seed, model, max_model_len, fixes, intervention)
+        self.delay = delay
+        server = self
+
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:
+                if self.path.rstrip("/").endswith("/models"):
+                    data = [{"id": server.model, "object": "model", "owned_by": "tests",
+                             "max_model_len": server.max_model_len}]
+                    reply(self, 200, json.dumps({"object": "list", "data": data}).encode())
+                else:
+                    reply(self, 404, json.dumps({"error": {"message": f"no route {self.path}"}}).encode())
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                if server.delay:
+                    time.sleep(server.delay)
+                status, answer = server.answer(self.path, body)
+                reply(self, status, json.dumps(answer).encode())
+
+        self.server, url = serve(Handler)
+        self.url = url + "/v1"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def answers_of(*paths: object) -> dict[str, str]:

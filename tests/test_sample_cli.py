@@ -14,6 +14,8 @@ from intgen.cli import app
 from conftest import TEST_SEED
 from servers import Proxy
 
+pytestmark = pytest.mark.slow  # the local engine and the llama.cpp server
+
 runner = CliRunner()
 SECRET = "sk-test-0123456789-never-written"
 

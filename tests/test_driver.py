@@ -1,0 +1,112 @@
+"""The fast tier: the whole pipeline (driver, resume, part markers, refusal of changed settings, retry of failed
+rows) on the in-memory backend (tests/memory_backend.py), in seconds and with no server. The same paths against
+real servers are the slow tier's (test_pipeline, test_faults, test_cli)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from memory_backend import Killed, MemoryBackend
+
+from intgen.config import EXAMPLE_PROBLEMS, RunConfig
+from intgen.driver import StageConfigChanged
+from intgen.pipeline import build_dataset, run_named_stage
+from intgen.rundir import RunDir
+from intgen.stages.export import export_file
+
+from conftest import TEST_SEED
+from scripted import Script, answers_of
+
+CONFIG = RunConfig(problems=str(EXAMPLE_PROBLEMS), limit=6, samples=2, proposals=2, continuations=4,
+                   batch_size=2, grade_workers=1, seed=TEST_SEED, conditions=("intervention", "original-step"))
+
+
+def script() -> Script:
+    return Script(answers_of(EXAMPLE_PROBLEMS), seed=TEST_SEED)
+
+
+def build(run_dir: Path, backend: MemoryBackend, config: RunConfig = CONFIG, force: bool = False) -> dict:
+    return build_dataset(config, run_dir, force=force, progress=False, backends={"policy": backend})
+
+
+def tables(run_dir: Path) -> dict[str, pl.DataFrame]:
+    return {name: pl.read_parquet(export_file(run_dir / "dataset", name)) for name in ("interventions", "sft")}
+
+
+def test_a_run_keeps_interventions_and_a_rerun_sends_nothing(tmp_path: Path) -> None:
+    backend = MemoryBackend(script())
+    summary = build(tmp_path / "run", backend)
+    assert summary["kept"] > 0 and not summary["failed"]  # the premise: the script's fixes are kept
+    sent = len(backend.sent)
+    again = MemoryBackend(script())
+    assert build(tmp_path / "run", again)["kept"] == summary["kept"]
+    assert again.sent == []  # every part is marked done and every call is cached
+    rows = tables(tmp_path / "run")["sft"]
+    assert rows.height == summary["kept"] and sent > 0
+
+
+def test_the_same_config_and_seed_give_the_same_dataset(tmp_path: Path) -> None:
+    build(tmp_path / "a", MemoryBackend(script()))
+    build(tmp_path / "b", MemoryBackend(script()))
+    first, second = tables(tmp_path / "a"), tables(tmp_path / "b")
+    for name in first:
+        assert first[name].equals(second[name]), name
+
+
+def test_a_kill_late_in_verify_resumes_without_paying_twice(tmp_path: Path) -> None:
+    whole = MemoryBackend(script())
+    build(tmp_path / "whole", whole)
+    before_verify = sum(1 for r in whole.sent if not r.continue_final)
+    killed = MemoryBackend(script(), kill_after=len(whole.sent) - 3)  # three requests before the end
+    with pytest.raises(Killed):
+        build(tmp_path / "run", killed)
+    run = RunDir(tmp_path / "run")
+    parts = run.part_count("problems")
+    written = [i for i in range(parts) if run.part_marker("verify", i) is not None]
+    run.close()
+    assert len(written) < parts  # the last part was not claimed
+    for index in written:
+        assert (tmp_path / "run" / "verify" / f"part-{index:05d}.parquet").is_file()
+    rerun = MemoryBackend(script())
+    build(tmp_path / "run", rerun)
+    # only what had not been answered is sent again: the answered calls are in the cache, the parts on disk
+    assert len(rerun.sent) == len(whole.sent) - len(killed.sent) and before_verify < len(whole.sent)
+    assert tables(tmp_path / "run")["sft"].equals(tables(tmp_path / "whole")["sft"])
+
+
+def test_a_changed_setting_is_refused_and_recomputed_with_force(tmp_path: Path) -> None:
+    build(tmp_path / "run", MemoryBackend(script()))
+    changed = RunConfig(**(CONFIG.to_dict() | {"continuations": 6, "conditions": ("intervention",)}))
+    with pytest.raises(StageConfigChanged, match="verify"):
+        build(tmp_path / "run", MemoryBackend(script()), changed)
+    backend = MemoryBackend(script())
+    summary = build(tmp_path / "run", backend, changed, force=True)
+    assert backend.sent and all(r.continue_final for r in backend.sent)  # only verify ran again
+    verified = pl.read_parquet(tmp_path / "run" / "verify")
+    assert set(verified["continuations"].to_list()) == {6} and summary["kept"] > 0
+
+
+def test_failed_calls_are_rows_that_the_next_run_retries(tmp_path: Path) -> None:
+    clean = MemoryBackend(script())
+    build(tmp_path / "clean", clean)
+    flaky = MemoryBackend(script(), fail=lambda r: "http_503: overloaded" if r.continue_final else None)
+    summary = build(tmp_path / "run", flaky)
+    assert summary["failed"].get("verify") and summary["kept"] == 0  # said, not silently empty
+    retried = MemoryBackend(script())
+    assert not build(tmp_path / "run", retried)["failed"]
+    assert retried.sent and all(r.continue_final for r in retried.sent)  # only the failed calls
+    assert tables(tmp_path / "run")["sft"].equals(tables(tmp_path / "clean")["sft"])
+
+
+def test_a_stage_runs_alone_on_the_in_memory_backend(tmp_path: Path) -> None:
+    from intgen.driver import Engine
+
+    build(tmp_path / "run", MemoryBackend(script()))
+    run = RunDir(tmp_path / "run")
+    try:
+        entry = run_named_stage(run, CONFIG, "propose", Engine(MemoryBackend(script())), progress=False)
+    finally:
+        run.close()
+    assert entry["accepted"] > 0 and entry["failed_rows"] == {}
