@@ -90,7 +90,7 @@ def _saved_config(run_dir: Path, overrides: dict[str, Any]) -> "RunConfig":
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    from intgen.stages.export import funnel_rows
+    from intgen.dataset.card import funnel_rows
 
     table = Table(title=f"intgen: {run_dir}")
     table.add_column("stage")
@@ -99,7 +99,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         table.add_row(name, value)
     console.print(table)
     if summary["table1"]["conditions"]:
-        from intgen.stages.export import table1_rows, table1_selection
+        from intgen.dataset.card import table1_rows, table1_selection
 
         conditions = Table(title="Table 1 (per problem; ratios to original-step, 95% bootstrap intervals)")
         for name in ("continue from", "solved / problems", "mean accuracy", "solved vs orig.", "accuracy vs orig."):
@@ -371,8 +371,8 @@ def propose(ctx: typer.Context, run_dir: RunDirOpt, force: ForceOpt = False, pro
 def verify(ctx: typer.Context, run_dir: RunDirOpt, force: ForceOpt = False, progress: ProgressOpt = True,
            **values: Any) -> None:
     """Continue each accepted intervention M times and keep the ones that lead to the answer."""
+    from intgen.dataset.card import table1_rows, table1_selection
     from intgen.pipeline import run_named_stage
-    from intgen.stages.export import table1_rows, table1_selection
 
     settings = _saved_config(run_dir, _given(ctx, values))
     entry = _in_run(run_dir, settings, lambda run, engine: run_named_stage(run, settings, "verify", engine, force,
@@ -392,7 +392,7 @@ def verify(ctx: typer.Context, run_dir: RunDirOpt, force: ForceOpt = False, prog
 @settings_options("dataset")
 def export(ctx: typer.Context, run_dir: RunDirOpt, **values: Any) -> None:
     """Write RUN_DIR/dataset/ (parquet per config and a README.md dataset card)."""
-    from intgen.stages.export import export as write
+    from intgen.dataset.export import export as write
 
     settings = _saved_config(run_dir, _given(ctx, values))
     summary = _in_run(run_dir, settings, lambda run, _: write(run, settings))
@@ -412,10 +412,11 @@ def push(
     """Upload RUN_DIR/dataset to the Hub: the card, each config's parquet file and the HTML report, in one commit
     (token from $HF_TOKEN or `hf auth login`; never printed). The local card is changed only after a successful
     upload."""
+    from intgen.dataset.card import card_text
+    from intgen.dataset.export import funnel, require_current_export
     from intgen.hub import push_dataset
     from intgen.report import write_report
     from intgen.rundir import atomic_write_text
-    from intgen.stages.export import card_text, funnel, require_current_export
 
     settings = _saved_config(run_dir, {})
 
@@ -478,7 +479,7 @@ def eval_run(
     if ctx.invoked_subcommand is not None:
         return
     from intgen.config import resolve
-    from intgen.evaluate import PAPER_PROTOCOL
+    from intgen.evals.metrics import PAPER_PROTOCOL
     from intgen.pipeline import run_eval
 
     problems = values["problems"]
@@ -506,7 +507,7 @@ def _percent(value: float | None) -> str:
 
 
 def _print_eval(report: dict[str, Any], samples: int) -> None:
-    from intgen.evaluate import ks
+    from intgen.evals.metrics import ks
 
     keys = [f"avg@{samples}", *(f"pass@{k}" for k in ks(samples)), f"maj@{samples}", "ungradable", "truncated"]
     groups = {"all": report} | (report["by_source"] if len(report["by_source"]) > 1 else {})
@@ -538,7 +539,7 @@ def eval_compare(
 ) -> None:
     """The runs side by side on the problems they share: avg@K, the difference to the first with a paired
     bootstrap interval, and the problems solved (>= 1 correct) by one and not the other."""
-    from intgen.evaluate import compare
+    from intgen.evals.metrics import compare
     from intgen.rundir import RunDir
 
     if len(run_dirs) < 2:
@@ -610,7 +611,7 @@ def eval_localize(
     if score_run is not None or labels is not None:
         if score_run is None or labels is None:
             _fail("--score-run and --labels go together: a run directory and the labels of its attempts")
-        from intgen.stages.localize import read_labels
+        from intgen.evals.localize import read_labels
 
         label_rows = _run_or_fail(lambda: read_labels(labels))
         report = _run_or_fail(lambda: score_proposals(score_run, label_rows, run_dir))
@@ -636,7 +637,7 @@ def eval_localize(
 
 def _read_items(paths: list[Path], limit: int | None) -> Any:
     from intgen.benchmarks import resolve_localize_set
-    from intgen.stages.localize import read_item_files
+    from intgen.evals.localize import read_item_files
 
     items = read_item_files([resolve_localize_set(path) for path in paths])
     return items if limit is None else items.group_by("subset", maintain_order=True).head(limit).select(items.columns)
@@ -646,8 +647,8 @@ def _localize_settings(ctx: typer.Context, settings: dict[str, Any], values: dic
                        ) -> tuple["RunConfig", Any]:
     """The backend's settings (checked as a run's are) and the localize stage's (`values`: its own options)."""
     from intgen.config import resolve
+    from intgen.evals.localize import LocalizeSettings, critic_kind
     from intgen.resources import load_prompt
-    from intgen.stages.localize import LocalizeSettings, critic_kind
 
     given = _given(ctx, settings)
     vote, temperature = values["vote"], values["temperature"]

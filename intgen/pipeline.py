@@ -18,17 +18,17 @@ from intgen.backends import Backend, BackendConfig, make_backend
 from intgen.benchmarks import resolve_benchmark
 from intgen.calls import Price
 from intgen.config import RunConfig
+from intgen.dataset.export import export
 from intgen.decontaminate import NgramIndex, drop_contaminated
 from intgen.driver import Engine, Grader, run_stage, write_input, write_problems
 from intgen.errors import UserError
-from intgen.evaluate import eval_report
+from intgen.evals import localize
+from intgen.evals.metrics import eval_report
 from intgen.grading import are_equivalent
 from intgen.io import LoadResult, read_problems
 from intgen.plan import PIPELINE, STAGES, step
 from intgen.ray_executor import RaySettings
 from intgen.rundir import RunDir, held
-from intgen.stages import localize
-from intgen.stages.export import export
 
 
 def load_price(path: str | Path | None, model: str) -> Price | None:

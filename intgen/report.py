@@ -32,6 +32,9 @@ from intgen.steps import split_steps, steps_at
 
 ASSETS = Path(__file__).parent / "assets"
 KATEX = ASSETS / "katex"
+# The proposal index's columns: each row is a list in this order (compact at 10,000 proposals); the page reads the
+# rows by these names (`summary["proposal_columns"]`), never by position.
+PROPOSAL_COLUMNS = ("proposal_id", "problem_id", "status", "error_step", "num_steps", "success_rate", "intervention")
 INDEX_TEXT_CHARS = 400  # of each intervention and problem, kept in the index for search and the list
 # A real run has 32 continuations of ~7k tokens per prefix: far too much for one file. The report keeps every
 # continuation's verdict, and the text of two of the intervention's (a correct and a wrong one where there are
@@ -165,7 +168,7 @@ def funnel_steps(funnel: dict[str, Any], proposals: pl.DataFrame | None) -> list
 
 def dataset_summary(run: RunDir) -> tuple[dict[str, Any], dict[str, str]]:
     """(summary, traces): the summary is rendered up front; traces[problem_id] is that problem's packed texts."""
-    from intgen.stages.export import require_current_export
+    from intgen.dataset.export import require_current_export
 
     analysis = run.read_json("analysis.json")
     if analysis is None:
@@ -194,6 +197,7 @@ def dataset_summary(run: RunDir) -> tuple[dict[str, Any], dict[str, str]]:
                            for pid, text in zip(problems["problem_id"], problems["problem"])}
     index, dists = proposal_index(proposals, verify)
     summary["proposals"], summary["distributions"] = index, dists
+    summary["proposal_columns"] = list(PROPOSAL_COLUMNS)
     summary["distributions"]["attempt_tokens"] = summary.pop("attempt_tokens")
     return summary, pack_traces(problems, graded, proposals, verify, continuations)
 
@@ -215,8 +219,8 @@ def proposal_index(proposals: pl.DataFrame | None,
     for p in proposals.iter_rows(named=True):
         rate, kept = verdicts.get(p["proposal_id"], (None, None))
         status = "kept" if kept else (p["reject_reason"] or ("not kept" if kept is not None else "not verified"))
-        rows.append([p["proposal_id"], p["problem_id"], status, p["error_step"], p["num_steps"], rate,
-                     (p["intervention"] or "")[:INDEX_TEXT_CHARS]])
+        row = p | {"status": status, "success_rate": rate, "intervention": (p["intervention"] or "")[:INDEX_TEXT_CHARS]}
+        rows.append([row[name] for name in PROPOSAL_COLUMNS])
         if p["error_step"] is not None and p["num_steps"]:
             dists["error_step"].append(p["error_step"])
             dists["error_position"].append(p["error_step"] / p["num_steps"])
@@ -319,7 +323,7 @@ def pack_traces(problems: pl.DataFrame, graded: pl.DataFrame, proposals: pl.Data
 def eval_summary(run_dirs: list[Path]) -> dict[str, Any]:
     """Each run's protocol and metrics (pass@k curve, avg, maj), its per-problem accuracy, and for two or
     more runs the comparison on the problems they share."""
-    from intgen.evaluate import compare
+    from intgen.evals.metrics import compare
 
     runs, tables = [], {}
     for index, path in enumerate(run_dirs):

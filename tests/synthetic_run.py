@@ -10,13 +10,13 @@ from pathlib import Path
 import polars as pl
 
 from intgen.backends.base import Sampling
+from intgen.dataset.export import funnel, write_analysis
 from intgen.driver import input_digest, producers
 from intgen.io import PROBLEM_SCHEMA
 from intgen.plan import STAGES
 from intgen.resources import load_prompt
 from intgen.rundir import RunDir
 from intgen.stages import grade, propose, verify
-from intgen.stages.export import funnel, write_analysis
 from intgen.stages.grade import GRADE_COLUMNS, PASS_RATE_SCHEMA
 from intgen.stages.propose import PROPOSAL_SCHEMA
 from intgen.stages.sample import ATTEMPT_SCHEMA

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from intgen import __version__
 from intgen.cli import app
 from intgen.config import EXAMPLE_PROBLEMS
-from intgen.stages.export import export_file
+from intgen.dataset.export import export_file
 
 from conftest import TEST_SEED
 from scripted import ScriptedServer, answers_of, backend_args

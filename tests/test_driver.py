@@ -8,15 +8,15 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from memory_backend import Killed, MemoryBackend
 
 from intgen.config import EXAMPLE_PROBLEMS, RunConfig
+from intgen.dataset.export import export_file
 from intgen.driver import StageConfigChanged
 from intgen.pipeline import build_dataset, run_named_stage
 from intgen.rundir import RunDir
-from intgen.stages.export import export_file
 
 from conftest import TEST_SEED
+from memory_backend import Killed, MemoryBackend
 from scripted import Script, answers_of
 
 CONFIG = RunConfig(problems=str(EXAMPLE_PROBLEMS), limit=6, samples=2, proposals=2, continuations=4,

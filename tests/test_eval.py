@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from intgen.cli import app
-from intgen.evaluate import compare, eval_report, ks, majority_correct, pass_at_k
+from intgen.evals.metrics import compare, eval_report, ks, majority_correct, pass_at_k
 from intgen.grading import are_equivalent
 
 from conftest import TEST_SEED
@@ -134,7 +134,7 @@ def test_eval_on_the_embedded_engine_with_the_paper_protocol_named(gsm8k: Path, 
                                  "--no-progress"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "local" / "eval.json").read_text())["problems"] == 2
-    from intgen.evaluate import PAPER_PROTOCOL
+    from intgen.evals.metrics import PAPER_PROTOCOL
 
     assert PAPER_PROTOCOL == {"samples": 128, "max_tokens": 16384, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
 

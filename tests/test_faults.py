@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from intgen.cache import CallCache
 from intgen.cli import EXIT_FAILURES, app
 from intgen.config import EXAMPLE_PROBLEMS
-from intgen.stages.export import export_file
+from intgen.dataset.export import export_file
 
 from conftest import TEST_SEED
 from servers import JsonServer, Proxy, smollm2_gguf

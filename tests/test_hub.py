@@ -13,8 +13,8 @@ from huggingface_hub import DatasetCard
 from typer.testing import CliRunner
 
 from intgen.cli import app
+from intgen.dataset.export import export_file
 from intgen.rewards import compute_score, math_accuracy_reward
-from intgen.stages.export import export_file
 
 from scripted import backend_args
 from servers import HubServer

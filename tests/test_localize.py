@@ -12,9 +12,7 @@ from typer.testing import CliRunner
 
 from intgen.backends.base import Completion, Sampling
 from intgen.cli import app
-from intgen.resources import load_prompt
-from intgen.stages import Part
-from intgen.stages.localize import (
+from intgen.evals.localize import (
     LOCALIZE_SCHEMA,
     LocalizeSettings,
     compute,
@@ -24,6 +22,8 @@ from intgen.stages.localize import (
     read_items,
     vote,
 )
+from intgen.resources import load_prompt
+from intgen.stages import Part
 from intgen.stages.propose import PROPOSAL_SCHEMA
 
 runner = CliRunner()

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from intgen.cli import app
-from intgen.stages.export import export_file
+from intgen.dataset.export import export_file
 from intgen.steps import join_steps, split_steps
 
 from conftest import TEST_SEED

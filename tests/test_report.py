@@ -40,7 +40,8 @@ def test_the_page_lists_every_proposal_and_keeps_hostile_text_as_data(synthetic:
     text = (synthetic / "report.html").read_text()
     proposals = RunDir(synthetic).table("proposals")
     summary = summary_of(text)
-    assert sorted(row[0] for row in summary["proposals"]) == sorted(proposals["proposal_id"])
+    column = summary["proposal_columns"].index("proposal_id")  # the index is read by column name
+    assert sorted(row[column] for row in summary["proposals"]) == sorted(proposals["proposal_id"])
     assert "<script>window.pwned" not in text and "onerror=\"window" not in text  # `<` is escaped in the data
     assert "\\u003c/script>\\u003cscript>window.pwned" in text
     assert "http://" not in text.replace("http://www.w3.org", "") and "https://" not in text  # nothing fetched
@@ -100,7 +101,7 @@ def test_report_errors_are_one_line(tmp_path: Path, synthetic: Path) -> None:
 def test_eval_report_in_chromium(tmp_path: Path, browser) -> None:
     """Two eval runs (written by the pipeline's own graded-table writer): pass@k curves, per-problem rows and
     the comparison."""
-    from intgen.evaluate import eval_report
+    from intgen.evals.metrics import eval_report
 
     graded = write_synthetic_run(tmp_path / "synthetic", problems=4, attempts=4).table("graded")
     runs = []

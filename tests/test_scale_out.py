@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from intgen.cli import app
 from intgen.config import EXAMPLE_PROBLEMS
-from intgen.stages.export import export_file
+from intgen.dataset.export import export_file
 
 from conftest import TEST_SEED
 from servers import Proxy

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import polars as pl
 
+from intgen.dataset.export import completion_column, prompt_column
 from intgen.resources import read_prompt
 from intgen.stages import grade as grade_stage
 from intgen.stages import propose
-from intgen.stages.export import completion_column, prompt_column
 from intgen.stages.sample import attempt_rows, sample_requests, solve_messages
 from intgen.stages.verify import Condition, continuation_id, continuation_prefix, intervened_text, prefix_id
 

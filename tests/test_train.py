@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from intgen.cli import app
 from intgen.config import EXAMPLE_PROBLEMS
-from intgen.stages.export import export_file
+from intgen.dataset.export import export_file
 from intgen.train import SFT_DEFAULTS, read_overrides
 
 from scripted import backend_args

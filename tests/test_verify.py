@@ -9,9 +9,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from intgen.analysis import table1
 from intgen.backends.base import Completion, Sampling
 from intgen.cache import sample_keys
+from intgen.dataset.analysis import table1
 from intgen.grading import Verdict
 from intgen.resources import load_prompt
 from intgen.stages import Grading, ModelCalls, Part, run_by_hand

@@ -198,7 +198,10 @@ function distributions() {
     el("div", {}, el("h3", {}, "Attempt length"), histogram(d.attempt_tokens, {label: "completion tokens"}))));
 }
 
-const statusOf = (p) => p[2];
+// the proposal index's rows are lists; their columns are named by SUMMARY.proposal_columns (report.py)
+const column = (name) => SUMMARY.proposal_columns.indexOf(name);
+const field = (p, name) => p[column(name)];
+const statusOf = (p) => field(p, "status");
 function tracesSection() {
   const proposals = SUMMARY.proposals, problems = SUMMARY.problems;
   const reasons = [...new Set(proposals.map(statusOf))].sort();
@@ -210,7 +213,8 @@ function tracesSection() {
   const count = el("span", {id: "f-count", class: "muted"});
   const list = el("div", {id: "trace-list"});
   const rows = proposals.map((p) => {
-    const [id, pid, st, step, steps, rate, interv] = p;
+    const [id, pid, st, step, steps, rate, interv] = ["proposal_id", "problem_id", "status", "error_step", "num_steps",
+      "success_rate", "intervention"].map((name) => field(p, name));
     const row = el("a", {class: "trace-row", href: "#p=" + encodeURIComponent(id), dataset: {id, status: st}},
       el("span", {class: "id"}, id), " ", el("span", {class: "badge " + (st === "kept" ? "kept" : "rejected")}, st),
       el("div", {class: "snippet"}, `${pid} · step ${step ?? "–"}/${steps ?? "–"} · ${rate === null ? "" : pct(rate) + " · "}${interv}`));
@@ -262,12 +266,12 @@ let shown = 0;  // the latest proposal asked for: a slower, earlier load must no
 async function showProposal(id) {
   const ticket = ++shown;
   const detail = document.getElementById("detail");
-  const entry = SUMMARY.proposals.find((p) => p[0] === id);
+  const entry = SUMMARY.proposals.find((p) => field(p, "proposal_id") === id);
   for (const row of document.querySelectorAll(".trace-row.selected")) row.classList.remove("selected");
   if (!entry) { detail.replaceChildren(el("p", {class: "muted"}, `no proposal ${id} in this run`)); return; }
   const selected = document.querySelector(`.trace-row[data-id="${CSS.escape(id)}"]`);
   if (selected) { selected.classList.add("selected"); selected.scrollIntoView({block: "nearest"}); }
-  const trace = await traceOf(entry[1]);
+  const trace = await traceOf(field(entry, "problem_id"));
   if (ticket !== shown) return;
   const p = trace.proposals[id];
   const attempt = trace.attempts.find((a) => a.id === p.attempt);
@@ -287,8 +291,8 @@ async function showProposal(id) {
   });
   const baselines = p.baselines.map((pid) => trace.prefixes[pid]).filter(Boolean);
   detail.replaceChildren(el("div", {},
-    el("h3", {}, `Proposal ${id} `, el("span", {class: "badge " + (entry[2] === "kept" ? "kept" : "rejected")}, entry[2])),
-    el("p", {}, el("a", {href: "#p=" + encodeURIComponent(id)}, "link to this proposal"), ` · problem ${entry[1]} · ${trace.source || ""}`),
+    el("h3", {}, `Proposal ${id} `, el("span", {class: "badge " + (statusOf(entry) === "kept" ? "kept" : "rejected")}, statusOf(entry))),
+    el("p", {}, el("a", {href: "#p=" + encodeURIComponent(id)}, "link to this proposal"), ` · problem ${field(entry, "problem_id")} · ${trace.source || ""}`),
     el("h3", {}, "Problem"), el("div", {class: "text"}, trace.problem),
     el("p", {}, "Answer: ", el("span", {class: "text"}, trace.answer ?? "")),
     el("details", {}, el("summary", {}, "Reference solution"), el("div", {class: "text"}, trace.solution || "(none)")),

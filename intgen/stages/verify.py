@@ -12,7 +12,7 @@ each continued from a different prefix of the same attempt:
 
 The baselines are run for one **matched unit** per problem, chosen before any continuation is seen: the first
 verified proposal of the first failed attempt that has one, and the baselines of that same attempt and error
-step. Every condition of the unit gets M continuations, so Table 1 (`intgen.analysis`) compares the conditions
+step. Every condition of the unit gets M continuations, so Table 1 (`intgen.dataset.analysis`) compares the conditions
 at equal budgets on the same problems. Each condition is its own independent draw: its requests carry their
 own draw label and a seed derived from the run's, so no continuation repeats a sampled attempt (which the
 cache, or vLLM's seed-per-request sampling, would otherwise serve) or another condition's continuation.
@@ -36,8 +36,8 @@ from typing import Any
 
 import polars as pl
 
-from intgen.analysis import PREFIX_TOO_LONG, table1
 from intgen.backends.base import STOP, TOO_LONG, Completion, Request, Sampling, make_request
+from intgen.dataset.analysis import PREFIX_TOO_LONG, table1
 from intgen.grading import BOXED, LENIENT, Verdict, provisional
 from intgen.resources import Prompt
 from intgen.stages import Compute, Grading, ModelCalls, Part, Stage

@@ -1,14 +1,5 @@
-"""export: the run as a Hugging Face dataset folder (parquet per config and a README.md card).
-
-- `sft`: TRL's conversational prompt-completion format. prompt = [the problem, as the user message the
-  policy saw], completion = [the attempt's steps before the error + the intervention]. Never the suffix.
-- `rl`: the distinct problems with their gold answers and reference solutions, for GRPO; the prompt is
-  the same user message (and system prompt) as in `sft` (the InT release used different ones, a defect).
-- `interventions`: every proposal, accepted or not, with its verification results.
-- `samples`: every attempt with its grade.
-
-Both prompts come from `sample.solve_messages`, the function that built the prompts the policy was
-sampled with.
+"""The dataset card (README.md of RUN/dataset) and the run's figures as they read: the funnel, Table 1 and what
+decontamination dropped. The CLI's summary prints the same rows.
 """
 
 from __future__ import annotations
@@ -20,157 +11,14 @@ import polars as pl
 import yaml
 
 from intgen import __version__
-from intgen.analysis import SELECTION_RULE, matched_units
-from intgen.errors import MissingFile
-from intgen.plan import MODEL_STAGES, STAGE_NAMES, STAGES
-from intgen.resources import Prompt, fill, resource_path
-from intgen.rundir import RunDir, atomic_write_text, file_digest
-from intgen.stages.sample import solve_messages
+from intgen.dataset.analysis import SELECTION_RULE
+from intgen.dataset.export import CONFIGS, export_file
+from intgen.plan import MODEL_STAGES
+from intgen.resources import fill, resource_path
+from intgen.rundir import RunDir, atomic_write_text
 
 if TYPE_CHECKING:
     from intgen.config import RunConfig
-
-CONFIGS = ("sft", "rl", "interventions", "samples")
-MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
-
-
-def prompt_column(solve_template: str, system_prompt: str | None, problem: str = "problem") -> pl.Expr:
-    """The chat prompt the policy saw, as a list of {role, content}."""
-    return pl.col(problem).map_elements(lambda text: solve_messages(text, solve_template, system_prompt),
-                                        return_dtype=MESSAGES)
-
-
-def completion_column(text: str = "intervened_text") -> pl.Expr:
-    return pl.concat_list([pl.struct(role=pl.lit("assistant"), content=pl.col(text))])
-
-
-def dataset_tables(run: RunDir, solve: Prompt, system_prompt: str | None) -> dict[str, pl.LazyFrame]:
-    """The four configs, as lazy frames over the run's tables."""
-    prompt = prompt_column(solve.text, system_prompt).alias("prompt")
-    problems = run.scan("problems")
-    verdicts = run.scan("verify").filter(pl.col("condition") == "intervention").select(
-        "proposal_id", "continuations", "successes", "ungradable", "success_rate", "kept", "true_continuation",
-        pl.col("error").is_null().alias("verified"), pl.col("matched").alias("in_table1"),
-    )
-    # an accepted proposal without a verify row was not verified (one per attempt, unless --verify-all-proposals)
-    interventions = run.scan("proposals").join(verdicts, on="proposal_id", how="left").with_columns(
-        pl.col("kept").fill_null(False), pl.col("verified").fill_null(False), pl.col("in_table1").fill_null(False)
-    )
-    sft = (
-        interventions.filter(pl.col("kept"))
-        .join(problems.select("problem_id", "problem", "source"), on="problem_id")
-        .select(
-            prompt, completion_column().alias("completion"), "problem_id", "attempt_id", "proposal_id",
-            "error_step", "intervention", "successes", "continuations", "success_rate", "true_continuation", "source",
-        )
-        .sort("proposal_id")
-    )
-    selected = run.scan("pass_rates").filter("selected").select("problem_id", "pass_rate")
-    rl = problems.join(selected, on="problem_id", maintain_order="left").with_row_index("index").select(
-        prompt, "answer", "solution", "problem_id", "source", "pass_rate",
-        # what verl's RLHFDataset and reward managers read (see intgen.rewards.compute_score)
-        pl.col("source").alias("data_source"), pl.lit("math").alias("ability"),
-        pl.struct(style=pl.lit("rule"), ground_truth=pl.col("answer")).alias("reward_model"),
-        pl.struct(index=pl.col("index").cast(pl.Int64), problem_id=pl.col("problem_id")).alias("extra_info"),
-    )
-    return {"sft": sft, "rl": rl, "interventions": interventions.sort("proposal_id"), "samples": run.scan("graded")}
-
-
-def write_config(folder: Path, table: pl.LazyFrame) -> None:
-    """One config's parquet file, named by its content: `datasets` caches a local folder under a hash of
-    the card's data_files entries, so a fixed name would serve one run's rows for another run's folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".train.parquet.tmp"
-    table.sink_parquet(tmp)
-    path = folder / f"train-{file_digest(tmp)}.parquet"
-    for old in folder.glob("train-*.parquet"):
-        if old != path:
-            old.unlink()
-    tmp.replace(path)
-
-
-def require_current_export(run: RunDir, before: str) -> None:
-    """The stages follow their inputs, and RUN/dataset was exported from them as they are now."""
-    from intgen.driver import StaleRun, require_up_to_date, state_digest
-
-    require_up_to_date(run, STAGES, before)
-    analysis = run.read_json("analysis.json") or {}
-    if analysis.get("exported_from") != state_digest(run, STAGES):
-        raise StaleRun(f"{run.path}: the dataset was exported before the stages last changed: run `intgen export "
-                       f"--run-dir {run.path}` before {before}")
-
-
-def export(run: RunDir, config: RunConfig, skipped_rows: int = 0) -> dict[str, Any]:
-    """Write RUN/dataset/ in the Hub's folder layout: one parquet file per config and a README.md card. Refused
-    while a stage does not follow its input (e.g. proposals made again after verify ran)."""
-    from intgen.driver import require_up_to_date
-
-    for name in STAGE_NAMES:
-        if not str(run.stage_entry(name).get("status", "")).startswith("done"):
-            raise MissingFile(f"{run.path}: the {name!r} stage has not finished; run it first")
-    require_up_to_date(run, STAGES, "exporting")
-    tables = dataset_tables(run, config.prompt("solve"), config.system_prompt)
-    for name in CONFIGS:
-        write_config(run.path / "dataset" / name, tables[name])
-    summary = funnel(run, skipped_rows)
-    write_analysis(run, summary)
-    write_card(run, config, summary, str(run.path / "dataset"))
-    return summary
-
-
-def write_analysis(run: RunDir, summary: dict[str, Any]) -> None:
-    """RUN/analysis.json: Table 1 (with the proposal that stood for each problem) and the funnel (what the
-    summary, the card and the report show)."""
-    from intgen.driver import state_digest
-
-    table1 = summary["table1"] | {"units": matched_units(run.scan("verify"))}
-    run.write_json("analysis.json", {"table1": table1, "funnel": {
-        k: v for k, v in summary.items() if k not in ("table1", "tokens_by_stage")},
-        "exported_from": state_digest(run, STAGES)})
-
-
-def export_file(dataset_dir: Path, config_name: str) -> Path:
-    """The parquet file of one config in an exported dataset folder."""
-    [path] = sorted((dataset_dir / config_name).glob("train-*.parquet"))
-    return path
-
-
-# --- the funnel and the card ----------------------------------------------------------------------
-
-def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
-    stages = run.manifest()["stages"]
-    sample, graded, proposals, verify = (stages[name] for name in STAGE_NAMES)
-    tokens = {name: stages[name].get("calls", {}) for name in MODEL_STAGES}
-    costs = [t.get("cost_usd") for t in tokens.values()]
-    return {
-        "problems": sample.get("problems"),
-        "skipped_problem_rows": skipped_rows,
-        "decontamination": {k: v for k, v in (stages.get("problems", {}).get("decontamination") or {}).items()
-                            if k != "dropped_ids"} or None,
-        "problems_without_reference": proposals.get("problems_without_reference", 0),
-        "attempts": sample["rows"],
-        "correct": graded["correct"],
-        "incorrect": graded["incorrect"],
-        "ungradable": graded["ungradable"],
-        "problems_selected": graded["problems_selected"],
-        "proposals": proposals["rows"],
-        "rejected": proposals["rejected_by_reason"],
-        "accepted": verify.get("accepted", 0),
-        "not_verified": verify.get("not_verified", 0),
-        "verified": verify["verified"],
-        "kept": verify["kept"],
-        "problems_with_kept": verify["problems_with_kept"],
-        "intervention_continuations": verify["intervention_continuations"],
-        "intervention_correct": verify["intervention_correct"],
-        "table1": verify["table1"],
-        "failed": {name: stages[name].get("failed_rows", {}) for name in STAGE_NAMES
-                   if stages[name].get("failed_rows")},
-        "prompt_tokens": sum(t.get("prompt_tokens", 0) for t in tokens.values()),
-        "completion_tokens": sum(t.get("completion_tokens", 0) for t in tokens.values()),
-        "tokens_by_stage": {s: (t.get("prompt_tokens", 0), t.get("completion_tokens", 0)) for s, t in tokens.items()},
-        "cost_usd": None if any(c is None for c in costs) else round(sum(costs), 6),
-    }
-
 
 def decontamination_text(checked: dict[str, Any]) -> str:
     sets = ", ".join(f"{c['set']} ({c['problems']})" for c in checked["sets"])
