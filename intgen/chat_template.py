@@ -70,7 +70,10 @@ def load_chat_template(source: str | Path) -> ChatTemplate:
     if not (path.exists() or "/" in str(source)):
         raise UserError(f"--chat-template {source}: no such file, and not a tokenizer name (owner/name)")
     transformers = need("transformers", "--chat-template with a tokenizer")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:  # not on the Hub, offline, or not a tokenizer folder
+        raise UserError(f"--chat-template {source}: cannot load it as a tokenizer ({exc})") from None
     if not tokenizer.chat_template:
         raise UserError(f"the tokenizer {source} has no chat template")
     return ChatTemplate(str(source), tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "",

@@ -123,8 +123,6 @@ def _run_or_fail(action: Callable[[], Any]) -> Any:
     """Run `action`; what the user can fix (a `UserError`: a setting, an input, the run directory) is one line,
     exit 2, and so is an OSError about a named path (not found, not writable, disk full). Anything else is a bug
     and keeps its traceback."""
-    from intgen.errors import UserError
-
     try:
         return action()
     except UserError as exc:
@@ -135,7 +133,6 @@ def _run_or_fail(action: Callable[[], Any]) -> Any:
         _fail(f"{exc.filename}: {exc.strerror or exc}")
 
 
-EXIT_BAD_INPUT = 2  # a bad setting, file or run directory: nothing was done
 EXIT_FAILURES = 3  # the run finished, but some model calls failed: rerunning the same command retries them
 
 RunDirOpt = Annotated[Path, typer.Option(help="Run directory (created if needed; rerunning resumes).")]
@@ -149,12 +146,14 @@ ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
 def _option(spec: dataclasses.Field, section: str) -> tuple[Any, Any]:
     """A setting's typer annotation and default: its type (an Enum for choices, a repeatable option for a list, a
     table or a joined setting), its help and range, its flag; `--help` groups the options by section."""
+    from rich.markup import escape
+
     from intgen.config import RunConfig
     from intgen.setting import described, kind_of
 
     kind, optional = kind_of(RunConfig, spec.name)
     meta = spec.metadata
-    option = typer.Option(*([meta["option"]] if meta["option"] else []), help=described(spec),
+    option = typer.Option(*([meta["option"]] if meta["option"] else []), help=escape(described(spec)),
                           rich_help_panel=f"{section} settings")
     choices = meta["choices"]
     if kind in ("list", "table") or meta["join"]:
@@ -171,7 +170,7 @@ def settings_options(*sections: str, without: tuple[str, ...] = (), extra: tuple
 
     sections = tuple(SECTIONS) if sections == ("all",) else sections
     section_of = {f.name: name for name, section in SECTIONS.items() for f in dataclasses.fields(section)}
-    names = [f.name for section in sections for f in dataclasses.fields(SECTIONS[section]) if f.metadata["cli"]]
+    names = [f.name for section in sections for f in dataclasses.fields(SECTIONS[section])]
     names = [name for name in names + list(extra) if name not in without]
 
     def decorate(command: Callable) -> Callable:

@@ -19,7 +19,7 @@ from typing import Any
 
 import tomllib
 
-from intgen.backends import BackendConfig, BackendKind, ContinuationMode, StructuredOutput  # noqa: F401 (re-exported)
+from intgen.backends import BackendConfig, BackendKind
 from intgen.backends.base import Sampling
 from intgen.errors import UserError
 from intgen.resources import Prompt, load_prompt
@@ -28,7 +28,6 @@ from intgen.stages.propose import ProposeFor
 from intgen.stages.verify import Condition
 
 EXAMPLE_PROBLEMS = Path(__file__).resolve().parent / "examples" / "problems.jsonl"
-CONDITIONS = tuple(c.value for c in Condition)
 # The markers each prompt must hold: where the problem, reference and attempt go.
 PROMPT_MARKERS = {"solve": ("problem",), "reference": ("problem", "reference_solution"),
                   "critique": ("numbered_attempt",)}
@@ -48,7 +47,7 @@ class ExecutorKind(str, Enum):
 class ProblemsSection:
     problems: str | None = setting(
         None, "Problem set: a benchmark name (math500, gsm8k, aime24, amc23, imo-answerbench: shipped with intgen), "
-        "a file, a dataset folder or a Hub id. build-dataset's default: the 20 bundled examples (and the demo sizes).")
+        "a file, a dataset folder or a Hub id (build-dataset without one: the embedded demo).")
     problem_column: str | None = setting(None, "Column holding the problem text (default: problem, question, ...).")
     answer_column: str | None = setting(None, "Column holding the final answer (default: answer, ...).")
     solution_column: str | None = setting(None, "Column holding the reference solution (default: reference_solution, "
@@ -305,7 +304,7 @@ def resolve(explicit: dict[str, Any], file_values: dict[str, Any]) -> RunConfig:
     values = dict(file_values) | explicit
     if values.get("problems") is None:
         values = DEMO | values
-    values |= {name: tuple(values[name]) for name in LIST_FIELDS if name in values}
+    values |= {name: tuple(values[name]) for name in LIST_FIELDS if isinstance(values.get(name), list)}
     for name, problem in cross_checks(values):
         raise UserError(f"{name.replace('_', '-')}: {problem}")
     return RunConfig(**values)
@@ -316,9 +315,9 @@ DEFAULTS = RunConfig()
 
 def from_saved(data: dict[str, Any]) -> RunConfig:
     known = {k: v for k, v in data.items() if k in FIELD_NAMES}
-    known |= {name: tuple(known[name]) for name in LIST_FIELDS if name in known}
+    known |= {name: tuple(known[name]) for name in LIST_FIELDS if isinstance(known.get(name), list)}
     return RunConfig(**known)
 
 
-__all__ = ["CONDITIONS", "DEFAULTS", "DEMO", "EXAMPLE_PROBLEMS", "RunConfig", "from_saved", "read_config_file",
+__all__ = ["DEFAULTS", "DEMO", "EXAMPLE_PROBLEMS", "RunConfig", "from_saved", "read_config_file",
            "resolve"]

@@ -196,6 +196,8 @@ def _load_dataset(source: str, split: str | None, config: str | None) -> pl.Data
             loaded = datasets.load_dataset(source, config, split=split)
     except FileNotFoundError as exc:
         raise BadInputError(f"{source}: no such file, folder or Hub dataset ({exc})") from exc
+    except OSError as exc:  # the Hub out of reach (offline) or refusing
+        raise BadInputError(f"{source}: cannot load it from the Hub ({exc})") from exc
     except ValueError as exc:  # unknown split or config
         raise BadInputError(f"{source}: {exc}") from exc
     if isinstance(loaded, datasets.DatasetDict):

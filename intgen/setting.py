@@ -1,6 +1,6 @@
 """How a setting is declared: one dataclass field that carries its help, bounds, choices and whether it changes a
-model's output. Validation (`check`), the CLI's options, the `--config` keys and the card all read these fields,
-so adding a setting is adding one field to one section (see `intgen.config`).
+model's output. Validation (`check`), the CLI's options and the `--config` keys all read these fields, so adding a
+setting is adding one field to one section (see `intgen.config`), and using it where it acts.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ def setting(
     backends: tuple[str, ...] = (),
     option: str | None = None,
     join: bool = False,
-    cli: bool = True,
 ) -> Any:
     """A settings field. `low`/`high`: the allowed range; `choices`: the Enum whose values it takes; `output`: a
     change can change a model's reply (for backend settings, on the `backends` named); `option`: its CLI flag where
     not --name (a list takes it once per value); `join`: a text setting given as a repeatable option, its values
-    joined by commas (several servers); `cli`: False for a setting only a config file sets."""
+    joined by commas (several servers)."""
     metadata = {"help": help, "low": low, "high": high, "choices": choices, "output": output,
-                "backends": backends, "option": option, "join": join, "cli": cli}
+                "backends": backends, "option": option, "join": join}
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -191,9 +191,12 @@ def _load(model: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model)
-    if path.suffix == ".gguf":
-        return _from_gguf(path)
-    return AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model)
+    try:
+        if path.suffix == ".gguf":
+            return _from_gguf(path)
+        return AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:  # no such folder or Hub id, offline, or not a model transformers reads
+        raise UserError(f"--model {model}: cannot load it ({exc})") from None
 
 
 def _config(config_class: Any, defaults: dict[str, Any], overrides: dict[str, Any], output_dir: Path) -> Any:
@@ -250,7 +253,7 @@ def load_config_rows(dataset: str, name: str, columns: list[str]) -> Any:
                              + (" (no intervention was kept)" if name == "sft" else ""))
     try:
         return datasets.load_dataset(dataset, name, split="train").select_columns(columns)
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:  # not a dataset, not on the Hub, or the Hub out of reach
         raise UserError(f"{dataset}: cannot load the {name} config ({exc})") from None
 
 

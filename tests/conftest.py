@@ -11,7 +11,7 @@ EVALSETS = REPO / "intgen" / "evalsets"  # the eval sets intgen ships
 # The sampling seed of the slow tests: run them under several (INTGEN_TEST_SEED=1, 2, 3) to shake out luck.
 TEST_SEED = int(os.environ.get("INTGEN_TEST_SEED", "3"))
 # Fixtures that start a server, a browser or a model: a test that uses one is in the slow tier.
-REAL_PARTS = {"llama_server", "proxy", "scripted", "scripted_proxy", "chromium", "browser"}
+REAL_PARTS = {"llama_server", "proxy", "scripted", "scripted_proxy", "chromium", "browser", "smollm2_tokenizer"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -29,14 +29,19 @@ def fast_tier_starts_nothing(request: pytest.FixtureRequest, monkeypatch: pytest
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a test outside the slow tier started a server or a model: mark it @pytest.mark.slow")
 
-    from intgen.backends import local
+    import llama_cpp
+
+    from intgen import train
+    from intgen.backends import local, transformers_engine, vllm_engine
 
     import scripted
     import servers
 
-    for module, name in ((servers, "serve"), (scripted, "serve"), (local.LocalBackend, "__init__"),
-                         (servers.LlamaServer, "__init__")):
-        monkeypatch.setattr(module, name, refuse)
+    for owner, name in ((servers, "serve"), (scripted, "serve"), (servers.LlamaServer, "__init__"),
+                        (local.LocalBackend, "__init__"), (llama_cpp.Llama, "__init__"),
+                        (transformers_engine.TransformersBackend, "__init__"), (vllm_engine.VLLMBackend, "__init__"),
+                        (train, "_load")):
+        monkeypatch.setattr(owner, name, refuse)
 
 
 @pytest.fixture(scope="session")

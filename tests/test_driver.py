@@ -110,3 +110,49 @@ def test_a_stage_runs_alone_on_the_in_memory_backend(tmp_path: Path) -> None:
     finally:
         run.close()
     assert entry["accepted"] > 0 and entry["failed_rows"] == {}
+
+
+def test_a_setting_marked_as_changing_output_changes_a_stage_fingerprint_and_no_other_does(tmp_path: Path) -> None:
+    """The `output` mark on each stage setting is true: changing the value changes the fingerprint of a stage
+    (so a finished stage refuses it without --force), and a setting not marked changes none."""
+    import dataclasses
+
+    from intgen.config import FIELDS, SECTIONS
+    from intgen.plan import PIPELINE
+    from intgen.resources import load_prompt
+
+    def fingerprints(config: RunConfig) -> dict[str, dict]:
+        return {step.name: step.stage.fingerprint(step.settings(config)) for step in PIPELINE}
+
+    def other(name: str, value: object) -> object:
+        spec = FIELDS[name]
+        if spec.metadata["choices"] is not None and not isinstance(value, tuple):
+            return next(c.value for c in spec.metadata["choices"] if c.value != value)
+        if name == "system_prompt":
+            return "Answer briefly."
+        if name.endswith("_prompt"):  # a prompt of one's own: the shipped one, one line longer
+            shipped = {"solve_prompt": "solve.md", "reference_prompt": "propose_reference.md",
+                       "critique_prompt": "propose_critique.md"}[name]
+            path = tmp_path / shipped
+            path.write_text(load_prompt(shipped).text + "\nBe careful.\n", encoding="utf-8")
+            return str(path)
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, tuple):
+            return (*value, "problem-only")
+        if isinstance(value, int):
+            return value + 1
+        if isinstance(value, float):
+            return value / 2 if value else 0.5
+        raise AssertionError(f"no other value for {name}={value!r}")
+
+    base = fingerprints(CONFIG)
+    checked = 0
+    for section in ("sample", "grade", "propose", "verify"):
+        for spec in dataclasses.fields(SECTIONS[section]):
+            value = getattr(CONFIG, spec.name)
+            changed = RunConfig(**(CONFIG.to_dict() | {spec.name: other(spec.name, value)}))
+            differs = fingerprints(changed) != base
+            assert differs == spec.metadata["output"], (spec.name, spec.metadata["output"])
+            checked += 1
+    assert checked >= 25

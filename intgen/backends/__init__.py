@@ -9,7 +9,7 @@ from typing import Any
 
 from intgen.backends.base import Backend, Completion, Request, Sampling, make_request
 from intgen.errors import UserError
-from intgen.setting import setting
+from intgen.setting import check, setting
 
 __all__ = ["Backend", "BackendConfig", "BackendKind", "Completion", "ContinuationMode", "Request", "Sampling",
            "StructuredOutput", "make_backend", "make_request"]
@@ -76,6 +76,14 @@ class BackendConfig:
     vllm_args: dict[str, Any] = setting({}, "vllm: one engine argument, key=value (repeatable), e.g. --vllm-arg "
                                             "tensor_parallel_size=2; a config file's [vllm] table.",
                                         option="--vllm-arg", output=True, backends=("vllm",))
+
+    def __post_init__(self) -> None:
+        # RunConfig holds these fields too and checks all its own; a BackendConfig made alone checks its own here
+        if type(self) is BackendConfig:
+            found = [f"{f.name}: {problem}" for f in fields(self)
+                     if (problem := check(BackendConfig, f, getattr(self, f.name)))]
+            if found:
+                raise UserError("; ".join(found))
 
     def reply_settings(self) -> dict[str, Any]:
         """The settings besides the engine and the model that can change a reply, for the backend this config makes

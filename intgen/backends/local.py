@@ -16,7 +16,7 @@ from typing import Any
 
 from intgen.backends.base import LENGTH, STOP, TOO_LONG, Completion, OnDone, Request, error_completion
 from intgen.chat_template import ChatTemplate, template_from_llama
-from intgen.errors import MissingFile
+from intgen.errors import MissingFile, UserError
 from intgen.extras import need
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,8 +48,11 @@ class LocalBackend:
         threads = max(1, (os.cpu_count() or 1) // engines)
         self._engines: queue.Queue[Any] = queue.Queue()
         for _ in range(max(1, engines)):
-            self._engines.put(Llama(str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                    verbose=False))
+            try:
+                self._engines.put(Llama(str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                        verbose=False))
+            except ValueError as exc:  # llama.cpp could not load it: not a model this llama.cpp reads
+                raise UserError(f"{self.path}: llama.cpp cannot load it as a GGUF model ({exc})") from None
         self.engines = max(1, engines)
         llm = self._engines.queue[0]
         self.template: ChatTemplate = template_from_llama(llm, str(self.path))

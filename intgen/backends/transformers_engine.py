@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from intgen.backends.base import LENGTH, STOP, Completion, OnDone, Request, error_completion
+from intgen.errors import UserError
 from intgen.extras import need
 
 
@@ -26,8 +27,11 @@ class TransformersBackend:
         need("torch", "the local engine with a model folder")
         self.path = Path(folder)
         self.model = self.path.name
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
-        self.network = transformers.AutoModelForCausalLM.from_pretrained(str(self.path))
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
+            self.network = transformers.AutoModelForCausalLM.from_pretrained(str(self.path))
+        except (OSError, ValueError) as exc:  # transformers says what is missing from the folder
+            raise UserError(f"{self.path}: not a model folder transformers can load ({exc})") from None
         self.network.eval()
 
     def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
