@@ -1,0 +1,252 @@
+"""How busy intgen keeps a GPU server: the pipeline against simulated continuous-batching engines.
+
+    python bench/engine.py [--problems 256] [--rate 7000] [--slots 128 256] [--servers 1 2 4]
+
+Each engine is its own process behind the OpenAI API on 127.0.0.1, as vLLM or SGLang would be: it decodes up to
+`slots` sequences at once (one per choice of a request); a sequence holds its slot for its prefill (the prompt
+tokens its prefix cache does not hold, at `--prefill-rate` tokens a second) and then its decode (its completion
+tokens at `--rate` tokens a second); what does not fit waits in the engine's queue. Completion lengths follow
+the paper's (lognormal: attempts ~7k tokens capped at 16k, proposer turns ~2k, continuations ~5k), drawn from a
+hash of the request so that a rerun draws the same. The prefix cache keeps the prompt's 64-token blocks (a chain
+of hashes, least recently used dropped past `--cache-blocks`) and reports `usage.prompt_tokens_details.
+cached_tokens`, as vLLM does. The replies' text is the test suite's script (tests/scripted.py: attempts wrong
+at a known step, proposals that name it, continuations that reach the answer after the intervention), so every
+stage has work.
+
+For each setting it runs `intgen build-dataset` on `--problems` GSM8K problems (K=4, P=2, M=8, otherwise the
+defaults) and prints, from the engines' own records: the busy share (slot-seconds used / (slots x the time
+from the first request to the last answer), summed over the engines), the wall time against the ideal (all
+slot-seconds packed into the slots), and the prefix-cache hit rate (cached prompt tokens / prompt tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the script the test suite answers with
+
+BLOCK_CHARS = 256  # one cache block: 64 tokens at 4 characters a token
+# (median tokens, sigma) of each kind of completion: the paper's lengths
+LENGTHS = {"solve": (7000, 0.45), "first_turn": (2000, 0.4), "critique": (2000, 0.4), "continuation": (5000, 0.45)}
+
+
+def tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def drawn_length(kind: str, key: str, cap: int) -> int:
+    """A completion length for this kind, drawn from a hash of the request (the same on every run)."""
+    median, sigma = LENGTHS[kind]
+    digest = hashlib.sha256(key.encode()).digest()
+    u1, u2 = (int.from_bytes(digest[i:i + 8], "big") / 2**64 for i in (0, 8))
+    normal = math.sqrt(-2 * math.log(max(u1, 1e-12))) * math.cos(2 * math.pi * u2)
+    return max(16, min(cap, round(median * math.exp(sigma * normal))))
+
+
+class Engine:
+    """Slots, a prefix cache and the record of what ran when."""
+
+    def __init__(self, slots: int, rate: float, prefill_rate: float, cache_blocks: int) -> None:
+        self.slots = asyncio.Semaphore(slots)
+        self.rate, self.prefill_rate, self.cache_blocks = rate, prefill_rate, cache_blocks
+        self.cache: OrderedDict[str, None] = OrderedDict()
+        self.busy = 0.0  # slot-seconds
+        self.first: float | None = None
+        self.last = 0.0
+        self.prompt_tokens = self.cached_tokens = self.sequences = 0
+
+    def cached_prefix(self, prompt: str) -> int:
+        """Tokens of `prompt` its cache holds (whole leading blocks), and the prompt's blocks into the cache."""
+        chain, cached, hit = hashlib.sha256(), 0, True
+        for start in range(0, len(prompt), BLOCK_CHARS):
+            block = prompt[start:start + BLOCK_CHARS]
+            chain.update(block.encode())
+            key = chain.hexdigest()
+            if hit and key in self.cache and len(block) == BLOCK_CHARS:
+                cached += tokens(block)
+                self.cache.move_to_end(key)
+            else:
+                hit = False
+                self.cache[key] = None
+        while len(self.cache) > self.cache_blocks:
+            self.cache.popitem(last=False)
+        return cached
+
+    async def run(self, prompt_tokens: int, cached: int, completion: int) -> None:
+        async with self.slots:
+            started = time.monotonic()
+            self.first = started if self.first is None else self.first
+            await asyncio.sleep((prompt_tokens - cached) / self.prefill_rate + completion / self.rate)
+            ended = time.monotonic()
+            self.busy += ended - started
+            self.last = max(self.last, ended)
+
+    def stats(self) -> dict:
+        return {"busy": self.busy, "first": self.first, "last": self.last, "prompt_tokens": self.prompt_tokens,
+                "cached_tokens": self.cached_tokens, "sequences": self.sequences}
+
+
+async def reply(engine: Engine, script, body: dict) -> dict:
+    status, answer = script.answer("/v1/chat/completions", body)
+    if status != 200:
+        return answer
+    kind = answer["id"].removeprefix("scripted-")
+    prompt = "\n".join(str(m.get("content") or "") for m in body.get("messages") or [])
+    prompt_tokens = tokens(prompt)
+    cached = engine.cached_prefix(prompt)
+    cap = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16384)
+    lengths = [drawn_length(kind, f"{prompt}|{body.get('seed')}|{i}", cap) for i in range(len(answer["choices"]))]
+    engine.prompt_tokens += prompt_tokens
+    engine.cached_tokens += cached
+    engine.sequences += len(lengths)
+    # each choice is one sequence; the first pays the prefill, the others share its cached prefix
+    await asyncio.gather(*(engine.run(prompt_tokens, cached if i == 0 else prompt_tokens, length)
+                           for i, length in enumerate(lengths)))
+    answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(lengths),
+                       "total_tokens": prompt_tokens + sum(lengths), "prompt_tokens_details": {"cached_tokens": cached}}
+    return answer
+
+
+async def serve(port: int, slots: int, rate: float, prefill_rate: float, cache_blocks: int, problems: str) -> None:
+    from scripted import Script, answers_of
+
+    script = Script(answers_of(problems))
+    engine = Engine(slots, rate, prefill_rate, cache_blocks)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode()
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                body = json.loads(await reader.readexactly(length) or b"{}") if length else {}
+                if path.endswith("/models"):
+                    model = {"id": "scripted", "object": "model", "max_model_len": 32768}
+                    payload = {"object": "list", "data": [model]}
+                elif path.endswith("/stats"):
+                    payload = engine.stats()
+                else:
+                    payload = await reply(engine, script, body)
+                data = json.dumps(payload).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                             + str(len(data)).encode() + b"\r\n\r\n" + data)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_engine(args: argparse.Namespace, slots: int, problems: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--engine-slots", str(slots),
+                                "--rate", str(args.rate), "--prefill-rate", str(args.prefill_rate),
+                                "--cache-blocks", str(args.cache_blocks), "--problem-file", str(problems)])
+    for _ in range(400):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return process, f"http://127.0.0.1:{port}/v1"
+
+
+def stats_of(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/stats", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def measure(args: argparse.Namespace, slots: int, servers: int, problems: Path, folder: Path,
+            extra: list[str]) -> dict:
+    engines = [start_engine(args, slots, problems) for _ in range(servers)]
+    try:
+        run_dir = folder / f"run-{slots}x{servers}-{len(extra)}"
+        command = [sys.executable, "-c", "from intgen.cli import app; app()", "build-dataset", "--problems",
+                   str(problems), "--run-dir", str(run_dir), "--backend", "openai", "--model", "scripted",
+                   "--continuation", "chat",
+                   "--samples", "4", "--proposals", "2", "--continuations", "8", "--no-progress", "--no-report",
+                   *[arg for _, url in engines for arg in ("--base-url", url)], *extra]
+        started = time.monotonic()
+        done = subprocess.run(command, capture_output=True, text=True)
+        wall = time.monotonic() - started
+        if done.returncode != 0:
+            raise SystemExit(f"build-dataset failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        stats = [stats_of(url) for _, url in engines]
+        kept = json.loads((run_dir / "analysis.json").read_text())["funnel"]["kept"]
+    finally:
+        for process, _ in engines:
+            process.terminate()
+            process.wait()
+    first = min(s["first"] for s in stats)
+    last = max(s["last"] for s in stats)
+    busy = sum(s["busy"] for s in stats)
+    capacity = slots * servers
+    return {"slots": slots, "servers": servers, "settings": " ".join(extra) or "defaults",
+            "busy_share": busy / (capacity * (last - first)), "engine_wall_s": last - first,
+            "ideal_s": busy / capacity, "command_wall_s": wall,
+            "prefix_hit_rate": sum(s["cached_tokens"] for s in stats) / max(1, sum(s["prompt_tokens"] for s in stats)),
+            "sequences": sum(s["sequences"] for s in stats), "kept": kept}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", type=int, default=256, help="GSM8K test problems (the shipped set)")
+    parser.add_argument("--rate", type=float, default=7000.0, help="decode tokens a second, per sequence")
+    parser.add_argument("--prefill-rate", type=float, default=200000.0, help="prefill tokens a second, per sequence")
+    parser.add_argument("--cache-blocks", type=int, default=200000, help="prefix-cache capacity in 64-token blocks")
+    parser.add_argument("--slots", type=int, nargs="+", default=[128, 256], help="engine slots, one server each")
+    parser.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4],
+                        help="servers side by side (128 slots in all, split among them)")
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--engine-slots", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--problem-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(args.serve, args.engine_slots, args.rate, args.prefill_rate, args.cache_blocks,
+                          args.problem_file))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        problems = folder / "gsm8k.jsonl"
+        lines = (REPO / "intgen/evalsets/gsm8k/test.jsonl").read_text(encoding="utf-8").splitlines()
+        problems.write_text("\n".join(lines[: args.problems]) + "\n", encoding="utf-8")
+        for slots in args.slots:
+            rows.append(measure(args, slots, 1, problems, folder, []))
+        for servers in args.servers:
+            if servers > 1:
+                rows.append(measure(args, 128 // servers, servers, problems, folder, []))
+    print(f"{args.problems} GSM8K problems, K=4 P=2 M=8, decode {args.rate:.0f} tokens/s per sequence")
+    print(f"{'slots':>6} {'servers':>7} {'settings':<10} {'busy share':>10} {'engine wall':>11} {'ideal':>7} "
+          f"{'prefix hits':>11} {'sequences':>9} {'kept':>5}")
+    for r in rows:
+        print(f"{r['slots']:>6} {r['servers']:>7} {r['settings']:<10} {r['busy_share']:>10.2f} "
+              f"{r['engine_wall_s']:>10.1f}s {r['ideal_s']:>6.1f}s {r['prefix_hit_rate']:>11.2f} {r['sequences']:>9} "
+              f"{r['kept']:>5}")
+
+
+if __name__ == "__main__":
+    main()
