@@ -30,6 +30,10 @@ class Price:
     output: float
 
 
+COUNTS = ("samples", "cache_hits", "requests_sent", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
+          "seconds")  # what CallStats adds up
+
+
 @dataclass
 class CallStats:
     samples: int = 0  # samples asked for
@@ -37,6 +41,7 @@ class CallStats:
     requests_sent: int = 0  # calls that reached the backend
     prompt_tokens: int = 0  # tokens of calls that reached the backend (what was paid for)
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those the server's prefix cache served (where it says)
     failures: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -44,12 +49,12 @@ class CallStats:
     def from_dict(cls, data: dict[str, Any]) -> CallStats:
         """Totals saved by `to_dict` (the manifest), to add a new run's calls to."""
         stats = cls(failures=Counter(data.get("failures", {})))
-        for name in ("samples", "cache_hits", "requests_sent", "prompt_tokens", "completion_tokens", "seconds"):
+        for name in COUNTS:
             setattr(stats, name, data.get(name, 0))
         return stats
 
     def add(self, other: CallStats) -> None:
-        for name in ("samples", "cache_hits", "requests_sent", "prompt_tokens", "completion_tokens", "seconds"):
+        for name in COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures.update(other.failures)
 
@@ -65,6 +70,7 @@ class CallStats:
             "requests_sent": self.requests_sent,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
             "failures": dict(self.failures),
             "seconds": round(self.seconds, 3),
             "cost_usd": self.cost(price),
@@ -139,6 +145,7 @@ def _record(backend: Backend, cache: CallCache | None, stats: CallStats, row: li
         row[j] = completion
         stats.prompt_tokens += completion.prompt_tokens
         stats.completion_tokens += completion.completion_tokens
+        stats.cached_prompt_tokens += completion.cached_prompt_tokens
     if cache is not None:
         cache.put_many([(keys[j], c) for j, c in zip(missing, completions)], backend.kind, backend.model)
 

@@ -152,6 +152,7 @@ def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         calls = entry.get("calls") or {}
         rows.append({"stage": stage, "rows": entry.get("rows"), "requests": calls.get("requests_sent"),
                      "cache_hits": calls.get("cache_hits"), "prompt_tokens": calls.get("prompt_tokens"),
+                     "cached_prompt_tokens": calls.get("cached_prompt_tokens"),
                      "completion_tokens": calls.get("completion_tokens"), "cost_usd": calls.get("cost_usd"),
                      "seconds": calls.get("seconds", entry.get("seconds")),
                      "failed": entry.get("failed_rows") or {}})

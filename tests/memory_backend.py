@@ -57,9 +57,9 @@ class MemoryBackend:
         status, reply = self.script.answer("/v1/chat/completions", body)
         if status != 200:
             return [error_completion(f"http_{status}: {reply['error']['message']}")]
-        prompt = reply["usage"]["prompt_tokens"]
+        prompt, cached = reply["usage"]["prompt_tokens"], reply["usage"]["prompt_tokens_details"]["cached_tokens"]
         return [Completion(c["message"]["content"], c["finish_reason"], prompt if i == 0 else 0,
-                           tokens(c["message"]["content"]))
+                           tokens(c["message"]["content"]), cached_prompt_tokens=cached if i == 0 else 0)
                 for i, c in enumerate(reply["choices"])]
 
     def close(self) -> None:

@@ -40,6 +40,11 @@ def tokens(text: str) -> int:
     return max(1, -(-len(text) // 4))
 
 
+def cached_tokens(prompt_tokens: int) -> int:
+    """The prompt tokens the scripted server says its prefix cache served."""
+    return prompt_tokens // 2
+
+
 def wrong_answer(gold: str, h: int) -> str:
     """A final answer math-verify grades wrong against `gold`."""
     return str(int(gold) + 1 + h % 5) if re.fullmatch(r"-?\d+", gold.strip()) else str(1000003 + h % 5)
@@ -103,8 +108,10 @@ class Script:
                                 "finish_reason": finish})
             else:
                 choices.append({"index": index, "text": content, "finish_reason": finish})
+        # as vLLM with prefix caching says it: half of every prompt served from its cache
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+                 "total_tokens": prompt_tokens + completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": cached_tokens(prompt_tokens)}}
         return 200, {"id": f"scripted-{kind}", "object": "chat.completion" if chat else "text_completion",
                      "model": self.model, "choices": choices, "usage": usage}
 

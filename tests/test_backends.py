@@ -394,3 +394,21 @@ def test_a_finish_reason_error_is_a_bad_reply() -> None:
 
     with pytest.raises(BadReply):
         finish_reason("error")
+
+
+def test_cached_prompt_tokens_are_read_from_the_usage_the_server_reports(scripted) -> None:
+    from intgen.config import EXAMPLE_PROBLEMS
+    from intgen.io import load_problems
+
+    from scripted import cached_tokens
+
+    problem = load_problems(EXAMPLE_PROBLEMS)["problem"][0]
+    backend = OpenAIBackend("scripted", base_url=scripted.url, continuation="chat")
+    try:
+        [[first, second]] = backend.generate(
+            [make_request([{"role": "user", "content": problem}], Sampling(max_tokens=400, seed=1), n=2)])
+    finally:
+        backend.close()
+    # vLLM's usage.prompt_tokens_details.cached_tokens, on the first choice as the prompt tokens are
+    assert first.prompt_tokens > 0 and first.cached_prompt_tokens == cached_tokens(first.prompt_tokens) > 0
+    assert second.prompt_tokens == second.cached_prompt_tokens == 0

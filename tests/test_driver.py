@@ -156,3 +156,22 @@ def test_a_setting_marked_as_changing_output_changes_a_stage_fingerprint_and_no_
             assert differs == spec.metadata["output"], (spec.name, spec.metadata["output"])
             checked += 1
     assert checked >= 25
+
+
+def test_prompt_tokens_from_the_servers_prefix_cache_are_counted_per_stage_and_shown(tmp_path: Path) -> None:
+    import json
+
+    build(tmp_path / "run", MemoryBackend(script()))
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    for stage in ("sample", "propose", "verify"):
+        calls = manifest["stages"][stage]["calls"]  # the script says half of each prompt came from its cache
+        assert calls["prompt_tokens"] // 2 - calls["requests_sent"] <= calls["cached_prompt_tokens"] \
+            <= calls["prompt_tokens"] // 2 and calls["cached_prompt_tokens"] > 0, stage
+    card = (tmp_path / "run" / "dataset" / "README.md").read_text()
+    sample = manifest["stages"]["sample"]["calls"]
+    row = f"| sample | {sample['prompt_tokens']} | {sample['completion_tokens']} | {sample['cached_prompt_tokens']} |"
+    assert row in card and "prefix cache" in card
+    # a rerun answers from intgen's own cache: nothing is sent, nothing more is counted
+    build(tmp_path / "run", MemoryBackend(script()))
+    again = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["sample"]["calls"]
+    assert again["cached_prompt_tokens"] == sample["cached_prompt_tokens"]

@@ -151,10 +151,10 @@ function overview() {
     el("span", {class: "mono"}, r.prompts.map(([f, h]) => `${f} ${h.slice(0, 12)}`).join("; ")),
     el("span", {class: "mono"}, Object.entries(r.other).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ")),
   ]));
-  const stages = table(["stage", "rows", "requests", "cache hits", "prompt tokens", "completion tokens", "cost", "seconds", "failed"],
-    s.stages.map((r) => [r.stage, fmt(r.rows), fmt(r.requests), fmt(r.cache_hits), fmt(r.prompt_tokens), fmt(r.completion_tokens),
+  const stages = table(["stage", "rows", "requests", "cache hits", "prompt tokens", "of them from the server's prefix cache", "completion tokens", "cost", "seconds", "failed"],
+    s.stages.map((r) => [r.stage, fmt(r.rows), fmt(r.requests), fmt(r.cache_hits), fmt(r.prompt_tokens), fmt(r.cached_prompt_tokens), fmt(r.completion_tokens),
       r.cost_usd === null || r.cost_usd === undefined ? "n/a" : "$" + r.cost_usd.toFixed(4), fmt(r.seconds, 1),
-      Object.entries(r.failed).map(([k, v]) => `${k}: ${v}`).join(", ") || "none"]), [1, 2, 3, 4, 5, 6, 7]);
+      Object.entries(r.failed).map(([k, v]) => `${k}: ${v}`).join(", ") || "none"]), [1, 2, 3, 4, 5, 6, 7, 8]);
   const rejected = Object.entries(s.rejected).sort((a, b) => b[1] - a[1]);
   return el("section", {id: "overview"}, el("h2", {}, "Overview"),
     el("h3", {}, "Settings"), settings,

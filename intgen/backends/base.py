@@ -129,6 +129,9 @@ class Completion:
     true_continuation: bool = True  # False where the backend could only put the prefix in the prompt
     error: str | None = None
     cached: bool = False
+    # prompt tokens the server's prefix cache served (usage.prompt_tokens_details.cached_tokens), on the first
+    # choice like prompt_tokens; 0 where the server does not say. Counted per stage, never stored in the call cache
+    cached_prompt_tokens: int = 0
 
 
 OnDone = Callable[[int, list[Completion]], None]
@@ -178,7 +181,7 @@ def error_completion(message: str) -> Completion:
 
 def share_usage(
     texts: list[tuple[str, str | None]], prompt_tokens: int, completion_tokens: int, true_continuation: bool = True,
-    max_tokens: int | None = None, count: Callable[[str], int] | None = None,
+    max_tokens: int | None = None, count: Callable[[str], int] | None = None, cached_prompt_tokens: int = 0,
 ) -> list[Completion]:
     """Completions from one call's (text, finish reason) choices, with the call's token usage given out:
     the prompt to the first choice; completion tokens exactly where they are known (one choice; a choice
@@ -200,6 +203,7 @@ def share_usage(
         left -= known[i]
     completions = []
     for index, (text, finish) in enumerate(texts):
-        completions.append(Completion(text, finish_reason(finish), prompt_tokens if index == 0 else 0, known[index],
-                                      true_continuation))
+        first = index == 0  # the call's prompt (and what the server's prefix cache served of it) goes to the first
+        completions.append(Completion(text, finish_reason(finish), prompt_tokens if first else 0, known[index],
+                                      true_continuation, cached_prompt_tokens=cached_prompt_tokens if first else 0))
     return completions

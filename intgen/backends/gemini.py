@@ -139,8 +139,9 @@ class GeminiBackend:
             text = "".join(p.text or "" for p in parts if not getattr(p, "thought", False))
             finish = str(candidate.finish_reason.value if candidate.finish_reason else "STOP")
             texts.append((text, finish))  # STOP, MAX_TOKENS; SAFETY, RECITATION, ... are kept and warned of
+        cached = (getattr(usage, "cached_content_token_count", None) or 0) if usage else 0  # context caching
         return share_usage(texts, prompt_tokens, completion_tokens, true_continuation=not request.continue_final,
-                           max_tokens=request.sampling.max_tokens)
+                           max_tokens=request.sampling.max_tokens, cached_prompt_tokens=cached)
 
     def close(self) -> None:
         pass

@@ -397,6 +397,8 @@ class OpenAIBackend:
         choices = sorted(choices, key=lambda c: c.get("index") or 0)
         texts = [choice_text(c, path == "/completions") for c in choices]
         usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+        details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
         return share_usage(texts, usage_count(usage.get("prompt_tokens"), "prompt_tokens"),
                            usage_count(usage.get("completion_tokens"), "completion_tokens"),
-                           max_tokens=body["max_tokens"], count=self._count)
+                           max_tokens=body["max_tokens"], count=self._count,
+                           cached_prompt_tokens=usage_count(details.get("cached_tokens"), "cached_tokens"))

@@ -80,9 +80,10 @@ class VLLMBackend:
 def _completions(output: Any) -> list[Completion]:
     """One request's outputs; vLLM counts every sample's tokens itself."""
     prompt_tokens = len(output.prompt_token_ids or [])
+    cached = getattr(output, "num_cached_tokens", None) or 0  # served by the engine's prefix cache
     return [
         Completion(o.text, LENGTH if o.finish_reason == "length" else STOP, prompt_tokens if k == 0 else 0,
-                   len(o.token_ids))
+                   len(o.token_ids), cached_prompt_tokens=cached if k == 0 else 0)
         for k, o in enumerate(output.outputs)
     ]
 

@@ -148,8 +148,9 @@ def dataset_card(
     proposer = config.proposer_config()
     prompts = [config.prompt("solve"), *config.propose_prompts()]
     funnel_table = "| stage | count |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in funnel_rows(summary))
-    usage = "| stage | prompt tokens | completion tokens |\n|---|---|---|\n" + "\n".join(
-        f"| {stage} | {p} | {c} |" for stage, (p, c) in summary["tokens_by_stage"].items()
+    usage = ("| stage | prompt tokens | completion tokens | prompt tokens from the server's prefix cache |\n"
+             "|---|---|---|---|\n") + "\n".join(
+        f"| {stage} | {p} | {c} | {cached} |" for stage, (p, c, cached) in summary["tokens_by_stage"].items()
     )
     empty = [name for name in CONFIGS if not rows[name]]
     return fill(

@@ -167,6 +167,7 @@ def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
                    if stages[name].get("failed_rows")},
         "prompt_tokens": sum(t.get("prompt_tokens", 0) for t in tokens.values()),
         "completion_tokens": sum(t.get("completion_tokens", 0) for t in tokens.values()),
-        "tokens_by_stage": {s: (t.get("prompt_tokens", 0), t.get("completion_tokens", 0)) for s, t in tokens.items()},
+        "tokens_by_stage": {s: (t.get("prompt_tokens", 0), t.get("completion_tokens", 0),
+                                t.get("cached_prompt_tokens", 0)) for s, t in tokens.items()},
         "cost_usd": None if any(c is None for c in costs) else round(sum(costs), 6),
     }
