@@ -412,3 +412,34 @@ def test_cached_prompt_tokens_are_read_from_the_usage_the_server_reports(scripte
     # vLLM's usage.prompt_tokens_details.cached_tokens, on the first choice as the prompt tokens are
     assert first.prompt_tokens > 0 and first.cached_prompt_tokens == cached_tokens(first.prompt_tokens) > 0
     assert second.prompt_tokens == second.cached_prompt_tokens == 0
+
+
+def test_requests_sharing_a_prefix_go_to_one_server_unless_it_holds_more_than_its_share() -> None:
+    from collections import Counter
+
+    from intgen.backends.openai_http import Server, ServerPool
+
+    servers = [Server(f"http://127.0.0.1:{8000 + i}/v1", session=None) for i in range(4)]  # type: ignore[arg-type]
+    pool = ServerPool(servers)
+    attempt = make_request([{"role": "user", "content": "Solve: 2+3"}], Sampling(seed=1))
+    continuation = make_request([{"role": "user", "content": "Solve: 2+3"},
+                                 {"role": "assistant", "content": "First, 2+3 is"}], continue_final=True)
+    assert attempt.affinity() == continuation.affinity()  # the problem's prefix
+    home = pool.pick(attempt.affinity())
+    assert all(pool.pick(continuation.affinity()) is home for _ in range(5))
+    # keys spread over the servers (rendezvous hashing)
+    spread = Counter(pool.pick(f"problem {i}").url for i in range(2000))
+    assert len(spread) == 4 and min(spread.values()) > 350, spread
+    # bounded load: a home server holding more than 1.25 times the mean in flight passes the call on
+    home.in_flight = 10
+    other = pool.pick(attempt.affinity())
+    assert other is not home
+    for server in servers:  # every server as busy: the call goes home
+        server.in_flight = 2
+    assert pool.pick(attempt.affinity()) is home
+    # no key: the fewest in flight; a resting server is passed over
+    for server, load in zip(servers, (3, 1, 2, 5)):
+        server.in_flight = load
+    assert pool.pick() is servers[1]
+    pool.failed(servers[1])
+    assert pool.pick() is servers[2] and pool.pick(attempt.affinity()) is not servers[1]

@@ -63,7 +63,7 @@ def test_requests_spread_over_servers_and_a_dead_one_is_rested(llama_server, tmp
                                      "--seed", str(TEST_SEED),
                                      *openai_args(first.url, dead, second.url)])
         assert result.exit_code == 0, result.output  # the dead server cost retries, not rows
-        assert first.forwarded and second.forwarded  # least in flight first: both took work
+        assert first.forwarded and second.forwarded  # a bounded load: both took work
         assert len(first.forwarded) + len(second.forwarded) >= 8
         samples = pl.read_parquet(tmp_path / "run" / "samples")
         assert samples.height == 16 and samples["error"].is_null().all()

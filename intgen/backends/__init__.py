@@ -50,8 +50,9 @@ class BackendConfig:
     model: str | None = setting(None, "Model name (local: a GGUF file or a model folder from `intgen train`; "
                                       "default: the bundled SmolLM2-135M-Instruct).")
     base_url: str | None = setting(None, "Server URL (openai: e.g. http://127.0.0.1:8000/v1; gemini: the API "
-                                         "endpoint). openai: repeatable, requests go to the server with the fewest in "
-                                         "flight; one that fails is rested and retried later.", join=True)
+                                         "endpoint). openai: repeatable; requests sharing a prompt prefix go to one "
+                                         "server (within a bounded load), one that fails is rested and retried later.",
+                                   join=True)
     api_key_env: str | None = setting(None, "Environment variable holding the API key (default OPENAI_API_KEY / "
                                             "GEMINI_API_KEY).")
     concurrency: int = setting(32, "Requests in flight at once (openai, gemini).", low=1)

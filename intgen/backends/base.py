@@ -9,6 +9,7 @@ again for the missing ones and caches everything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -102,6 +103,17 @@ class Request:
 
     def schema(self) -> dict[str, Any] | None:
         return None if self.json_schema is None else json.loads(self.json_schema)
+
+    def affinity(self) -> str:
+        """What requests that share a long prompt prefix have in common: the conversation up to its first user
+        message (a problem's attempts, its continuations and baselines; an attempt's two proposer turns). Several
+        servers are picked by it, so that one server's prefix cache serves the shared prefix."""
+        head = []
+        for role, content in self.messages:
+            head.append(f"{role}\x00{content}")
+            if role == "user":
+                break
+        return hashlib.sha256("\x01".join(head).encode()).hexdigest()
 
 
 def make_request(

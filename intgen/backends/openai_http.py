@@ -4,7 +4,8 @@ Requests go out concurrently (asyncio, a bounded number in flight per server) as
 posted with `aiohttp`, with retries (tenacity): exponential backoff with jitter on 429, 5xx, timeouts and dropped
 connections, and a server's `Retry-After` honoured. After the last try the request comes back as an error completion —
 recorded against its row, never a crashed run. Several servers (a comma-separated `base_url`; the CLI's
-`--base-url` is repeatable) share the load, least in flight first, and a failing one is rested (`ServerPool`).
+`--base-url` is repeatable) share the load, requests sharing a prompt prefix on one server within a bounded load,
+and a failing one is rested (`ServerPool`).
 
 Why aiohttp and not the `openai` client: at a million requests the client's own CPU matters. Posting the same
 request cost the driver 4.2 ms of CPU through `openai.AsyncOpenAI` (its request building and httpx's connection
@@ -32,7 +33,9 @@ Structured output, by the server's own mechanism:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import math
 import os
 import re
 import ssl
@@ -179,20 +182,30 @@ class Server:
 
 
 class ServerPool:
-    """Several servers of one model (8 `vllm serve` processes, or replicas behind no router): each call goes to
-    the server with the fewest requests in flight among those not resting; a server whose call fails (a dropped
-    connection, a timeout, a 5xx or 429) rests for `rest_s` (doubling while it keeps failing, at most
-    `max_rest_s`) and is then tried again. When every server rests, the one back soonest is used."""
+    """Several servers of one model (8 `vllm serve` processes, or replicas behind no router). A call with an
+    affinity key (requests that share a long prompt prefix share it: `Request.affinity`) goes to the server that
+    key ranks first (rendezvous hashing), unless that server already holds more than its share of the calls in
+    flight (bounded load: at most `1 + slack` times the mean), then to the next in the key's order: so one
+    server's prefix cache serves the prefix, and no server is left idle. A call without a key goes to the server
+    with the fewest in flight. A server whose call fails (a dropped connection, a timeout, a 5xx or 429) rests for
+    `rest_s` (doubling while it keeps failing, at most `max_rest_s`) and is then tried again. When every server
+    rests, the one back soonest is used."""
 
-    def __init__(self, servers: list[Server], rest_s: float = 5.0, max_rest_s: float = 120.0) -> None:
-        self.servers, self.rest_s, self.max_rest_s = servers, rest_s, max_rest_s
+    def __init__(self, servers: list[Server], rest_s: float = 5.0, max_rest_s: float = 120.0,
+                 slack: float = 0.25) -> None:
+        self.servers, self.rest_s, self.max_rest_s, self.slack = servers, rest_s, max_rest_s, slack
 
-    def pick(self) -> Server:
+    def pick(self, key: str | None = None) -> Server:
         now = time.monotonic()
         ready = [s for s in self.servers if s.resting_until <= now]
         if not ready:
             return min(self.servers, key=lambda s: s.resting_until)
-        return min(ready, key=lambda s: s.in_flight)
+        if key is None or len(ready) == 1:
+            return min(ready, key=lambda s: s.in_flight)
+        bound = math.ceil((1 + self.slack) * (sum(s.in_flight for s in ready) + 1) / len(ready))
+        ranked = sorted(ready, key=lambda s: hashlib.blake2b(f"{key}|{s.url}".encode(), digest_size=8).digest(),
+                        reverse=True)
+        return next(s for s in ranked if s.in_flight < bound)
 
     def failed(self, server: Server) -> None:
         server.failures += 1
@@ -340,8 +353,8 @@ class OpenAIBackend:
         return await retrying(lambda: self._call_one(pool, request), _retryable, self.max_tries, self.wait)
 
     async def _call_one(self, pool: ServerPool, request: Request) -> list[Completion]:
-        """One try, on the server with the fewest requests in flight."""
-        server = pool.pick()
+        """One try, on the server the pool picks for the request's prompt prefix."""
+        server = pool.pick(request.affinity())
         server.in_flight += 1
         try:
             completions = await self._call(server, request)
