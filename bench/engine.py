@@ -26,13 +26,14 @@ import asyncio
 import hashlib
 import json
 import math
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
+
+import jsonserver
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the script the test suite answers with
@@ -125,51 +126,20 @@ async def serve(port: int, slots: int, rate: float, prefill_rate: float, cache_b
     script = Script(answers_of(problems))
     engine = Engine(slots, rate, prefill_rate, cache_blocks)
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                path = head.split(b" ", 2)[1].decode()
-                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                body = json.loads(await reader.readexactly(length) or b"{}") if length else {}
-                if path.endswith("/models"):
-                    model = {"id": "scripted", "object": "model", "max_model_len": 32768}
-                    payload = {"object": "list", "data": [model]}
-                elif path.endswith("/stats"):
-                    payload = engine.stats()
-                else:
-                    payload = await reply(engine, script, body)
-                data = json.dumps(payload).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                             + str(len(data)).encode() + b"\r\n\r\n" + data)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
+    async def answer(path: str, body: dict) -> dict:
+        if path.endswith("/models"):
+            return {"object": "list", "data": [{"id": "scripted", "object": "model", "max_model_len": 32768}]}
+        if path.endswith("/stats"):
+            return engine.stats()
+        return await reply(engine, script, body)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
-    async with server:
-        await server.serve_forever()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    await jsonserver.serve_json(port, answer, backlog=4096)
 
 
 def start_engine(args: argparse.Namespace, slots: int, problems: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--engine-slots", str(slots),
-                                "--rate", str(args.rate), "--prefill-rate", str(args.prefill_rate),
-                                "--cache-blocks", str(args.cache_blocks), "--problem-file", str(problems)])
-    for _ in range(400):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return process, f"http://127.0.0.1:{port}/v1"
+    return jsonserver.start([sys.executable, __file__, "--engine-slots", str(slots), "--rate", str(args.rate),
+                  "--prefill-rate", str(args.prefill_rate), "--cache-blocks", str(args.cache_blocks),
+                  "--problem-file", str(problems)])
 
 
 def stats_of(url: str) -> dict:

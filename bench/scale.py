@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import jsonserver
+
 STEPS = "First, I add the two numbers ({n}).\n\nThen I multiply the sum by three.\n\nSo the answer is \\boxed{{7}}."
 PROPOSAL = {"verification": "Substep 2 multiplies instead of dividing.", "error_step": 2,
             "intervention": "Instead, divide the sum by three, since the total is shared ({n})."}
@@ -58,43 +60,16 @@ def reply_for(body: dict) -> dict:
 
 
 async def serve(port: int, delay: float) -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                body = json.loads(await reader.readexactly(length) or b"{}")
-                if delay:
-                    await asyncio.sleep(delay)
-                payload = json.dumps(reply_for(body)).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                             + str(len(payload)).encode() + b"\r\n\r\n" + payload)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
+    async def answer(path: str, body: dict) -> dict:
+        if delay:
+            await asyncio.sleep(delay)
+        return reply_for(body)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
-    async with server:
-        await server.serve_forever()
+    await jsonserver.serve_json(port, answer)
 
 
 def start_server(delay: float) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--delay", str(delay)])
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return process, f"http://127.0.0.1:{port}/v1"
+    return jsonserver.start([sys.executable, __file__, "--delay", str(delay)], tries=200)
 
 
 # --- one measured run (a child process) -----------------------------------------------------------
