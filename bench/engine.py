@@ -64,6 +64,8 @@ class Engine:
         self.rate, self.prefill_rate, self.cache_blocks = rate, prefill_rate, cache_blocks
         self.cache: OrderedDict[str, None] = OrderedDict()
         self.busy = 0.0  # slot-seconds
+        self.size = slots
+        self.spans: list[tuple[float, float, str]] = []  # (start, end, kind) of every sequence
         self.first: float | None = None
         self.last = 0.0
         self.prompt_tokens = self.cached_tokens = self.sequences = 0
@@ -85,18 +87,35 @@ class Engine:
             self.cache.popitem(last=False)
         return cached
 
-    async def run(self, prompt_tokens: int, cached: int, completion: int) -> None:
+    async def run(self, prompt_tokens: int, cached: int, completion: int, kind: str = "") -> None:
         async with self.slots:
             started = time.monotonic()
             self.first = started if self.first is None else self.first
             await asyncio.sleep((prompt_tokens - cached) / self.prefill_rate + completion / self.rate)
             ended = time.monotonic()
             self.busy += ended - started
+            self.spans.append((started, ended, kind))
             self.last = max(self.last, ended)
+
+    def occupancy(self, buckets: int = 10, kind: str | None = None) -> list[float]:
+        """The share of slots in use (by sequences of `kind`, or any) over each tenth of the time from the first
+        request to the last answer."""
+        if self.first is None or self.last <= self.first:
+            return []
+        width = (self.last - self.first) / buckets
+        used = [0.0] * buckets
+        for start, end, of in self.spans:
+            if kind is not None and of != kind:
+                continue
+            for b in range(int((start - self.first) / width), min(buckets, int((end - self.first) / width) + 1)):
+                low, high = self.first + b * width, self.first + (b + 1) * width
+                used[b] += max(0.0, min(end, high) - max(start, low))
+        return [round(u / (width * self.size), 2) for u in used]
 
     def stats(self) -> dict:
         return {"busy": self.busy, "first": self.first, "last": self.last, "prompt_tokens": self.prompt_tokens,
-                "cached_tokens": self.cached_tokens, "sequences": self.sequences}
+                "cached_tokens": self.cached_tokens, "sequences": self.sequences, "occupancy": self.occupancy(),
+                "by_kind": {kind: self.occupancy(kind=kind) for kind in LENGTHS}}
 
 
 async def reply(engine: Engine, script, body: dict) -> dict:
@@ -113,7 +132,7 @@ async def reply(engine: Engine, script, body: dict) -> dict:
     engine.cached_tokens += cached
     engine.sequences += len(lengths)
     # each choice is one sequence; the first pays the prefill, the others share its cached prefix
-    await asyncio.gather(*(engine.run(prompt_tokens, cached if i == 0 else prompt_tokens, length)
+    await asyncio.gather(*(engine.run(prompt_tokens, cached if i == 0 else prompt_tokens, length, kind)
                            for i, length in enumerate(lengths)))
     answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(lengths),
                        "total_tokens": prompt_tokens + sum(lengths), "prompt_tokens_details": {"cached_tokens": cached}}
@@ -178,7 +197,8 @@ def measure(args: argparse.Namespace, slots: int, servers: int, problems: Path, 
             "busy_share": busy / (capacity * (last - first)), "engine_wall_s": last - first,
             "ideal_s": busy / capacity, "command_wall_s": wall,
             "prefix_hit_rate": sum(s["cached_tokens"] for s in stats) / max(1, sum(s["prompt_tokens"] for s in stats)),
-            "sequences": sum(s["sequences"] for s in stats), "kept": kept}
+            "sequences": sum(s["sequences"] for s in stats), "kept": kept,
+            "occupancy": stats[0]["occupancy"], "by_kind": stats[0]["by_kind"]}
 
 
 def main() -> None:

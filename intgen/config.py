@@ -137,14 +137,18 @@ class VerifySection:
 
 @dataclass(frozen=True)
 class RunSection:
-    batch_size: int = setting(64, "Problems per batch (one parquet part each).", low=1)
+    batch_size: int = setting(16, "Problems per part (one parquet file of each table; the unit of resume and of the "
+                                  "dataflow).", low=1)
     prices: str | None = setting(None, "Price table (TOML/JSON) to report cost.")
 
 
 @dataclass(frozen=True)
 class ExecutorSection:
-    executor: str = setting("local", "local: parts one after another in this process; ray: parts on Ray Data actors "
+    executor: str = setting("local", "local: parts in this process, several at once; ray: parts on Ray Data actors "
                                      "(one backend each), grading as Ray tasks.", choices=ExecutorKind)
+    parts_in_flight: int = setting(32, "local: parts computed at once, of any stages (a part's next stage starts as "
+                                      "soon as it is written); 1, with --concurrency 1, is a strictly sequential "
+                                      "schedule.", low=1)
     ray_address: str | None = setting(None, "--executor ray: the cluster (auto, ray://host:10001); default: this "
                                             "machine's, started if needed.")
     ray_actors: int = setting(2, "--executor ray: actors per model stage, each with its own backend.", low=1)

@@ -13,11 +13,14 @@ failure retried, an upstream stage forced) is recomputed without asking.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import queue
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +29,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from intgen.backends.base import Backend, relevant_settings
-from intgen.cache import CallCache
-from intgen.calls import CallStats, Price, run_requests
+from intgen.calls import CallStats, Price
 from intgen.errors import MissingFile, UserError
-from intgen.grading import DEFAULT_TIMEOUT_S, grade_items
+from intgen.parts import Answerer, Grader, compute_part
 from intgen.rundir import RunDir, digest
-from intgen.stages import Answer, Ask, Grading, ModelCalls, Part, Stage, run_by_hand
+from intgen.stages import Stage
+from intgen.window import Window
 
 log = logging.getLogger("intgen")
 
@@ -40,14 +43,6 @@ PROBLEMS = "problems"
 
 class StageConfigChanged(UserError):
     """A stage already in the run directory was computed with other settings."""
-
-
-@dataclass(frozen=True)
-class Grader:
-    """How the driver grades: worker processes and the per-item time limit."""
-
-    workers: int | None = 2
-    timeout: float = DEFAULT_TIMEOUT_S
 
 
 def begin(run: RunDir, name: str, tables: list[str], fingerprint: dict[str, Any], force: bool) -> dict[str, Any]:
@@ -159,52 +154,6 @@ def state_digest(run: RunDir, stages: list[Stage]) -> str:
     return digest(found)
 
 
-def read_part(run: RunDir, stage: Stage, index: int) -> Part:
-    return Part(index, {table: pl.read_parquet(run.part_path(table, index)).to_dicts() for table in stage.reads})
-
-
-class Executor:
-    """Answers a stage's asks: model calls through the cache, grading in worker processes (here, or as Ray
-    tasks under the Ray executor: `grade`)."""
-
-    def __init__(self, run: RunDir, backend: Backend | None, grader: Grader, stats: CallStats,
-                 cache: CallCache | None = None, grade: Callable[..., list[Any]] = grade_items) -> None:
-        self.run, self.backend, self.grader, self.stats = run, backend, grader, stats
-        self.cache = cache if cache is not None else run.cache
-        self.grade = grade
-        self.progress: StageProgress | None = None
-
-    def __call__(self, ask: Ask) -> Answer:
-        # progress counts a model stage's samples, and a stage without a model's answers graded
-        counted = self.progress if (isinstance(ask, ModelCalls)) is (self.backend is not None) else None
-        if isinstance(ask, ModelCalls):
-            if self.backend is None:
-                raise RuntimeError("this stage asked for model calls but was given no backend")
-            return run_requests(self.backend, ask.requests, self.cache, self.stats,
-                                counted.advance if counted is not None else None)
-        if isinstance(ask, Grading):
-            verdicts = self.grade(ask.items, workers=self.grader.workers, timeout=self.grader.timeout)
-            if counted is not None:
-                counted.advance(len(ask.items))
-            return verdicts
-        raise TypeError(f"unknown ask {type(ask).__name__}")
-
-
-def compute_part(run: RunDir, stage: Stage, settings: Any, index: int, execute: Executor,
-                 record: dict[str, Any]) -> int:
-    """Compute part `index` of a stage and write it, marked finished; returns its units of work."""
-    part = read_part(run, stage, index)
-    work = stage.work(part, settings) if stage.work is not None else 0
-    if execute.progress is not None and stage.work is not None:
-        execute.progress.expect(index, work)
-    tables = run_by_hand(stage.compute(part, settings), execute)
-    frames = {name: pl.DataFrame(tables[name], schema=schema) for name, schema in stage.writes.items()}
-    for name, frame in frames.items():
-        run.write_part(name, index, frame)
-    run.finish_part(stage.table, index, list(frames), record | {"failed": stage.failures(frames[stage.table])})
-    return work
-
-
 def due_parts(run: RunDir, stage: Stage, fingerprint: dict[str, Any],
               stages: list[Stage]) -> list[tuple[int, dict[str, Any]]]:
     """The parts to compute, each with the record its marker will carry: those without a current marker (other
@@ -245,42 +194,187 @@ class Engine:
         return found | ({"settings": settings} if settings else {})
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One stage of a run, with its settings and what answers its model calls (None: it has no model)."""
+
+    stage: Stage
+    settings: Any
+    engine: Engine | None = None
+    price: Price | None = None
+
+
 def run_stage(
     run: RunDir, stage: Stage, settings: Any, stages: list[Stage], *, backend: Backend | None = None,
     grader: Grader = Grader(), price: Price | None = None, force: bool = False, progress: bool = True,
-    engine: Engine | None = None,
+    engine: Engine | None = None, parts_in_flight: int = 8,
 ) -> dict[str, Any]:
-    """Run `stage` over every part of its input (`stages`: all the pipeline's stages, to find its inputs).
-    Model calls go to `backend` here, or to `engine` (a backend, or Ray actors made from its settings)."""
-    engine = engine or Engine(backend)
-    has_model = engine.backend is not None or engine.config is not None
-    fingerprint = stage.fingerprint(settings)
-    if stage.uses_model and has_model:
-        fingerprint |= engine.identity(stage.sends)
-    previous = begin(run, stage.name, list(stage.writes), fingerprint, force)
-    count = run.part_count(stage.reads[0])
-    stats = CallStats()
-    due = due_parts(run, stage, fingerprint, stages)
-    token_counts = getattr(engine.backend, "token_counts", "estimated") if engine.backend is not None else None
-    with StageProgress(stage.name, count, progress) as shown:
-        if engine.ray is not None:
-            from intgen.ray_executor import merge_part_caches, run_parts
+    """Run `stage` over every part of its input (`stages`: all the pipeline's stages, to find its inputs), its model
+    calls answered by `backend` (or `engine`)."""
+    planned = Planned(stage, settings, engine or Engine(backend), price)
+    return run_stages(run, [planned], stages, grader=grader, force=force, progress=progress,
+                      parts_in_flight=parts_in_flight)[stage.name]
 
-            merge_part_caches(run)  # a killed run's part caches first: their calls are paid for
+
+def stage_fingerprint(stage: Stage, settings: Any, engine: Engine | None) -> dict[str, Any]:
+    fingerprint = stage.fingerprint(settings)
+    if stage.uses_model and engine is not None and (engine.backend is not None or engine.config is not None):
+        fingerprint |= engine.identity(stage.sends)
+    return fingerprint
+
+
+def run_stages(run: RunDir, plan: list[Planned], stages: list[Stage], *, grader: Grader = Grader(),
+               force: bool = False, progress: bool = True, parts_in_flight: int = 8) -> dict[str, dict[str, Any]]:
+    """Run the planned stages (in pipeline order) over every part, as a dataflow: part `i` of a stage is computed
+    as soon as part `i` of each table it reads is settled (written, or found current), up to `parts_in_flight`
+    parts at once, of any stages, a later stage's part first. Every model call goes through one `Window` per
+    backend, so a server's queue is fed from all of them. Each part is written and marked as it finishes, exactly
+    as one stage after another would write it; each stage's manifest entry once its last part is settled. Every
+    stage's settings are checked against the run before any work. Returns the stages' manifest entries."""
+    fingerprints = [stage_fingerprint(p.stage, p.settings, p.engine) for p in plan]
+    previous = [begin(run, p.stage.name, list(p.stage.writes), f, force) for p, f in zip(plan, fingerprints)]
+    windows: dict[int, Window] = {}
+    for p in plan:
+        if p.stage.uses_model and p.engine is not None and p.engine.backend is not None:
+            windows.setdefault(id(p.engine.backend), Window(p.engine.backend))
+    flow = Dataflow(run, plan, fingerprints, producers(stages), parts_in_flight)
+    entries: dict[str, dict[str, Any]] = {}
+    try:
+        with PipelineProgress(progress) as shown:
+            bars = [shown.stage(p.stage.name, flow.count) for p in plan]
+            begun = time.monotonic()
+
+            def compute(k: int, index: int, record: dict[str, Any], stats: CallStats) -> None:
+                p = plan[k]
+                window = windows.get(id(p.engine.backend)) if p.engine is not None else None
+                lane = window.lane((k, index)) if window is not None and p.stage.uses_model else None
+                execute = Answerer(run, lane, grader, stats)  # an earlier stage's calls, then a lower part's, first
+                execute.progress = bars[k]
+                started = time.monotonic()
+                compute_part(run, p.stage, p.settings, index, execute, record)
+                log.debug("%s part %d: %.2f s to %.2f s", p.stage.name, index, started - begun,
+                          time.monotonic() - begun)
+
+            for k, stats in flow.parts(compute):  # each stage as its last part is settled
+                p = plan[k]
+                for table in p.stage.writes:
+                    run.clear_table(table, start=flow.count)  # parts of problems no longer in the run
+                window = windows.get(id(p.engine.backend)) if p.engine is not None else None
+                has_model = p.engine is not None and (p.engine.backend is not None or p.engine.config is not None)
+                tokens = window.token_counts if window is not None else None
+                entries[p.stage.name] = finish(run, p.stage, p.settings, fingerprints[k], previous[k], stats,
+                                               p.price, tokens if p.stage.uses_model and has_model else None)
+    finally:
+        for window in windows.values():
+            window.close()
+    return entries
+
+
+class Dataflow:
+    """Which parts are due and when: (stage k, part i) waits until part i of each table it reads is settled, then
+    is due if its marker is not current (other settings, other input parts, failed rows to retry). Due parts run
+    on `width` threads, a later stage's first; a failure stops new parts, lets the running ones finish (their
+    calls are paid for), and is raised."""
+
+    def __init__(self, run: RunDir, plan: list[Planned], fingerprints: list[dict[str, Any]],
+                 producer: dict[str, str], width: int) -> None:
+        self.run, self.plan, self.producer, self.width = run, plan, producer, max(1, width)
+        self.fingerprints = [digest(f) for f in fingerprints]
+        made_by = {table: k for k, p in enumerate(plan) for table in p.stage.writes}
+        self.needs = [sorted({made_by[t] for t in p.stage.reads if t in made_by}) for p in plan]
+        first = plan[0].stage.reads[0]
+        self.count = run.part_count(first)
+        for p in plan:  # a table read but made by none of the planned stages must be there in full
+            for table in p.stage.reads:
+                if table not in made_by and run.part_count(producer.get(table, table)) != self.count:
+                    raise MissingFile(f"{run.path}: the input of stage {p.stage.name!r} ({', '.join(p.stage.reads)}) "
+                                      f"is not finished; run the stages before it first")
+
+    def record(self, k: int, index: int) -> dict[str, Any] | None:
+        """The marker record of part `index` of stage `k` when it is due, else None (its marker is current)."""
+        stage = self.plan[k].stage
+        inputs = input_digest(self.run, stage, index, self.producer)
+        if inputs is None:
+            raise MissingFile(f"{self.run.path}: the input of stage {stage.name!r} ({', '.join(stage.reads)}) "
+                              f"is not finished; run the stages before it first")
+        marker = self.run.part_marker(stage.table, index)
+        record = {"fingerprint": self.fingerprints[k], "input": inputs}
+        if marker is None or marker.get("failed") or {key: marker.get(key) for key in record} != record:
+            return record
+        return None
+
+    def parts(self, compute: Callable[[int, int, dict[str, Any], CallStats], None]) -> Iterator[tuple[int, CallStats]]:
+        """Compute every due part; yields (k, its calls' figures) as stage k's last part is settled."""
+        stages = len(self.plan)
+        self.settled = [[False] * self.count for _ in range(stages)]
+        self.left = [self.count] * stages
+        stats = [CallStats() for _ in range(stages)]
+        self.waiting = [(-k, i) for k in range(stages) if not self.needs[k] for i in range(self.count)]
+        heapq.heapify(self.waiting)  # parts whose inputs are settled: a later stage's first, then by part
+        jobs: queue.SimpleQueue[tuple[int, int, dict[str, Any]] | None] = queue.SimpleQueue()
+        done: queue.SimpleQueue[tuple[int, int, CallStats, BaseException | None]] = queue.SimpleQueue()
+        workers = start_workers(compute, jobs, done, self.width)
+        failure: BaseException | None = None
+        running = 0
+        try:
+            complete = [k for k in range(stages) if not self.count]
+            while True:
+                yield from ((k, stats[k]) for k in complete)
+                complete = []
+                while self.waiting and running < self.width and failure is None:
+                    order, index = heapq.heappop(self.waiting)
+                    record = self.record(-order, index)
+                    if record is None:
+                        complete += self.settle(-order, index)
+                    else:
+                        jobs.put((-order, index, record))
+                        running += 1
+                if complete:
+                    continue
+                if not running:
+                    break
+                k, index, part_stats, exc = done.get()
+                running -= 1
+                stats[k].add(part_stats)
+                if exc is not None:
+                    failure = failure or exc
+                elif failure is None:
+                    complete = self.settle(k, index)
+            if failure is not None:
+                raise failure
+        finally:
+            for _ in workers:
+                jobs.put(None)
+
+    def settle(self, k: int, index: int) -> list[int]:
+        """Part `index` of stage k is settled: the parts that read it may be due. Returns [k] if stage k is now
+        complete."""
+        self.settled[k][index] = True
+        self.left[k] -= 1
+        for later in range(k + 1, len(self.plan)):
+            if k in self.needs[later] and all(self.settled[n][index] for n in self.needs[later]):
+                heapq.heappush(self.waiting, (-later, index))
+        return [k] if not self.left[k] else []
+
+
+def start_workers(compute: Callable[[int, int, dict[str, Any], CallStats], None], jobs: queue.SimpleQueue[Any],
+                  done: queue.SimpleQueue[Any], width: int) -> list[threading.Thread]:
+    """`width` threads computing parts from `jobs` (None ends one) and telling `done` of each, failed or not."""
+
+    def work() -> None:
+        while (job := jobs.get()) is not None:
+            k, index, record = job
+            part_stats = CallStats()
             try:
-                token_counts = run_parts(run, stage, settings, due, engine.config if stage.uses_model else None,
-                                         grader, engine.ray, stats, shown)
-            finally:
-                merge_part_caches(run)
-        else:
-            execute = Executor(run, engine.backend, grader, stats)
-            execute.progress = shown
-            for index, record in due:
-                compute_part(run, stage, settings, index, execute, record)
-    for table in stage.writes:
-        run.clear_table(table, start=count)  # parts of problems no longer in the run
-    return finish(run, stage, settings, fingerprint, previous, stats, price,
-                  token_counts if stage.uses_model and has_model else None)
+                compute(k, index, record, part_stats)
+                done.put((k, index, part_stats, None))
+            except BaseException as exc:  # noqa: BLE001 - raised in the driver's thread
+                done.put((k, index, part_stats, exc))
+
+    workers = [threading.Thread(target=work, name=f"intgen-part-{n}", daemon=True) for n in range(width)]
+    for worker in workers:
+        worker.start()
+    return workers
 
 
 def finish(run: RunDir, stage: Stage, settings: Any, fingerprint: dict[str, Any], previous: dict[str, Any],
@@ -314,56 +408,92 @@ def finished_entry(run: RunDir, name: str) -> dict[str, Any]:
     return entry
 
 
+def live_display(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[unit]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+
+class PipelineProgress:
+    """The stages' progress shown together: one live display on a terminal (a bar per stage), else each stage's
+    own line every so often."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Progress | None = None
+        self.stages: list[StageProgress] = []
+
+    def __enter__(self) -> PipelineProgress:
+        console = Console(stderr=True)
+        if self.enabled and console.is_terminal:
+            self.bar = live_display(console)
+            self.bar.start()
+        return self
+
+    def stage(self, name: str, parts: int) -> StageProgress:
+        shown = StageProgress(name, parts, self.enabled, bar=self.bar)
+        self.stages.append(shown)
+        return shown.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        for shown in self.stages:
+            shown.__exit__()
+        if self.bar is not None:
+            self.bar.stop()
+
+
 class StageProgress:
     """What the user waits for: samples (model calls) and answers graded, with a rate and an ETA. The total
     grows as each part says what it needs; parts not yet started are estimated from the ones seen. On a
-    terminal it is a live bar; elsewhere (a log file, CI) a line every `every` seconds."""
+    terminal it is a live bar (`bar`: a display shared with other stages); elsewhere (a log file, CI) a line every
+    `every` seconds. Parts of the stage report from several threads."""
 
-    def __init__(self, stage: str, parts: int, enabled: bool, every: float = 30.0) -> None:
+    def __init__(self, stage: str, parts: int, enabled: bool, every: float = 30.0, bar: Progress | None = None) -> None:
         self.stage, self.parts, self.enabled, self.every = stage, parts, enabled, every
         self.done = self.known = 0
         self.parts_seen: set[int] = set()
         self.part = 0
         self.started = self.logged = time.monotonic()
-        self._bar: Progress | None = None
+        self._shared = bar is not None
+        self._bar: Progress | None = bar
         self._task: Any = None
+        self._lock = threading.Lock()
 
     def __enter__(self) -> StageProgress:
         console = Console(stderr=True)
-        if self.enabled and console.is_terminal:
-            self._bar = Progress(
-                TextColumn(f"[bold]{self.stage:<8}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[unit]}"),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=console,
-            )
+        if self._bar is None and self.enabled and console.is_terminal:
+            self._bar = live_display(console)
             self._bar.start()
+        if self._bar is not None:
             self._task = self._bar.add_task(self.stage, total=None, unit="", rate="")
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
-            self._bar.stop()
+            if not self._shared:
+                self._bar.stop()
         elif self.enabled and self.known:
             self._log(final=True)
 
     def expect(self, part: int, n: int) -> None:
         """Part `part` asks for `n` more units of work."""
-        self.part = part
-        self.parts_seen.add(part)
-        self.known += n
-        self._show()
+        with self._lock:
+            self.part = part
+            self.parts_seen.add(part)
+            self.known += n
+            self._show()
 
     def advance(self, n: int) -> None:
-        self.done += n
-        self._show()
+        with self._lock:
+            self.done += n
+            self._show()
 
     def estimated_total(self) -> int:
         """The work known so far, plus the parts not started yet at the average of the ones seen."""
         seen = len(self.parts_seen)
         if not seen:
             return self.known
-        return self.known + round(self.known / seen * max(0, self.parts - self.part - 1))
+        return self.known + round(self.known / seen * max(0, self.parts - seen))
 
     def _rate(self) -> float:
         return self.done / max(time.monotonic() - self.started, 1e-9)
@@ -372,7 +502,7 @@ class StageProgress:
         total = max(self.estimated_total(), self.done)
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, total=total or None, unit="done",
-                             rate=f"{self._rate():.2f}/s, part {self.part + 1}/{self.parts}")
+                             rate=f"{self._rate():.2f}/s, {len(self.parts_seen)}/{self.parts} parts")
         elif self.enabled and time.monotonic() - self.logged >= self.every:
             self._log()
 
@@ -381,8 +511,8 @@ class StageProgress:
         total = max(self.estimated_total(), self.done)
         rate = self._rate()
         eta = "" if final or not rate else f", about {format_seconds((total - self.done) / rate)} left"
-        print(f"{self.stage}: {self.done}/{total} done (part {self.part + 1}/{self.parts}, {rate:.2f}/s{eta})",
-              file=sys.stderr, flush=True)
+        print(f"{self.stage}: {self.done}/{total} done ({len(self.parts_seen)}/{self.parts} parts started, "
+              f"{rate:.2f}/s{eta})", file=sys.stderr, flush=True)
 
 
 def format_seconds(seconds: float) -> str:

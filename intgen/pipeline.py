@@ -14,19 +14,21 @@ from typing import Any
 
 import polars as pl
 
+from intgen import ray_executor
 from intgen.backends import Backend, BackendConfig, make_backend
 from intgen.benchmarks import resolve_benchmark
 from intgen.calls import Price
 from intgen.config import RunConfig
 from intgen.dataset.export import export
 from intgen.decontaminate import NgramIndex, drop_contaminated
-from intgen.driver import Engine, Grader, run_stage, write_input, write_problems
+from intgen.driver import Engine, Planned, run_stage, run_stages, write_input, write_problems
 from intgen.errors import UserError
 from intgen.evals import localize
 from intgen.evals.metrics import eval_report
 from intgen.grading import are_equivalent
 from intgen.io import LoadResult, read_problems
-from intgen.plan import PIPELINE, STAGES, step
+from intgen.parts import Grader
+from intgen.plan import PIPELINE, STAGES
 from intgen.ray_executor import RaySettings
 from intgen.rundir import RunDir, held
 
@@ -85,14 +87,30 @@ def run_named_stage(run: RunDir, config: RunConfig, name: str, engine: Engine | 
                     progress: bool = True) -> dict[str, Any]:
     """Run one stage of the pipeline (`plan.PIPELINE`) with the run's settings; a stage without a model still runs
     its grading on Ray under the Ray executor."""
-    stage = step(name)
-    if engine is None:
-        engine = Engine(ray=ray_settings(config))
-    has_model = engine.backend is not None or engine.config is not None
-    price = load_price(config.prices, engine.identity()["model"]) if has_model else None
-    return run_stage(run, stage.stage, stage.settings(config), STAGES, engine=engine,
-                     grader=Grader(config.grade_workers, config.grade_timeout), price=price, force=force,
-                     progress=progress)
+    return run_steps(run, config, {name: engine}, force, progress)[name]
+
+
+def run_pipeline(run: RunDir, config: RunConfig, engines: Mapping[str, Engine], force: bool = False,
+                 progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Every stage of `plan.PIPELINE`, each model stage's calls answered by `engines[its model]`."""
+    return run_steps(run, config, {each.name: engines[each.model] if each.model else None for each in PIPELINE},
+                     force, progress)
+
+
+def run_steps(run: RunDir, config: RunConfig, engines: Mapping[str, Engine | None], force: bool,
+              progress: bool) -> dict[str, dict[str, Any]]:
+    """The named stages (in pipeline order) on the run's executor: the local one's dataflow over parts
+    (`driver.run_stages`), or Ray's, stage after stage (`ray_executor.run_stages`); the same signature."""
+    ray = ray_settings(config)
+    execute = ray_executor.run_stages if ray is not None else run_stages
+    plan = []
+    for each in (s for s in PIPELINE if s.name in engines):
+        engine = engines[each.name] or (Engine(ray=ray) if ray is not None else None)
+        has_model = engine is not None and (engine.backend is not None or engine.config is not None)
+        price = load_price(config.prices, engine.identity()["model"]) if has_model else None
+        plan.append(Planned(each.stage, each.settings(config), engine, price))
+    return execute(run, plan, STAGES, grader=Grader(config.grade_workers, config.grade_timeout), force=force,
+                   progress=progress, parts_in_flight=config.parts_in_flight)
 
 
 def sample_problems(run: RunDir, config: RunConfig, engine: Engine, problems: pl.DataFrame, force: bool = False,
@@ -164,8 +182,7 @@ def _build(run: RunDir, config: RunConfig, force: bool, progress: bool,
             engines = {"policy": stack.enter_context(open_engine(config, config.policy_backend()))}
             proposer = config.proposer_config()
             engines["proposer"] = stack.enter_context(open_engine(config, proposer)) if proposer else engines["policy"]
-        for each in PIPELINE:
-            run_named_stage(run, config, each.name, engines[each.model] if each.model else None, force, progress)
+        run_pipeline(run, config, engines, force, progress)
     run.write_json("config.json", config.to_dict())
     return export(run, config, skipped_rows=len(loaded.skipped))
 

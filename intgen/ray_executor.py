@@ -1,11 +1,13 @@
 """`--executor ray`: a stage's parts as a Ray Data pipeline, on one machine or a cluster.
 
-The same stage skeleton as the local executor (`intgen.driver`), at the edge: the driver decides which
-parts are due (markers, fingerprints, inputs), and Ray Data maps those part indices through a pool of
-actors. Each actor owns one backend (the openai backend's HTTP client to the server pool, the embedded engine, an
-in-process vLLM engine on its GPU) and computes whole parts exactly as the local executor does: it reads
-the part's inputs from the run directory, answers the stage's model calls through the cache, sends its
-grading to Ray tasks, and writes the part's tables and marker atomically. The driver only counts.
+The same stage skeleton as the local executor (`intgen.driver`), at the edge: `run_stages` has the same signature
+as the driver's and runs the stages one after another; for each, it decides which parts are due (markers,
+fingerprints, inputs: the driver's functions), and Ray Data maps those part indices through a pool of actors.
+Each actor owns one backend (the openai backend's HTTP client to the server pool, the embedded engine, an
+in-process vLLM engine on its GPU) and computes whole parts as the local executor does (`intgen.parts`): it
+reads the part's inputs from the run directory, answers the stage's model calls through the cache, sends its
+grading to Ray tasks, and writes the part's tables and marker atomically. The driver only counts. Stages do not
+overlap here (each is a Ray Data pipeline of its own); within one, the actors' parts run side by side.
 
 Call cache. One SQLite file written from many nodes is not safe (WAL needs shared memory; network file
 systems lock poorly), so under Ray every part writes its own cache file, `RUN/cache-parts/<stage>/part-N.sqlite`,
@@ -27,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from intgen.calls import CallStats
+from intgen.driver import Planned, StageProgress, begin, due_parts, finish, stage_fingerprint
 from intgen.extras import need
+from intgen.parts import Grader
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class PartWorker:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         from intgen.cache import CallCache
-        from intgen.driver import Executor, compute_part
+        from intgen.parts import Answerer, compute_part
 
         done = []
         for index, record in zip(batch["index"], batch["record"]):
@@ -87,7 +91,7 @@ class PartWorker:
             cache_path = part_cache_dir(self.run.path, self.stage.name) / f"part-{index:05d}.sqlite"
             cache = CallCache(cache_path, fallback=self.run.path / "cache.sqlite")
             stats = CallStats()
-            execute = Executor(self.run, self.backend, self.grader, stats, cache=cache, grade=grade_on_ray)
+            execute = Answerer(self.run, self.backend, self.grader, stats, cache=cache, grade=grade_on_ray)
             try:
                 work = compute_part(self.run, self.stage, self.settings, index, execute, json.loads(str(record)))
             finally:
@@ -156,3 +160,32 @@ def run_parts(run: Any, stage: Any, settings: Any, todo: list[tuple[int, dict[st
             progress.expect(report["index"], report["work"])
             progress.advance(report["work"])
     return token_counts
+
+
+def run_stages(run: Any, plan: list[Planned], stages: list[Any], *, grader: Grader = Grader(), force: bool = False,
+               progress: bool = True, parts_in_flight: int = 8) -> dict[str, dict[str, Any]]:
+    """The Ray executor's `driver.run_stages`: each planned stage's due parts on its actors (`plan[k].engine`
+    carries the backend's settings and the `RaySettings`), one stage after another. `parts_in_flight` is the
+    local executor's; here the actors set how many parts run at once."""
+    entries = {}
+    for planned in plan:
+        stage, engine = planned.stage, planned.engine
+        fingerprint = stage_fingerprint(stage, planned.settings, engine)
+        previous = begin(run, stage.name, list(stage.writes), fingerprint, force)
+        count = run.part_count(stage.reads[0])
+        stats = CallStats()
+        due = due_parts(run, stage, fingerprint, stages)
+        backend_config = engine.config if engine is not None and stage.uses_model else None
+        settings = engine.ray if engine is not None and engine.ray is not None else RaySettings()
+        with StageProgress(stage.name, count, progress) as shown:
+            merge_part_caches(run)  # a killed run's part caches first: their calls are paid for
+            try:
+                token_counts = run_parts(run, stage, planned.settings, due, backend_config, grader, settings, stats,
+                                         shown)
+            finally:
+                merge_part_caches(run)
+        for table in stage.writes:
+            run.clear_table(table, start=count)  # parts of problems no longer in the run
+        entries[stage.name] = finish(run, stage, planned.settings, fingerprint, previous, stats, planned.price,
+                                     token_counts if backend_config is not None else None)
+    return entries

@@ -17,6 +17,7 @@ import os
 import platform
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -104,6 +105,7 @@ class RunDir:
             raise _unwritable(self.path, exc) from None
         self._cache: CallCache | None = None
         self._lock: Any = None
+        self._opening = threading.Lock()
 
     @contextmanager
     def locked(self) -> Iterator[RunDir]:
@@ -144,9 +146,10 @@ class RunDir:
 
     @property
     def cache(self) -> CallCache:
-        if self._cache is None:
-            self._cache = CallCache(self.path / "cache.sqlite")
-        return self._cache
+        with self._opening:  # parts computed in several threads open it at once
+            if self._cache is None:
+                self._cache = CallCache(self.path / "cache.sqlite")
+            return self._cache
 
     # --- manifest ---
     @property

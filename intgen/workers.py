@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
@@ -118,6 +119,15 @@ def _worker_env() -> dict[str, str]:
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+
+
+_SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="intgen-spawner")
+
+
+def _spawn(target: str, memory_limit: int | None) -> _Worker:
+    """A worker started from one long-lived thread: Linux's parent-death signal fires when the *thread* that
+    started a process ends, and pools are used from the driver's part threads, which come and go."""
+    return _SPAWNER.submit(_Worker, target, memory_limit).result()
 
 
 class _Worker:
@@ -218,7 +228,7 @@ class HardTimeoutPool:
         results: list[Any] = [None] * len(items)
         pending = deque(range(len(items)))
         while len(self._workers) < min(self.size, len(items)):
-            self._workers.append(_Worker(self.target, self.memory_limit))
+            self._workers.append(_spawn(self.target, self.memory_limit))
         idle = [w for w in self._workers if w.ready]
         starting = {w.stream(): w for w in self._workers if not w.ready}
         busy: dict[Any, _Worker] = {}
@@ -227,7 +237,7 @@ class HardTimeoutPool:
             results[worker.index] = result
             if isinstance(result, Failure) and result.reason in (TIMEOUT, WORKER_DIED):
                 worker.kill()
-                fresh = _Worker(self.target, self.memory_limit)
+                fresh = _spawn(self.target, self.memory_limit)
                 self._workers[self._workers.index(worker)] = fresh
                 self.restarts += 1
                 starting[fresh.stream()] = fresh

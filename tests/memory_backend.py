@@ -22,20 +22,24 @@ class Killed(BaseException):
 class MemoryBackend:
     """Answers each request from `script` in this process. `fail(request)` may name an error for a request
     (a failed call, as a server error is recorded); after `kill_after` answered requests the next one raises
-    `Killed`. `sent` holds every request that reached it."""
+    `Killed`. `sent` holds every request that reached it; `window` caps the samples of one batch."""
 
     kind = "memory"
     supports_continuation = True
     token_counts = "engine"
 
     def __init__(self, script: Script, fail: Callable[[Request], str | None] | None = None,
-                 kill_after: int | None = None) -> None:
+                 kill_after: int | None = None, window: int | None = None) -> None:
         self.script, self.fail, self.kill_after = script, fail, kill_after
         self.model = script.model
         self.reply_settings: dict[str, Any] = {}
         self.sent: list[Request] = []
+        self.batches: list[int] = []  # the size of each batch it was given
+        if window is not None:
+            self.window = window  # samples per batch (the driver's default otherwise)
 
     def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
+        self.batches.append(len(requests))
         results = []
         for index, request in enumerate(requests):
             if self.kill_after is not None and len(self.sent) >= self.kill_after:

@@ -19,6 +19,7 @@ than `max_tokens` is cut there with `finish_reason` "length", as a real engine d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -152,12 +153,16 @@ class Script:
 
 class ScriptedServer(Script):
     """The script (see the module docstring) behind the OpenAI API on 127.0.0.1; `delay` holds every reply that
-    long (a kill test needs requests in flight)."""
+    long (a kill test needs requests in flight); `in_flight` counts the requests held, continuations (verify's)
+    and other chats (sample's and propose's)."""
 
     def __init__(self, answers: dict[str, str], seed: int = 0, delay: float = 0.0, model: str = "scripted",
-                 max_model_len: int = 32768, fixes: bool = True, intervention: str = INTERVENTION) -> None:
+                 max_model_len: int = 32768, fixes: bool = True, intervention: str = INTERVENTION,
+                 one_at_a_time: bool = False) -> None:
         super().__init__(answers, seed, model, max_model_len, fixes, intervention)
         self.delay = delay
+        self.slot = threading.Lock() if one_at_a_time else None  # one slot: the others wait in its queue
+        self.in_flight: Counter[str] = Counter()  # requests being answered: continuations and other chats
         server = self
 
         class Handler(QuietHandler):
@@ -171,10 +176,20 @@ class ScriptedServer(Script):
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
-                if server.delay:
-                    time.sleep(server.delay)
-                status, answer = server.answer(self.path, body)
-                reply(self, status, json.dumps(answer).encode())
+                messages = body.get("messages") or [{}]
+                continued = not self.path.endswith("/chat/completions") or messages[-1].get("role") == "assistant"
+                kind = "continuation" if continued else "chat"
+                with server.lock:
+                    server.in_flight[kind] += 1
+                try:
+                    with server.slot or contextlib.nullcontext():
+                        if server.delay:
+                            time.sleep(server.delay)
+                        status, answer = server.answer(self.path, body)
+                    reply(self, status, json.dumps(answer).encode())
+                finally:
+                    with server.lock:
+                        server.in_flight[kind] -= 1
 
         self.server, url = serve(Handler)
         self.url = url + "/v1"

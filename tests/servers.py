@@ -39,9 +39,14 @@ class QuietHandler(BaseHTTPRequestHandler):
         pass
 
 
+class LoopbackServer(ThreadingHTTPServer):
+    request_queue_size = 1024  # a client with hundreds of requests in flight connects at once (the default is 5)
+    daemon_threads = True
+
+
 def serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
     """Start `handler` on a free loopback port in a daemon thread; returns the server and its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    server = LoopbackServer(("127.0.0.1", free_port()), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 

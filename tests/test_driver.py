@@ -55,11 +55,33 @@ def test_the_same_config_and_seed_give_the_same_dataset(tmp_path: Path) -> None:
         assert first[name].equals(second[name]), name
 
 
-def test_a_kill_late_in_verify_resumes_without_paying_twice(tmp_path: Path) -> None:
+def stage_tables(run_dir: Path) -> dict[str, pl.DataFrame]:
+    return {table: pl.read_parquet(run_dir / table) for table in ("samples", "graded", "proposals", "verify",
+                                                                    "continuations")}
+
+
+def test_scheduling_changes_no_row(tmp_path: Path) -> None:
+    # the defaults (3 parts in flight, every request of every part in the window) against a strictly sequential
+    # schedule (one part at a time, one sample per batch)
+    together = MemoryBackend(script())
+    build(tmp_path / "together", together)
+    alone = MemoryBackend(script(), window=1)
+    build(tmp_path / "alone", alone, RunConfig(**(CONFIG.to_dict() | {"parts_in_flight": 1})))
+    assert max(together.batches) > 1 and max(alone.batches) == 1
+    assert sorted(map(repr, together.sent)) == sorted(map(repr, alone.sent))  # the same calls, in another order
+    for name, frame in stage_tables(tmp_path / "together").items():
+        assert frame.equals(stage_tables(tmp_path / "alone")[name]), name
+    for name, frame in tables(tmp_path / "together").items():
+        assert frame.height and frame.equals(tables(tmp_path / "alone")[name]), name
+
+
+@pytest.mark.parametrize("share", [0.5, 0.9])
+def test_a_kill_with_parts_in_flight_resumes_without_paying_twice(tmp_path: Path, share: float) -> None:
     whole = MemoryBackend(script())
     build(tmp_path / "whole", whole)
     before_verify = sum(1 for r in whole.sent if not r.continue_final)
-    killed = MemoryBackend(script(), kill_after=len(whole.sent) - 3)  # three requests before the end
+    # half way (parts of sample, propose and verify in flight) and late in verify
+    killed = MemoryBackend(script(), kill_after=round(len(whole.sent) * share))
     with pytest.raises(Killed):
         build(tmp_path / "run", killed)
     run = RunDir(tmp_path / "run")

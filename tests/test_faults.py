@@ -222,6 +222,22 @@ def test_a_server_that_never_answers_is_given_up_in_bounded_time(tmp_path: Path)
     assert "connection" in result.output and "was given up" in result.output
 
 
+def test_a_request_waiting_in_a_busy_servers_queue_is_not_timed_out(tmp_path: Path) -> None:
+    # One slot answering every 0.3 s, 6 requests in flight: the last waits 1.8 s in the server's queue, far past the
+    # 0.5 s timeout, while the server keeps answering the others. Only a server that answers nothing is stalled.
+    from scripted import ScriptedServer, answers_of
+
+    server = ScriptedServer(answers_of(EXAMPLE_PROBLEMS), delay=0.3, one_at_a_time=True)
+    try:
+        result = runner.invoke(app, sample_args(tmp_path / "run", server.url, "--limit", "6", "--concurrency", "16",
+                                                "--request-timeout", "0.5", "--max-tries", "1"))
+    finally:
+        server.stop()
+    assert result.exit_code == 0, result.output
+    attempts = pl.read_parquet(tmp_path / "run" / "samples")
+    assert attempts.height == 12 and attempts["error"].null_count() == 12
+
+
 def is_continuation(path: str, body: dict) -> str | None:
     return "503" if path.endswith("/completions") and not path.endswith("/chat/completions") else None
 
@@ -455,7 +471,7 @@ def test_progress_is_a_line_every_so_often_when_not_a_terminal(capsys: pytest.Ca
         progress.advance(4)
         progress.advance(6)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("propose: 0/20 done (part 1/2")  # the second part is estimated like the first
+    assert lines[0].startswith("propose: 0/20 done (1/2 parts started")  # the second part is estimated like the first
     assert any(line.startswith("propose: 4/20 done") and "left" in line for line in lines)
     assert lines[-1].startswith("propose: 10/20 done")
 

@@ -252,9 +252,60 @@ def test_sigkill_late_in_verify_then_resume(gsm8k: Path, tmp_path: Path) -> None
         proxy.stop()
         server.stop()
     assert 0 <= repeated <= 1, repeated  # at most the request in flight at the kill (--concurrency 1)
+    assert_same_dataset(run_dir, reference_dir)
+
+
+def assert_same_dataset(run_dir: Path, reference_dir: Path) -> None:
     for name in ("interventions", "sft"):
         resumed, reference = read_config(run_dir, name), read_config(reference_dir, name)
         assert resumed.height > 0 and resumed.equals(reference), (name, resumed.height, reference.height)
+
+
+def test_sigkill_with_parts_of_two_stages_in_flight_then_resume_equals_a_sequential_run(
+        gsm8k: Path, tmp_path: Path) -> None:
+    # Parts of two problems each and a window of 64 samples: while some parts' continuations (verify) are held by
+    # the server, other parts' attempts or proposals are too. The kill lands then; the rerun repeats at most what
+    # was in flight, and the dataset is the one a strictly sequential schedule (one part, one request) makes.
+    def args(run_dir: Path, url: str, *schedule: str) -> list[str]:
+        return pipeline_args(gsm8k, run_dir, url, "scripted") + ["--batch-size", "2", *schedule]
+
+    server = ScriptedServer(answers_of(gsm8k), seed=TEST_SEED, delay=0.02)
+    proxy = Proxy(server.url)
+    try:
+        sequential = tmp_path / "sequential"
+        result = runner.invoke(app, args(sequential, proxy.url, "--concurrency", "1", "--parts-in-flight", "1"))
+        assert result.exit_code == 0, result.output
+        assert proxy.max_in_flight == 1
+        reference_requests = len(proxy.forwarded)
+
+        server.delay = 0.3
+        run_dir = tmp_path / "killed"
+        process = subprocess.Popen([sys.executable, "-m", "intgen", *args(run_dir, proxy.url, "--concurrency", "64")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not (server.in_flight["continuation"] and server.in_flight["chat"]) and process.poll() is None:
+            assert time.monotonic() < deadline, "verify and an earlier stage were never in flight together"
+            time.sleep(0.005)
+        assert process.poll() is None, "the run finished before it could be killed"
+        before = proxy.in_flight
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        in_flight = max(before, proxy.in_flight)
+        manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+        assert manifest["verify"]["status"] == "running"
+        marked = [m for m in (run_dir / "markers").rglob("part-*.json")]
+        for marker in marked:  # a marker never claims a part that was not written whole
+            for table, stat in json.loads(marker.read_text())["files"].items():
+                assert (run_dir / table / marker.with_suffix(".parquet").name).stat().st_size == stat["bytes"]
+        server.delay = 0.0
+        rerun = runner.invoke(app, args(run_dir, proxy.url))
+        assert rerun.exit_code == 0, rerun.output
+        repeated = len(proxy.forwarded) - 2 * reference_requests
+    finally:
+        proxy.stop()
+        server.stop()
+    assert in_flight > 1 and 0 <= repeated <= in_flight, (repeated, in_flight)
+    assert_same_dataset(run_dir, sequential)
 
 
 def test_rl_config_loads_through_verls_own_dataset_and_scores_like_its_reward_manager(

@@ -41,6 +41,10 @@ VLLM_RESOURCE_ARGS = frozenset({
 })
 
 
+OPENAI_WINDOW = 512  # requests in flight per server, by default
+GEMINI_WINDOW = 16  # in all: a hosted API's rate limits
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     """Which engine and how to reach it: the backend section of a run's settings (`RunConfig` holds these fields
@@ -55,8 +59,12 @@ class BackendConfig:
                                    join=True)
     api_key_env: str | None = setting(None, "Environment variable holding the API key (default OPENAI_API_KEY / "
                                             "GEMINI_API_KEY).")
-    concurrency: int = setting(32, "Requests in flight at once (openai, gemini).", low=1)
-    request_timeout: float = setting(600.0, "Seconds to wait for one try of a request (openai, gemini).", low=0.01)
+    concurrency: int | None = setting(
+        None, "Requests in flight at once: openai, per server (default 512: more than a GPU server decodes at once, "
+        "so its queue never runs dry; see the README on sizing it); gemini, in all (default 16).", low=1)
+    request_timeout: float = setting(
+        600.0, "openai: seconds a request waits while its server answers nothing at all (a stalled server; waiting "
+        "in a busy server's queue is not late); gemini: seconds for one try.", low=0.01)
     max_tries: int = setting(6, "Tries per request before its failure is recorded (a rerun tries again).", low=1)
     structured_output: str = setting(
         "json_schema", "openai: how to send a JSON schema: json_schema (OpenAI, vLLM, SGLang), json_object "
@@ -141,7 +149,7 @@ def _make_backend(config: BackendConfig) -> Backend:
             config.model,
             base_url=config.base_url,
             api_key_env=config.api_key_env or "OPENAI_API_KEY",
-            concurrency=config.concurrency,
+            concurrency=config.concurrency or OPENAI_WINDOW,
             max_tries=config.max_tries,
             timeout_s=config.request_timeout,
             max_model_len=config.max_model_len,
@@ -159,7 +167,7 @@ def _make_backend(config: BackendConfig) -> Backend:
             config.model,
             base_url=config.base_url,
             api_key_env=config.api_key_env or "GEMINI_API_KEY",
-            concurrency=config.concurrency,
+            concurrency=config.concurrency or GEMINI_WINDOW,
             max_tries=config.max_tries,
             timeout_s=config.request_timeout,
             thinking_budget=config.thinking_budget,

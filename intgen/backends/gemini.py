@@ -76,14 +76,22 @@ class GeminiBackend:
     def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
         return run_sync(self.agenerate(requests, on_done))
 
+    @property
+    def window(self) -> int:
+        return self.concurrency
+
+    async def answer(self, request: Request) -> list[Completion]:
+        """One request, after retries; its failure is a row, never the run's."""
+        try:
+            return await retrying(lambda: self._call(request), _retryable, self.max_tries, self.wait)
+        except Exception as exc:  # after the last try: this request's failure, not the run's
+            code = getattr(exc, "code", None)
+            label = f"http_{code}" if isinstance(code, int) else "bad_response"
+            return [error_completion(f"{label}: {type(exc).__name__}: {exc}"[:500])]
+
     async def agenerate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
         async def one(index: int, request: Request) -> list[Completion]:
-            try:
-                completions = await retrying(lambda: self._call(request), _retryable, self.max_tries, self.wait)
-            except Exception as exc:  # after the last try: this request's failure, not the run's
-                code = getattr(exc, "code", None)
-                label = f"http_{code}" if isinstance(code, int) else "bad_response"
-                completions = [error_completion(f"{label}: {type(exc).__name__}: {exc}"[:500])]
+            completions = await self.answer(request)
             if on_done is not None:
                 on_done(index, completions)
             return completions

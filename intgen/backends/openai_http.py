@@ -179,6 +179,7 @@ class Server:
     in_flight: int = 0
     failures: int = 0  # in a row
     resting_until: float = 0.0
+    answered: float = 0.0  # when it last sent a whole reply (to any call)
 
 
 class ServerPool:
@@ -265,6 +266,7 @@ class OpenAIBackend:
         count = chat_template.count_tokens if chat_template is not None else None
         self._count = count
         self.token_counts = "tokenizer" if count is not None else "estimated"
+        self._shared_pool: ServerPool | None = None
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"
@@ -275,19 +277,40 @@ class OpenAIBackend:
     def close(self) -> None:
         pass
 
-    async def agenerate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
+    @property
+    def window(self) -> int:
+        """Requests in flight at once: `concurrency` per server."""
+        return self.concurrency * len(base_urls(self.base_url))
+
+    def _pool(self) -> ServerPool:
+        """The servers' connection pools, made in the running event loop."""
         headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
         urls = base_urls(self.base_url)
         tls = tls_context() if any(url.startswith("https:") for url in urls) else None
-        # No connection may wait in a queue (its wait would count against the timeout): while other servers rest,
-        # one server may hold all `concurrency` × servers requests in flight.
-        limit = self.concurrency * len(urls)
-        pool = ServerPool([
-            Server(url, aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                                              connector=aiohttp.TCPConnector(limit=limit, ssl=tls or True)),
+        # No connection may wait in aiohttp's queue: while other servers rest, one server may hold the whole window.
+        # No total timeout either: a request waiting in the server's own queue is not late (`_call_one` times out a
+        # server that answers nothing).
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout_s, 60.0))
+        return ServerPool([
+            Server(url, aiohttp.ClientSession(headers=headers, timeout=timeout,
+                                              connector=aiohttp.TCPConnector(limit=self.window, ssl=tls or True)),
                    env_proxy(url))
             for url in urls
         ])
+
+    async def answer(self, request: Request) -> list[Completion]:
+        """One request on the backend's long-lived pool (the driver's `Window` streams requests through it)."""
+        if self._shared_pool is None:
+            self._shared_pool = self._pool()
+        return await self._answer(self._shared_pool, request)
+
+    async def aclose(self) -> None:
+        if self._shared_pool is not None:
+            await self._shared_pool.close()
+            self._shared_pool = None
+
+    async def agenerate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
+        pool = self._pool()
 
         async def one(index: int, request: Request) -> list[Completion]:
             completions = await self._answer(pool, request)
@@ -296,9 +319,7 @@ class OpenAIBackend:
             return completions
 
         try:
-            # `concurrency` in flight per server
-            return await bounded_gather([one(i, r) for i, r in enumerate(requests)],
-                                        self.concurrency * len(pool.servers))
+            return await bounded_gather([one(i, r) for i, r in enumerate(requests)], self.window)
         finally:
             await pool.close()
 
@@ -357,7 +378,7 @@ class OpenAIBackend:
         server = pool.pick(request.affinity())
         server.in_flight += 1
         try:
-            completions = await self._call(server, request)
+            completions = await self._watched(server, request)
         except BaseException as exc:
             if _retryable(exc):
                 pool.failed(server)
@@ -366,6 +387,24 @@ class OpenAIBackend:
             server.in_flight -= 1
         pool.succeeded(server)
         return completions
+
+    async def _watched(self, server: Server, request: Request) -> list[Completion]:
+        """The call, given up (asyncio's TimeoutError, retried) once its server has answered nothing, to anyone,
+        for `timeout_s` since it was sent: a stalled server. A request waiting its turn in a busy server's queue is
+        not late while the server answers others (a window far larger than the server's slots is the point)."""
+        call = asyncio.ensure_future(self._call(server, request))
+        sent = time.monotonic()
+        try:
+            while True:
+                left = max(sent, server.answered) + self.timeout_s - time.monotonic()
+                if left <= 0:
+                    raise asyncio.TimeoutError(f"the server answered nothing for {self.timeout_s:g} s")
+                done, _ = await asyncio.wait({call}, timeout=left)
+                if done:
+                    return call.result()
+        finally:
+            if not call.done():
+                call.cancel()
 
     def body(self, request: Request) -> tuple[str, dict[str, Any]]:
         """The endpoint and the JSON body of one request (the OpenAI wire format, with vLLM's extras)."""
@@ -398,6 +437,7 @@ class OpenAIBackend:
         data = json.dumps(body).encode()
         async with server.session.post(server.url + path, data=data, proxy=server.proxy) as response:
             raw = await response.read()
+            server.answered = time.monotonic()
             if response.status >= 400:
                 raise StatusError(response.status, error_message(raw), response.headers)
         try:

@@ -2,10 +2,10 @@
 
 A stage works on one *part* at a time: the rows of the tables it reads for one batch of problems
 (part `i` of every table covers the same problems). Its `compute` is a generator, pure and free of
-I/O: it yields what it needs done — `ModelCalls` (requests for its model) or `Grading` (answers to
-check) — receives the results, and finally returns the rows it writes, table by table. The driver
-(`intgen.driver`) does the rest: fingerprints, resume, the call cache, atomic writes, the manifest,
-progress. A stage can be tested alone by driving its generator with plain data.
+I/O: it yields what it needs done — `ModelCalls` (requests for its model), `Chained` (first turns and the
+second turns made from each) or `Grading` (answers to check) — receives the results, and finally returns the
+rows it writes, table by table. The driver (`intgen.driver`) does the rest: fingerprints, resume, the call
+cache, atomic writes, the manifest, progress. A stage can be tested alone by driving its generator with plain data.
 """
 
 from __future__ import annotations
@@ -32,6 +32,16 @@ class ModelCalls:
 
 
 @dataclass(frozen=True)
+class Chained:
+    """Ask for the `first` requests and, as soon as each is answered, for the requests `then(i, its completions)`
+    builds from it (a second turn that continues the first): no second turn waits for another's first. Answered
+    with, for each first request, (its completions, the completions of each request `then` made for it)."""
+
+    first: list[Request]
+    then: Callable[[int, list[Completion]], list[Request]]
+
+
+@dataclass(frozen=True)
 class Grading:
     """Ask the driver to grade these items: (gold answer, text, how to find the answer in the text:
     `grading.BARE`, `BOXED` or `LENIENT`), each in a time-limited worker."""
@@ -39,8 +49,8 @@ class Grading:
     items: list[tuple[str, str | None, str]]
 
 
-Ask = ModelCalls | Grading
-Answer = list[list[Completion]] | list[Verdict]
+Ask = ModelCalls | Chained | Grading
+Answer = list[list[Completion]] | list[tuple[list[Completion], list[list[Completion]]]] | list[Verdict]
 Compute = Generator[Ask, Answer, dict[str, Rows]]
 
 
@@ -97,11 +107,25 @@ def count_failures(frame: pl.DataFrame, prefix: str = "") -> dict[str, int]:
     return dict(Counter(errors["error"].str.split(":").list.first().to_list()))
 
 
-def run_by_hand(compute: Compute, answer: Callable[[Ask], Answer]) -> dict[str, Rows]:
-    """Drive a stage's generator to its end, answering each ask with `answer(ask)`."""
+def drive(compute: Compute, answer: Callable[[Ask], Answer]) -> dict[str, Rows]:
+    """Drive a stage's generator to its end, answering each ask with `answer(ask)` (the driver's executor)."""
     try:
         ask = next(compute)
         while True:
             ask = compute.send(answer(ask))
     except StopIteration as done:
         return done.value
+
+
+def run_by_hand(compute: Compute, answer: Callable[[Ask], Answer]) -> dict[str, Rows]:
+    """`drive` with an `answer` that knows only `ModelCalls` and `Grading`: a `Chained` ask is answered as its first
+    requests' `ModelCalls`, then each one's second turns' (one after another)."""
+    return drive(compute, lambda ask: _chained_by_hand(ask, answer) if isinstance(ask, Chained) else answer(ask))
+
+
+def _chained_by_hand(ask: Chained, answer: Callable[[Ask], Answer]) -> Answer:
+    chains = []
+    for k, first in enumerate(answer(ModelCalls(ask.first))):
+        then = ask.then(k, first)  # type: ignore[arg-type]
+        chains.append((first, answer(ModelCalls(then)) if then else []))
+    return chains  # type: ignore[return-value]

@@ -19,7 +19,7 @@ import polars as pl
 from intgen.backends.base import ERROR, LENGTH, Completion, Request, Sampling, make_request
 from intgen.grading import BARE, boxed_answers, provisional
 from intgen.resources import Prompt, fill
-from intgen.stages import Answer, Ask, Compute, Grading, ModelCalls, Part, Stage, grade
+from intgen.stages import Answer, Ask, Chained, Compute, Grading, ModelCalls, Part, Stage, grade
 from intgen.stages.verify import intervened_text
 from intgen.steps import STEPS_VERSION, number_steps, split_steps, step_ends
 
@@ -774,16 +774,6 @@ def read_reply(row: dict[str, Any], out: Completion, steps: list[str], instructi
     return row
 
 
-def reference_turns(ids: list[str], problems: dict[str, dict[str, Any]], s: ProposeSettings) -> Compute:
-    """Turn 1 of the two-turn prompt, one call per problem: {problem_id: (messages, its completion)}."""
-    if s.reference_prompt is None or not ids:
-        return {}
-    messages = [reference_messages(problems[i]["problem"], reference_text(problems[i], True) or "",
-                                   s.reference_prompt.text) for i in ids]
-    outs = yield ModelCalls([make_request(m, s.sampling) for m in messages])
-    return {i: (m, out[0]) for i, m, out in zip(ids, messages, outs)}
-
-
 def critique_request(steps: list[str], problem: dict[str, Any], turn1: Any, s: ProposeSettings) -> Request:
     history = (turn1[0], turn1[1].text) if turn1 is not None else None
     messages = critique_messages(problem["problem"], reference_text(problem, True) or "", steps,
@@ -811,13 +801,44 @@ def instructions(s: ProposeSettings) -> str:
 
 
 def compute(part: Part, s: ProposeSettings) -> Compute:
+    """One critique call per failed attempt (P proposals each). With the two-turn prompt, each problem's first turn
+    (reading the reference) goes first, and its attempts' critiques go out as soon as it is answered."""
     problems = part.problems()
     failed = failed_attempts(part, s.propose_for)
     steps_of = {a["attempt_id"]: split_steps(a["text"]) for a in failed}
-    ids = sorted({a["problem_id"] for a in failed if reference_text(problems[a["problem_id"]], s.allow_no_reference)})
-    turn1 = yield from reference_turns(ids, problems, s)
+    turn1: dict[str, tuple[list[dict[str, str]], Completion]] = {}
+    critiques: dict[str, list[Completion]] = {}
+
+    def asked_for(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The attempts that get a critique call, given the first turns known."""
+        return [a for a in attempts if unproposable(steps_of[a["attempt_id"]], problems[a["problem_id"]],
+                                                    turn1.get(a["problem_id"]), s) is None]
+
+    def critique(attempt: dict[str, Any], first: tuple[list[dict[str, str]], Completion] | None) -> Request:
+        return critique_request(steps_of[attempt["attempt_id"]], problems[attempt["problem_id"]], first, s)
+
+    if s.reference_prompt is None:
+        todo = asked_for(failed)
+        outs = (yield ModelCalls([critique(a, None) for a in todo])) if todo else []
+        critiques = {a["attempt_id"]: out for a, out in zip(todo, outs)}
+    else:
+        ids = sorted({a["problem_id"] for a in failed
+                      if reference_text(problems[a["problem_id"]], s.allow_no_reference)})
+        firsts = [reference_messages(problems[i]["problem"], reference_text(problems[i], True) or "",
+                                     s.reference_prompt.text) for i in ids]
+        attempts_of = {i: [a for a in failed if a["problem_id"] == i] for i in ids}
+
+        def then(k: int, outs: list[Completion]) -> list[Request]:  # pure: the same first turn, the same asks
+            first = (firsts[k], outs[0])
+            return [critique(a, first) for a in attempts_of[ids[k]]
+                    if unproposable(steps_of[a["attempt_id"]], problems[ids[k]], first, s) is None]
+
+        answers = (yield Chained([make_request(m, s.sampling) for m in firsts], then)) if ids else []
+        for k, (outs, seconds) in enumerate(answers):
+            turn1[ids[k]] = (firsts[k], outs[0])
+            critiques |= {a["attempt_id"]: out for a, out in zip(asked_for(attempts_of[ids[k]]), seconds)}
     rows: list[dict[str, Any]] = []
-    requests, asked = [], []
+    told = instructions(s)
     for attempt in failed:
         steps, problem = steps_of[attempt["attempt_id"]], problems[attempt["problem_id"]]
         blank = [proposal_row(attempt, steps, j) for j in range(s.proposals)]
@@ -825,14 +846,7 @@ def compute(part: Part, s: ProposeSettings) -> Compute:
         if why_not is not None:
             rows += [row | why_not for row in blank]
             continue
-        requests.append(critique_request(steps, problem, turn1.get(attempt["problem_id"]), s))
-        asked.append((len(rows), attempt))
-        rows += blank
-    completions = (yield ModelCalls(requests)) if requests else []
-    told = instructions(s)
-    for (start, attempt), outs in zip(asked, completions):
-        for j, out in enumerate(outs):
-            rows[start + j] = read_reply(rows[start + j], out, steps_of[attempt["attempt_id"]], told)
+        rows += [read_reply(row, out, steps, told) for row, out in zip(blank, critiques[attempt["attempt_id"]])]
     parsed = [row for row in rows if row["reject_reason"] is None]
     yield from check_leaks(parsed, problems)
     return {"proposals": rows}

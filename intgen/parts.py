@@ -1,0 +1,100 @@
+"""Computing one part of a stage: its stage's generator driven to its end, each ask answered (model calls through
+the call cache, a second turn as soon as its first is answered, grading in worker processes), and its tables
+written and marked finished. The executors (`intgen.driver` here, `intgen.ray_executor` on Ray actors) decide which
+parts, where and when; this is what each of them does with a part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from intgen.backends.base import Backend, Completion
+from intgen.cache import CallCache
+from intgen.calls import CallStats, run_requests
+from intgen.grading import DEFAULT_TIMEOUT_S, grade_items
+from intgen.rundir import RunDir
+from intgen.stages import Answer, Ask, Chained, Grading, ModelCalls, Part, Stage, drive
+
+
+@dataclass(frozen=True)
+class Grader:
+    """How the driver grades: worker processes and the per-item time limit."""
+
+    workers: int | None = 2
+    timeout: float = DEFAULT_TIMEOUT_S
+
+
+def read_part(run: RunDir, stage: Stage, index: int) -> Part:
+    return Part(index, {table: pl.read_parquet(run.part_path(table, index)).to_dicts() for table in stage.reads})
+
+
+class Answerer:
+    """Answers a part's asks: model calls through the cache, grading in worker processes (here, or as Ray
+    tasks under the Ray executor: `grade`). `progress`: a `StageProgress`, or anything with `advance(n)`."""
+
+    def __init__(self, run: RunDir, backend: Backend | None, grader: Grader, stats: CallStats,
+                 cache: CallCache | None = None, grade: Callable[..., list[Any]] = grade_items) -> None:
+        self.run, self.backend, self.grader, self.stats = run, backend, grader, stats
+        self.cache = cache if cache is not None else run.cache
+        self.grade = grade
+        self.progress: Any = None
+
+    def __call__(self, ask: Ask) -> Answer:
+        # progress counts a model stage's samples, and a stage without a model's answers graded
+        calls = isinstance(ask, (ModelCalls, Chained))
+        counted = self.progress if calls is (self.backend is not None) else None
+        if calls and self.backend is None:
+            raise RuntimeError("this stage asked for model calls but was given no backend")
+        if isinstance(ask, ModelCalls):
+            return run_requests(self.backend, ask.requests, self.cache, self.stats,
+                                counted.advance if counted is not None else None)
+        if isinstance(ask, Chained):
+            return self.chained(ask, counted.advance if counted is not None else None)
+        if isinstance(ask, Grading):
+            verdicts = self.grade(ask.items, workers=self.grader.workers, timeout=self.grader.timeout)
+            if counted is not None:
+                counted.advance(len(ask.items))
+            return verdicts
+        raise TypeError(f"unknown ask {type(ask).__name__}")
+
+
+    def chained(self, ask: Chained, progress: Callable[[int], None] | None) -> Answer:
+        """Each first request and then its second turns, chain by chain side by side (a thread each, at most
+        CHAINS at once): every second turn goes out as soon as its own first turn is answered."""
+
+        def chain(k: int) -> tuple[list[Completion], list[list[Completion]], CallStats]:
+            stats = CallStats()
+            first = run_requests(self.backend, [ask.first[k]], self.cache, stats, progress)[0]
+            then = ask.then(k, first)
+            return first, run_requests(self.backend, then, self.cache, stats, progress) if then else [], stats
+
+        with ThreadPoolExecutor(min(CHAINS, max(1, len(ask.first))), thread_name_prefix="intgen-chain") as pool:
+            answers = list(pool.map(chain, range(len(ask.first))))
+        for _, _, stats in answers:
+            self.stats.add(stats)
+        return [(first, then) for first, then, _ in answers]
+
+
+CHAINS = 64  # chains of one part in flight at once (a part's first turns: one per problem)
+
+
+def compute_part(run: RunDir, stage: Stage, settings: Any, index: int, execute: Answerer,
+                 record: dict[str, Any]) -> int:
+    """Compute part `index` of a stage and write it, marked finished; returns its units of work."""
+    part = read_part(run, stage, index)
+    work = stage.work(part, settings) if stage.work is not None else 0
+    if execute.progress is not None and stage.work is not None:
+        execute.progress.expect(index, work)
+    tables = drive(stage.compute(part, settings), execute)
+    frames = {name: pl.DataFrame(tables[name], schema=schema) for name, schema in stage.writes.items()}
+    for name, frame in frames.items():
+        run.write_part(name, index, frame)
+    run.finish_part(stage.table, index, list(frames), record | {"failed": stage.failures(frames[stage.table])})
+    return work
+
+
