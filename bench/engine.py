@@ -16,7 +16,8 @@ stage has work.
 For each setting it runs `intgen build-dataset` on `--problems` GSM8K problems (K=4, P=2, M=8, otherwise the
 defaults) and prints, from the engines' own records: the busy share (slot-seconds used / (slots x the time
 from the first request to the last answer), summed over the engines), the wall time against the ideal (all
-slot-seconds packed into the slots), and the prefix-cache hit rate (cached prompt tokens / prompt tokens).
+slot-seconds packed into the slots), the prefix-cache hit rate (cached prompt tokens / prompt tokens), and the
+share of the first engine's slots in use over each tenth of its time, in all and by kind of request.
 """
 
 from __future__ import annotations
@@ -236,6 +237,10 @@ def main() -> None:
         print(f"{r['slots']:>6} {r['servers']:>7} {r['settings']:<10} {r['busy_share']:>10.2f} "
               f"{r['engine_wall_s']:>10.1f}s {r['ideal_s']:>6.1f}s {r['prefix_hit_rate']:>11.2f} {r['sequences']:>9} "
               f"{r['kept']:>5}")
+    print("slots in use over each tenth of the first server's time (all kinds; then by kind of request):")
+    for r in rows:
+        kinds = "  ".join(f"{kind} {' '.join(f'{x:.2f}' for x in shares)}" for kind, shares in r["by_kind"].items())
+        print(f"  {r['slots']}x{r['servers']}: {' '.join(f'{x:.2f}' for x in r['occupancy'])}  |  {kinds}")
 
 
 if __name__ == "__main__":

@@ -78,8 +78,12 @@ class PartWorker:
 
         self.run = RunDir(run_path)
         self.stage, self.settings, self.grader = stage, settings, grader
+        from intgen.window import Window
+
         self.backend = make_backend(backend_config) if backend_config is not None else None
         self.token_counts = getattr(self.backend, "token_counts", None)
+        # one window per actor: a part's chained second turns go out beside its other calls, on one connection pool
+        self.window = Window(self.backend) if self.backend is not None else None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         from intgen.cache import CallCache
@@ -91,7 +95,7 @@ class PartWorker:
             cache_path = part_cache_dir(self.run.path, self.stage.name) / f"part-{index:05d}.sqlite"
             cache = CallCache(cache_path, fallback=self.run.path / "cache.sqlite")
             stats = CallStats()
-            execute = Answerer(self.run, self.backend, self.grader, stats, cache=cache, grade=grade_on_ray)
+            execute = Answerer(self.run, self.window, self.grader, stats, cache=cache, grade=grade_on_ray)
             try:
                 work = compute_part(self.run, self.stage, self.settings, index, execute, json.loads(str(record)))
             finally:

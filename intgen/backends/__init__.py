@@ -61,7 +61,8 @@ class BackendConfig:
                                             "GEMINI_API_KEY).")
     concurrency: int | None = setting(
         None, "Requests in flight at once: openai, per server (default 512: more than a GPU server decodes at once, "
-        "so its queue never runs dry; see the README on sizing it); gemini, in all (default 16).", low=1)
+        "so its queue never runs dry; see the README on sizing it); vllm (in-process), in all (default 1024); "
+        "gemini, in all (default 16).", low=1)
     request_timeout: float = setting(
         600.0, "openai: seconds a request waits while its server answers nothing at all (a stalled server; waiting "
         "in a busy server's queue is not late); gemini: seconds for one try.", low=0.01)
@@ -174,4 +175,7 @@ def _make_backend(config: BackendConfig) -> Backend:
         )
     from intgen.backends.vllm_engine import VLLMBackend
 
-    return VLLMBackend(config.model, **config.vllm_args)
+    backend = VLLMBackend(config.model, **config.vllm_args)
+    if config.concurrency:
+        backend.window = config.concurrency
+    return backend

@@ -1,16 +1,25 @@
-"""vLLM in-process (`vllm.LLM`): whole batches in one call, `n` native, prefix caching on.
+"""vLLM in-process, streaming (`vllm.AsyncLLMEngine`, V1's `AsyncLLM`): requests are fed to the engine one by
+one as the driver's window sends them, each answered (and cached) the moment its samples are done, so the engine
+never drains between batches and a kill loses only what was decoding. `n` native, prefix caching on.
 
-Continuations use `LLM.chat(..., continue_final_message=True, add_generation_prompt=False)`, which
-renders the chat with the model's template and continues the last assistant message as the same turn.
-Structured output uses vLLM's guided decoding. Imported lazily: the `vllm` extra is optional.
+The chat is rendered with the model's own chat template (the tokenizer's `apply_chat_template`, as `LLM.chat`
+does); a continuation renders the conversation with `continue_final_message=True` and no generation prompt, so
+the last assistant message is continued as the same turn. Structured output uses vLLM's guided decoding. The
+engine runs on an event loop of its own (its output handler is bound to the loop of its first request), whichever
+thread or loop asks. Imported lazily: the `vllm` extra is optional.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import threading
 from typing import Any
 
 from intgen.backends.base import LENGTH, STOP, TOO_LONG, Completion, OnDone, Request, error_completion
 from intgen.extras import need
+
+WINDOW = 1024  # samples in flight by default: the engine schedules them itself (its max_num_seqs, its KV cache)
 
 
 class VLLMBackend:
@@ -18,12 +27,19 @@ class VLLMBackend:
     supports_continuation = True
     token_counts = "engine"
     reply_settings: dict[str, Any] = {}  # set by make_backend (BackendConfig.reply_settings)
+    window = WINDOW
 
     def __init__(self, model: str, **engine_args: Any) -> None:
         vllm = need("vllm", "the vllm backend")
         self.model = model
         self._vllm = vllm
-        self.llm = vllm.LLM(model=model, enable_prefix_caching=True, **engine_args)
+        args = vllm.AsyncEngineArgs(model=model, enable_prefix_caching=True, **engine_args)
+        self.engine = vllm.AsyncLLMEngine.from_engine_args(args)
+        self.tokenizer = self.engine.get_tokenizer()
+        self._ids = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="intgen-vllm", daemon=True)
+        self._thread.start()
 
     def _params(self, request: Request) -> Any:
         s = request.sampling
@@ -35,46 +51,56 @@ class VLLMBackend:
             "max_tokens": s.max_tokens,
             "stop": list(s.stop) or None,
             "seed": s.seed,
+            "output_kind": self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,  # one output, when done
         }
         schema = request.schema()
         if schema is not None:
             args |= _guided_json(self._vllm, schema)
         return self._vllm.SamplingParams(**args)
 
-    def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
-        results: list[list[Completion]] = [[] for _ in requests]
-        # LLM.chat takes one continue_final_message flag per call: one call per kind, each a whole batch.
-        for continue_final in (False, True):
-            chosen = [i for i, r in enumerate(requests) if r.continue_final == continue_final]
-            if chosen:
-                for i, completions in zip(chosen, self._chat([requests[i] for i in chosen], continue_final)):
-                    results[i] = completions
-                    if on_done is not None:
-                        on_done(i, completions)
-        return results
+    def prompt(self, request: Request) -> str:
+        """The chat as the model's template renders it; a continuation continues the last assistant message."""
+        return self.tokenizer.apply_chat_template(
+            request.message_dicts(), tokenize=False, add_generation_prompt=not request.continue_final,
+            continue_final_message=request.continue_final)
 
-    def _chat(self, requests: list[Request], continue_final: bool) -> list[list[Completion]]:
-        """One batch through `LLM.chat`. vLLM refuses a whole batch when one prompt is longer than the
-        model's context: then each request is sent alone, and the ones that do not fit are `too_long`."""
+    async def answer(self, request: Request) -> list[Completion]:
+        """One request's completions, from whichever event loop awaits them (the driver's window streams here)."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._answer(request), self._loop))
+
+    async def _answer(self, request: Request) -> list[Completion]:
+        final = None
         try:
-            outputs = self.llm.chat(
-                [r.message_dicts() for r in requests],
-                sampling_params=[self._params(r) for r in requests],
-                continue_final_message=continue_final,
-                add_generation_prompt=not continue_final,
-                use_tqdm=False,
-            )
-        except ValueError as exc:
-            if len(requests) == 1:
-                too_long = "longer than the maximum model length" in str(exc) or "context" in str(exc).lower()
-                if too_long:
-                    return [[Completion("", TOO_LONG)] * requests[0].n]
-                return [[error_completion(f"engine: {exc}"[:500])]]
-            return [self._chat([r], continue_final)[0] for r in requests]
-        return [_completions(output) for output in outputs]
+            async for output in self.engine.generate(self.prompt(request), self._params(request),
+                                                     request_id=f"intgen-{next(self._ids)}"):
+                final = output
+        except Exception as exc:  # a refused request (ValueError, vLLM's own VLLMValidationError), a dead engine
+            message = str(exc)
+            if "maximum context length" in message or "longer than the maximum model length" in message:
+                return [Completion("", TOO_LONG) for _ in range(request.n)]  # the prompt alone does not fit
+            return [error_completion(f"engine: {type(exc).__name__}: {message}"[:500])]
+        if final is None:
+            return [error_completion("engine: no output")]
+        return _completions(final)
+
+    def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
+        """A whole batch (outside the driver's window): every request fed to the engine at once."""
+
+        async def one(index: int, request: Request) -> list[Completion]:
+            completions = await self._answer(request)
+            if on_done is not None:
+                on_done(index, completions)
+            return completions
+
+        async def every() -> list[list[Completion]]:
+            return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+        return asyncio.run_coroutine_threadsafe(every(), self._loop).result()
 
     def close(self) -> None:
-        del self.llm
+        self.engine.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
 
 
 def _completions(output: Any) -> list[Completion]:
