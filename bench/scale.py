@@ -1,6 +1,7 @@
 """How far one driver goes: the pipeline against an OpenAI-compatible server that answers at once.
 
-    python bench/scale.py [--sample-sizes 10000 100000] [--sizes 240 2400] [--delay 0.5] [--ray-problems 4000]
+    python bench/scale.py [--sample-sizes 10000 100000] [--sizes 960 9600] [--delay 0.5] [--ray-problems 4000]
+                          [--concurrency 256] [--batch-size 16] [--parts-in-flight 32]
 
 1. The sample stage (issue 12's measure). `--sample-sizes` problems, one request of n=4 each, in a fresh child
    process against the instant server (its own process). The child reports its own CPU time (user + system) for
@@ -38,6 +39,11 @@ PROPOSAL = {"verification": "Substep 2 multiplies instead of dividing.", "error_
 
 
 # --- the instant server ---------------------------------------------------------------------------
+
+# the run's shape, set by main's options and handed to each child in its environment
+CONCURRENCY = int(os.environ.get("SCALE_CONCURRENCY", 256))
+BATCH_SIZE = int(os.environ.get("SCALE_BATCH_SIZE", 16))
+PARTS_IN_FLIGHT = int(os.environ.get("SCALE_PARTS_IN_FLIGHT", 32))
 
 COUNTER = iter(range(10**12))  # every reply differs: identical attempts would make identical (deduplicated) requests
 
@@ -93,7 +99,8 @@ def measured_run(count: int, url: str, executor: str, actors: int, stages: str) 
     settings = resolve({
         "problems": str(problems_file(folder, count)), "backend": "openai", "model": "instant", "base_url": url,
         "samples": 4, "max_tokens": 64, "proposals": 4, "propose_style": "single-turn", "continuations": 4,
-        "verify_max_tokens": 64, "min_success": 0, "batch_size": 512, "concurrency": 64, "executor": executor,
+        "verify_max_tokens": 64, "min_success": 0, "batch_size": BATCH_SIZE, "parts_in_flight": PARTS_IN_FLIGHT,
+        "concurrency": CONCURRENCY, "executor": executor,
         "ray_actors": actors, "ray_actor_cpus": 0.5,
     }, {})
     run = RunDir(folder / "run")
@@ -137,7 +144,12 @@ def report(what: str, small: dict, large: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample-sizes", type=int, nargs=2, default=[10_000, 100_000])
-    parser.add_argument("--sizes", type=int, nargs=2, default=[240, 2400])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[960, 9600])
+    # 64 requests of n=4 in flight (the window counts samples) and 32 parts of 16 problems: 512 problems in
+    # flight, as many as one part of 512 was before parts ran side by side; both --sizes are above that bound
+    parser.add_argument("--concurrency", type=int, default=256, help="samples in flight (the window)")
+    parser.add_argument("--batch-size", type=int, default=16, help="problems per part")
+    parser.add_argument("--parts-in-flight", type=int, default=32)
     parser.add_argument("--delay", type=float, default=0.5)
     parser.add_argument("--ray-problems", type=int, default=4000)
     parser.add_argument("--serve", type=int)
@@ -151,6 +163,8 @@ def main() -> None:
         print(json.dumps(measured_run(int(count), url, executor, int(actors), stages)))
         return
 
+    os.environ |= {"SCALE_CONCURRENCY": str(args.concurrency), "SCALE_BATCH_SIZE": str(args.batch_size),
+                   "SCALE_PARTS_IN_FLIGHT": str(args.parts_in_flight)}
     server, url = start_server(0.0)
     try:
         small, large = (child([str(n), url, "local", "1", "sample"]) for n in args.sample_sizes)

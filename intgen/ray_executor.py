@@ -7,7 +7,9 @@ Each actor owns one backend (the openai backend's HTTP client to the server pool
 in-process vLLM engine on its GPU) and computes whole parts as the local executor does (`intgen.parts`): it
 reads the part's inputs from the run directory, answers the stage's model calls through the cache, sends its
 grading to Ray tasks, and writes the part's tables and marker atomically. The driver only counts. Stages do not
-overlap here (each is a Ray Data pipeline of its own); within one, the actors' parts run side by side.
+overlap here (each is a Ray Data pipeline of its own); within one, each actor computes its share of
+`--parts-in-flight` parts at once (one Ray Data batch: the actor's next batch starts when the last part of its
+batch is written).
 
 Call cache. One SQLite file written from many nodes is not safe (WAL needs shared memory; network file
 systems lock poorly), so under Ray every part writes its own cache file, `RUN/cache-parts/<stage>/part-N.sqlite`,
@@ -86,23 +88,29 @@ class PartWorker:
         self.window = Window(self.backend) if self.backend is not None else None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        """The batch's parts side by side (one thread each, their calls through the actor's one window): a part of
+        16 problems alone would leave the server mostly idle. Every part finishes before a failure is raised."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = [(int(index), json.loads(str(record))) for index, record in zip(batch["index"], batch["record"])]
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="intgen-part") as pool:
+            futures = [pool.submit(self.compute, index, record) for index, record in jobs]
+        return {"done": [future.result() for future in futures]}
+
+    def compute(self, index: int, record: dict[str, Any]) -> str:
         from intgen.cache import CallCache
         from intgen.parts import Answerer, compute_part
 
-        done = []
-        for index, record in zip(batch["index"], batch["record"]):
-            index = int(index)
-            cache_path = part_cache_dir(self.run.path, self.stage.name) / f"part-{index:05d}.sqlite"
-            cache = CallCache(cache_path, fallback=self.run.path / "cache.sqlite")
-            stats = CallStats()
-            execute = Answerer(self.run, self.window, self.grader, stats, cache=cache, grade=grade_on_ray)
-            try:
-                work = compute_part(self.run, self.stage, self.settings, index, execute, json.loads(str(record)))
-            finally:
-                cache.close()
-            done.append(json.dumps({"index": index, "work": work, "stats": stats.to_dict(), "pid": os.getpid(),
-                                    "token_counts": self.token_counts}))
-        return {"done": done}
+        cache_path = part_cache_dir(self.run.path, self.stage.name) / f"part-{index:05d}.sqlite"
+        cache = CallCache(cache_path, fallback=self.run.path / "cache.sqlite")
+        stats = CallStats()
+        execute = Answerer(self.run, self.window, self.grader, stats, cache=cache, grade=grade_on_ray)
+        try:
+            work = compute_part(self.run, self.stage, self.settings, index, execute, record)
+        finally:
+            cache.close()
+        return json.dumps({"index": index, "work": work, "stats": stats.to_dict(), "pid": os.getpid(),
+                           "token_counts": self.token_counts})
 
 
 def grade_on_ray(items: list[tuple[Any, str | None, str]], workers: int | None, timeout: float) -> list[Any]:
@@ -133,9 +141,11 @@ def _grade_task() -> Any:
 
 
 def run_parts(run: Any, stage: Any, settings: Any, todo: list[tuple[int, dict[str, Any]]], backend_config: Any,
-              grader: Any, ray_settings: RaySettings, stats: CallStats, progress: Any) -> str | None:
+              grader: Any, ray_settings: RaySettings, stats: CallStats, progress: Any,
+              parts_in_flight: int) -> str | None:
     """Compute the due parts on Ray; each actor writes its parts itself; the driver adds up what they report.
-    Returns how the actors' backend counts tokens (None when no part was due)."""
+    Each call hands an actor its share of `parts_in_flight` parts to compute at once. Returns how the actors'
+    backend counts tokens (None when no part was due)."""
     if not todo:
         return None
     connect(ray_settings)
@@ -143,14 +153,15 @@ def run_parts(run: Any, stage: Any, settings: Any, todo: list[tuple[int, dict[st
 
     run.cache.checkpoint()  # the actors read cache.sqlite immutable: everything must be in the main file
     items = [{"index": index, "record": json.dumps(record)} for index, record in todo]
-    parts = ray.data.from_items(items, override_num_blocks=len(items))
     uses_model = backend_config is not None
     actors = max(1, min(ray_settings.actors if uses_model else 1, len(items)))
+    per_call = max(1, min(-(-parts_in_flight // actors), -(-len(items) // actors)))
+    parts = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_call))
     remote_args: dict[str, Any] = {"num_cpus": ray_settings.actor_cpus if uses_model else 0.25}
     if uses_model and ray_settings.actor_gpus:
         remote_args["num_gpus"] = ray_settings.actor_gpus
     results = parts.map_batches(
-        PartWorker, batch_size=1, concurrency=actors, batch_format="numpy",
+        PartWorker, batch_size=per_call, concurrency=actors, batch_format="numpy",
         fn_constructor_kwargs={"run_path": str(run.path), "stage": stage, "settings": settings,
                                "backend_config": backend_config, "grader": grader},
         **remote_args,
@@ -167,10 +178,10 @@ def run_parts(run: Any, stage: Any, settings: Any, todo: list[tuple[int, dict[st
 
 
 def run_stages(run: Any, plan: list[Planned], stages: list[Any], *, grader: Grader = Grader(), force: bool = False,
-               progress: bool = True, parts_in_flight: int = 8) -> dict[str, dict[str, Any]]:
+               progress: bool = True, parts_in_flight: int = 32) -> dict[str, dict[str, Any]]:
     """The Ray executor's `driver.run_stages`: each planned stage's due parts on its actors (`plan[k].engine`
-    carries the backend's settings and the `RaySettings`), one stage after another. `parts_in_flight` is the
-    local executor's; here the actors set how many parts run at once."""
+    carries the backend's settings and the `RaySettings`), one stage after another, `parts_in_flight` parts at
+    once over all actors."""
     entries = {}
     for planned in plan:
         stage, engine = planned.stage, planned.engine
@@ -185,7 +196,7 @@ def run_stages(run: Any, plan: list[Planned], stages: list[Any], *, grader: Grad
             merge_part_caches(run)  # a killed run's part caches first: their calls are paid for
             try:
                 token_counts = run_parts(run, stage, planned.settings, due, backend_config, grader, settings, stats,
-                                         shown)
+                                         shown, parts_in_flight)
             finally:
                 merge_part_caches(run)
         for table in stage.writes:
