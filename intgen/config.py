@@ -22,10 +22,11 @@ import tomllib
 from intgen.backends import BackendConfig, BackendKind
 from intgen.backends.base import Sampling
 from intgen.errors import UserError
+from intgen.lift import KeepRule
 from intgen.resources import Prompt, load_prompt
 from intgen.setting import check, setting
 from intgen.stages.propose import ProposeFor
-from intgen.stages.verify import Condition
+from intgen.stages.verify import Baselines, Condition
 
 EXAMPLE_PROBLEMS = Path(__file__).resolve().parent / "examples" / "problems.jsonl"
 # The markers each prompt must hold: where the problem, reference and attempt go.
@@ -133,6 +134,16 @@ class VerifySection:
     verify_all_proposals: bool = setting(
         False, "Verify every accepted proposal, not only the first of each attempt (the release verifies one per "
         "attempt; up to P times the verify compute).", output=True)
+    baselines: str = setting(
+        "matched", "Which attempts' step baselines (--condition original-step, resample-step) run: matched (each "
+        "problem's Table 1 unit) or every (every verified proposal's attempt and step, once each: each "
+        "intervention's own lift; up to twice the verify compute).", choices=Baselines, output=True)
+    keep_rule: str = setting(
+        "paper", "Which interventions are kept: paper (at least --min-success correct continuations) or lift "
+        "(also a one-sided Fisher exact p against its original-step baseline of at most --alpha; needs "
+        "--condition original-step and --baselines every).", choices=KeepRule, output=True)
+    alpha: float = setting(0.05, "The lift rule's threshold on the one-sided Fisher exact p.", low=0, high=1,
+                           output=True)
 
 
 @dataclass(frozen=True)
@@ -273,6 +284,10 @@ def cross_checks(values: dict[str, Any]) -> list[tuple[str, str]]:
             and values["min_success"] > values["continuations"]:
         found.append(("min_success", f"{values['min_success']} is more than continuations ({values['continuations']})"))
     conditions = values.get("conditions")
+    if values.get("keep_rule") == KeepRule.lift.value and (Condition.original_step.value not in (conditions or ())
+                                                           or values.get("baselines") != Baselines.every.value):
+        found.append(("keep_rule", "lift compares each intervention with its own original-step baseline: it needs "
+                                   "--condition original-step and --baselines every"))
     if isinstance(conditions, (list, tuple)) and Condition.intervention.value not in conditions:
         found.append(("conditions", f"{list(conditions)} leave out intervention, the condition every other one is "
                                     "compared with (and the one the dataset keeps)"))

@@ -10,8 +10,9 @@ from typing import Any
 
 from intgen.backends import BackendConfig
 from intgen.config import RunConfig
+from intgen.lift import KeepRule
 from intgen.stages import Stage, grade, propose, sample, verify
-from intgen.stages.verify import Condition
+from intgen.stages.verify import Baselines, Condition
 
 
 def sample_settings(config: RunConfig) -> sample.SampleSettings:
@@ -36,6 +37,7 @@ def verify_settings(config: RunConfig) -> verify.VerifySettings:
         config.continuations, config.sampling(config.verify_max_tokens, config.verify_temperature),
         config.prompt("solve"), config.system_prompt, config.min_success,
         tuple(Condition(c) for c in config.conditions), config.lenient_answers, config.verify_all_proposals,
+        Baselines(config.baselines), KeepRule(config.keep_rule), config.alpha,
     )
 
 

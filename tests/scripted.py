@@ -55,13 +55,14 @@ class Script:
     """The scripted answers, without a server: `answer(path, body)` replies to one OpenAI-shaped request body.
     `answers` maps each problem's text to its gold answer; with `fixes` False no continuation reaches the answer,
     so nothing is kept; `intervention` is what its proposals say (another text than INTERVENTION never leads to
-    the answer); `kinds` counts the requests by what they asked."""
+    the answer); `fix_rate`: the share of an intervention's continuations that reach it (by each sample's hash);
+    `kinds` counts the requests by what they asked."""
 
     def __init__(self, answers: dict[str, str], seed: int = 0, model: str = "scripted", max_model_len: int = 32768,
-                 fixes: bool = True, intervention: str = INTERVENTION) -> None:
+                 fixes: bool = True, intervention: str = INTERVENTION, fix_rate: float = 1.0) -> None:
         self.answers = sorted(answers.items(), key=lambda item: -len(item[0]))  # the longest match wins
         self.seed, self.model, self.max_model_len, self.fixes = seed, model, max_model_len, fixes
-        self.intervention = intervention
+        self.intervention, self.fix_rate = intervention, fix_rate
         self.kinds: Counter[str] = Counter()
         self.lock = threading.Lock()
 
@@ -134,7 +135,7 @@ class Script:
             return (f"{fields['verification']}\n<error_step>{step}</error_step>\n"
                     f"<intervention>{fields['intervention']}</intervention>")
         # a continuation: the intervention leads to the answer, anything else to a wrong one
-        if self.fixes and INTERVENTION in prefix:
+        if self.fixes and INTERVENTION in prefix and h % 1000 < self.fix_rate * 1000:
             return f"\n\nDoing it that way, the total comes out right.\n\nSo the answer is $\\boxed{{{gold}}}$."
         return f"\n\nContinuing from here.\n\nSo the answer is $\\boxed{{{wrong}}}$."
 

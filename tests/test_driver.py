@@ -168,13 +168,15 @@ def test_a_setting_marked_as_changing_output_changes_a_stage_fingerprint_and_no_
             return value / 2 if value else 0.5
         raise AssertionError(f"no other value for {name}={value!r}")
 
-    base = fingerprints(CONFIG)
+    # a setting valid only with others: compared with a base that has them
+    needs = {"keep_rule": {"conditions": ("intervention", "original-step"), "baselines": "every"}}
     checked = 0
     for section in ("sample", "grade", "propose", "verify"):
         for spec in dataclasses.fields(SECTIONS[section]):
-            value = getattr(CONFIG, spec.name)
-            changed = RunConfig(**(CONFIG.to_dict() | {spec.name: other(spec.name, value)}))
-            differs = fingerprints(changed) != base
+            start = CONFIG.to_dict() | needs.get(spec.name, {})
+            value = getattr(CONFIG, spec.name)  # the needs above never include the setting itself
+            changed = RunConfig(**(start | {spec.name: other(spec.name, value)}))
+            differs = fingerprints(changed) != fingerprints(RunConfig(**start))
             assert differs == spec.metadata["output"], (spec.name, spec.metadata["output"])
             checked += 1
     assert checked >= 25
@@ -197,3 +199,30 @@ def test_prompt_tokens_from_the_servers_prefix_cache_are_counted_per_stage_and_s
     build(tmp_path / "run", MemoryBackend(script()))
     again = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["sample"]["calls"]
     assert again["cached_prompt_tokens"] == sample["cached_prompt_tokens"]
+
+
+def test_the_lift_rule_rekeeps_from_the_cache_and_keeps_only_what_beats_its_own_baseline(tmp_path: Path) -> None:
+    from intgen.lift import fisher_greater
+
+    every = CONFIG.to_dict() | {"baselines": "every", "verify_all_proposals": True}
+    half = Script(answers_of(EXAMPLE_PROBLEMS), seed=TEST_SEED, fix_rate=0.5)  # 0 to 4 of M=4 reach the answer
+    paper = build(tmp_path / "run", MemoryBackend(half), RunConfig(**every))
+    kept_by_paper = set(tables(tmp_path / "run")["sft"]["proposal_id"])
+    again = MemoryBackend(Script(answers_of(EXAMPLE_PROBLEMS), seed=TEST_SEED, fix_rate=0.5))
+    lifted = build(tmp_path / "run", again, RunConfig(**every | {"keep_rule": "lift", "alpha": 0.2}), force=True)
+    assert again.sent == []  # the rule changes which rows are kept, never which continuations are paid for
+    interventions = tables(tmp_path / "run")["interventions"].filter(pl.col("verified"))
+    assert interventions.height > 1 and interventions["baseline_continuations"].null_count() == 0
+    for row in interventions.iter_rows(named=True):
+        p = fisher_greater(row["successes"], row["continuations"], row["baseline_successes"],
+                           row["baseline_continuations"])
+        assert row["lift_p"] == pytest.approx(p)
+        assert row["lift"] == pytest.approx(row["success_rate"] - row["baseline_successes"] / 4)
+        assert row["kept"] is (row["successes"] >= 1 and p <= 0.2)
+    kept_by_lift = set(tables(tmp_path / "run")["sft"]["proposal_id"])
+    assert kept_by_lift < kept_by_paper and lifted["kept"] == len(kept_by_lift) < paper["kept"]
+    found = set(interventions["successes"])  # the premise: some kept by both (3/4: p 0.071), some by paper only
+    assert max(found) >= 3 and {1, 2} & found
+    card = (tmp_path / "run" / "dataset" / "README.md").read_text()
+    assert "one-sided Fisher exact p-value of its successes against its own original-step baseline" in card
+    assert f"Measured for {interventions.height} verified intervention(s)" in card

@@ -5,6 +5,8 @@ with one (they do not)."""
 
 from __future__ import annotations
 
+from math import comb
+
 import numpy as np
 import polars as pl
 import pytest
@@ -13,11 +15,14 @@ from intgen.backends.base import Completion, Sampling
 from intgen.cache import sample_keys
 from intgen.dataset.analysis import table1
 from intgen.grading import Verdict
+from intgen.lift import KeepRule
 from intgen.resources import load_prompt
 from intgen.stages import Grading, ModelCalls, Part, run_by_hand
 from intgen.stages.sample import sample_requests
 from intgen.stages.verify import (
     CONTINUATION_SCHEMA,
+    VERIFY_SCHEMA,
+    Baselines,
     Condition,
     VerifySettings,
     compute,
@@ -353,3 +358,73 @@ def test_many_proposals_per_problem_do_not_make_an_effect_that_does_not_exist() 
     for condition in ("intervention", "resample-step", "problem-only"):
         vs = table["conditions"][condition]["vs_original_step"]
         assert holds_one(vs["solved_ratio_ci95"]) and holds_one(vs["accuracy_ratio_ci95"]), (condition, vs)
+
+
+# --- each intervention's own baseline, and the lift rule -------------------------------------------------------
+
+def lift_settings(keep_rule: KeepRule, continuations: int = 32) -> VerifySettings:
+    return VerifySettings(continuations, Sampling(max_tokens=64, seed=1), SOLVE, conditions=ALL, all_proposals=True,
+                          baselines=Baselines.every, keep_rule=keep_rule, alpha=0.05)
+
+
+def test_every_verified_proposal_gets_its_attempts_step_baselines_once() -> None:
+    proposals = [proposal(0, 2), proposal(1, 2, attempt="p/a1"), proposal(2, 2, attempt="p/a1"),
+                 proposal(3, 3, attempt="p/a1")]
+    jobs = verify_jobs(proposals, PROBLEMS, TEXTS, lift_settings(KeepRule.paper))
+    ids = [j.prefix_id for j in jobs]
+    assert len(ids) == len(set(ids))  # a baseline two proposals share (a1, step 2) is continued once
+    assert ids == ["p/a0/p0", "p/a0/s2/original-step", "p/a0/s2/resample-step", "p/problem-only",
+                   "p/a1/p1", "p/a1/s2/original-step", "p/a1/s2/resample-step", "p/a1/p2",
+                   "p/a1/p3", "p/a1/s3/original-step", "p/a1/s3/resample-step"]
+    assert [j.matched for j in jobs] == [True] * 4 + [False] * 7  # Table 1 still counts only the matched unit
+    matched_only = verify_jobs(proposals, PROBLEMS, TEXTS, settings(all_proposals=True))
+    assert [j.prefix_id for j in matched_only][4:] == ["p/a1/p1", "p/a1/p2", "p/a1/p3"]
+
+
+def answer_counts(correct: dict[str, int]):
+    """Answers a verify part: the first `correct[prefix]` continuations of a prefix are right, the rest wrong."""
+    where: dict[str, tuple[str, int]] = {}
+
+    def answer(ask):
+        if isinstance(ask, ModelCalls):
+            out = []
+            for i, r in enumerate(ask.requests):
+                prefix = r.messages[-1][1] if r.continue_final else ""
+                for m in range(r.n):
+                    where[f"t{i}.{m}"] = (prefix, m)
+                out.append([Completion(f"t{i}.{m}", "stop", 5, 3) for m in range(r.n)])
+            return out
+        assert isinstance(ask, Grading)
+        return [Verdict(where[text][1] < correct.get(where[text][0], 0), "x", "math") for _, text, _ in ask.items]
+
+    return answer
+
+
+@pytest.mark.parametrize("keep_rule", list(KeepRule))
+def test_the_lift_is_measured_against_the_interventions_own_baseline(keep_rule: KeepRule) -> None:
+    # a0: 6/32 against its original step's 0/32 (p = 0.0121); a1: 3/32 against 0/32 (p = 0.119, a lucky pass)
+    part = part_of([proposal(0, 2), proposal(1, 3, attempt="p/a1")])
+    fix = {0: STEPS[0] + "Fix number 0: recount the apples.",
+           1: STEPS[0] + STEPS[1] + "Fix number 1: recount the apples."}
+    out = run_by_hand(compute(part, lift_settings(keep_rule)),
+                      answer_counts({fix[0]: 6, fix[1]: 3, "".join(STEPS[:2]): 0, "".join(STEPS[:1]): 5}))
+    rows = {row["prefix_id"]: row for row in out["verify"]}
+    a0, a1 = rows["p/a0/p0"], rows["p/a1/p1"]
+    assert (a0["successes"], a0["baseline_successes"], a0["baseline_continuations"]) == (6, 0, 32)
+    assert a0["lift"] == pytest.approx(6 / 32) and a0["lift_p"] == pytest.approx(comb(32, 6) / comb(64, 6))
+    assert (a0["resample_successes"], a0["resample_continuations"]) == (5, 32)  # steps before the error: STEPS[0]
+    assert (a1["successes"], a1["baseline_successes"]) == (3, 0)
+    assert a1["lift_p"] == pytest.approx(comb(32, 3) / comb(64, 3))
+    assert a0["kept"] and a1["kept"] is (keep_rule is KeepRule.paper)  # the lift rule drops the lucky pass
+    assert all(rows[p]["lift"] is None for p in rows if rows[p]["condition"] != "intervention")
+    pl.DataFrame(out["verify"], schema=VERIFY_SCHEMA)  # the new columns fit the table's schema
+
+
+def test_the_lift_rule_needs_the_baselines_it_compares_with() -> None:
+    from intgen.config import resolve
+    from intgen.errors import UserError
+
+    with pytest.raises(UserError, match="keep-rule: lift .* needs --condition original-step and --baselines every"):
+        resolve({"keep_rule": "lift", "conditions": ["intervention", "original-step"]}, {})
+    config = resolve({"keep_rule": "lift", "conditions": ["intervention", "original-step"], "baselines": "every"}, {})
+    assert (config.keep_rule, config.alpha) == ("lift", 0.05)

@@ -138,6 +138,27 @@ def card_front_matter(config: RunConfig, rows: dict[str, int], files: dict[str, 
     return yaml.safe_dump(front, sort_keys=False).strip()
 
 
+def keep_rule_text(config: RunConfig) -> str:
+    if config.keep_rule == "lift":
+        return (f"An intervention was kept when at least {config.min_success} of its {config.continuations} "
+                "continuations were correct and the one-sided Fisher exact p-value of its successes against its own "
+                f"original-step baseline was at most {config.alpha} (`--keep-rule lift`; see the lift below).")
+    return (f"Interventions with at least {config.min_success} correct continuation(s) out of {config.continuations} "
+            "were kept (the paper's rule, which a lucky pass also meets; see the lift below where it was measured).")
+
+
+def lift_text(lift: dict[str, Any] | None, alpha: float) -> str:
+    if not lift:
+        return ("\n\nNot measured in this run: no verified intervention has its original-step baseline (run verify "
+                "with `--condition original-step`, and `--baselines every` for every intervention, not only each "
+                "problem's matched one).")
+    quartiles = " / ".join(f"{q:+.3f}" for q in lift["lift_quartiles"])
+    bins = " | ".join(f"{k}: {v}" for k, v in lift["p_bins"].items())
+    return (f"\n\nMeasured for {lift['interventions']} verified intervention(s): {lift['pass_paper_rule']} meet the "
+            f"success threshold, {lift['p_at_most_alpha']} have p ≤ {alpha}; lift quartiles (25% / median / 75%) "
+            f"{quartiles}; p-values by bin: {bins}.")
+
+
 def dataset_card(
     run: RunDir, config: RunConfig, rows: dict[str, int], files: dict[str, Path], summary: dict[str, Any],
     load_path: str,
@@ -166,6 +187,8 @@ def dataset_card(
         + " (engine: counted by the engine per sample; tokenizer: counted with the model's tokenizer; estimated: the "
           "request's usage shared by text length)",
         table1=table1_markdown(summary["table1"]),
+        keep_rule=keep_rule_text(config),
+        lift=lift_text(summary.get("lift"), config.alpha),
         table1_selection=table1_selection(summary["table1"]),
         propose_for={"not-correct": "every attempt not graded correct (wrong, truncated or without a readable "
                      "answer), as the release", "incorrect": "the attempts graded wrong"}[config.propose_for],

@@ -4,7 +4,8 @@
   policy saw], completion = [the attempt's steps before the error + the intervention]. Never the suffix.
 - `rl`: the distinct problems with their gold answers and reference solutions, for GRPO; the prompt is
   the same user message (and system prompt) as in `sft` (the InT release used different ones, a defect).
-- `interventions`: every proposal, accepted or not, with its verification results.
+- `interventions`: every proposal, accepted or not, with its verification results and, where its step baselines
+  ran, their successes and its lift (`intgen.lift`).
 - `samples`: every attempt with its grade.
 
 Both prompts come from `sample.solve_messages`, the function that built the prompts the policy was
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from intgen.config import RunConfig
 
 CONFIGS = ("sft", "rl", "interventions", "samples")
+# each verified intervention's matched step baselines and lift (null where --baselines did not run them)
+LIFT_COLUMNS = ("baseline_successes", "baseline_continuations", "resample_successes", "resample_continuations",
+                "lift", "lift_p")
 MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
 
 
@@ -48,7 +52,7 @@ def dataset_tables(run: RunDir, solve: Prompt, system_prompt: str | None) -> dic
     problems = run.scan("problems")
     verdicts = run.scan("verify").filter(pl.col("condition") == "intervention").select(
         "proposal_id", "continuations", "successes", "ungradable", "success_rate", "kept", "true_continuation",
-        pl.col("error").is_null().alias("verified"), pl.col("matched").alias("in_table1"),
+        *LIFT_COLUMNS, pl.col("error").is_null().alias("verified"), pl.col("matched").alias("in_table1"),
     )
     # an accepted proposal without a verify row was not verified (one per attempt, unless --verify-all-proposals)
     interventions = run.scan("proposals").join(verdicts, on="proposal_id", how="left").with_columns(
@@ -60,6 +64,7 @@ def dataset_tables(run: RunDir, solve: Prompt, system_prompt: str | None) -> dic
         .select(
             prompt, completion_column().alias("completion"), "problem_id", "attempt_id", "proposal_id",
             "error_step", "intervention", "successes", "continuations", "success_rate", "true_continuation", "source",
+            *LIFT_COLUMNS,
         )
         .sort("proposal_id")
     )
@@ -163,6 +168,8 @@ def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
         "intervention_continuations": verify["intervention_continuations"],
         "intervention_correct": verify["intervention_correct"],
         "table1": verify["table1"],
+        "keep_rule": verify.get("keep_rule") or {"rule": "paper", "min_success": None},
+        "lift": verify.get("lift"),
         "failed": {name: stages[name].get("failed_rows", {}) for name in STAGE_NAMES
                    if stages[name].get("failed_rows")},
         "prompt_tokens": sum(t.get("prompt_tokens", 0) for t in tokens.values()),

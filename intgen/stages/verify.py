@@ -12,10 +12,13 @@ each continued from a different prefix of the same attempt:
 
 The baselines are run for one **matched unit** per problem, chosen before any continuation is seen: the first
 verified proposal of the first failed attempt that has one, and the baselines of that same attempt and error
-step. Every condition of the unit gets M continuations, so Table 1 (`intgen.dataset.analysis`) compares the conditions
-at equal budgets on the same problems. Each condition is its own independent draw: its requests carry their
-own draw label and a seed derived from the run's, so no continuation repeats a sampled attempt (which the
-cache, or vLLM's seed-per-request sampling, would otherwise serve) or another condition's continuation.
+step. With `baselines="every"` the step baselines (`original-step`, `resample-step`) also run for every other
+verified proposal's attempt and step (once per attempt and step), so that each verified intervention carries its
+own matched baseline and its lift (`intgen.lift`); Table 1 still counts only the matched units. Every condition
+of the unit gets M continuations, so Table 1 (`intgen.dataset.analysis`) compares the conditions at equal budgets
+on the same problems. Each condition is its own independent draw: its requests carry their own draw label and a
+seed derived from the run's, so no continuation repeats a sampled attempt (which the cache, or vLLM's
+seed-per-request sampling, would otherwise serve) or another condition's continuation.
 
 An empty prefix is sent as a fresh generation (a new assistant turn), never as an empty assistant message to
 continue: chat templates close such a message, and the model would then write outside any assistant turn. A
@@ -39,6 +42,7 @@ import polars as pl
 from intgen.backends.base import STOP, TOO_LONG, Completion, Request, Sampling, make_request
 from intgen.dataset.analysis import PREFIX_TOO_LONG, table1
 from intgen.grading import BOXED, LENIENT, Verdict, provisional
+from intgen.lift import KeepRule, fisher_greater, lift
 from intgen.resources import Prompt
 from intgen.stages import Compute, Grading, ModelCalls, Part, Stage
 from intgen.stages.grade import SAMPLE_ERROR, TRUNCATED
@@ -51,6 +55,14 @@ class Condition(str, Enum):
     original_step = "original-step"
     resample_step = "resample-step"
     problem_only = "problem-only"
+
+
+STEP_BASELINES = (Condition.original_step, Condition.resample_step)
+
+
+class Baselines(str, Enum):
+    matched = "matched"  # the baselines of each problem's matched unit only (Table 1)
+    every = "every"  # and the step baselines of every verified proposal's attempt and step (each one's lift)
 
 
 def prefix_id(condition: Condition, proposal: dict[str, Any]) -> str:
@@ -105,6 +117,10 @@ VERIFY_SCHEMA = {
     "attempt_id": pl.String, "proposal_id": pl.String, "error_step": pl.Int32, "prefix_chars": pl.Int64,
     "continuations": pl.Int32, "successes": pl.Int32, "ungradable": pl.Int32, "success_rate": pl.Float64,
     "true_continuation": pl.Boolean, "kept": pl.Boolean, "error": pl.String,
+    # an intervention row's matched baselines (the same attempt and step; null where not run) and its lift
+    "baseline_successes": pl.Int32, "baseline_continuations": pl.Int32,
+    "resample_successes": pl.Int32, "resample_continuations": pl.Int32,
+    "lift": pl.Float64, "lift_p": pl.Float64,
 }
 
 
@@ -118,6 +134,9 @@ class VerifySettings:
     conditions: tuple[Condition, ...] = (Condition.intervention,)
     lenient: bool = False
     all_proposals: bool = False  # verify every accepted proposal, not only the first of each attempt
+    baselines: Baselines = Baselines.matched
+    keep_rule: KeepRule = KeepRule.paper
+    alpha: float = 0.05  # the lift rule's threshold on the one-sided Fisher p
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,7 @@ def fingerprint(s: VerifySettings) -> dict[str, Any]:
         "continuations": s.continuations, "sampling": s.sampling.to_dict(), "min_success": s.min_success,
         "conditions": [c.value for c in s.conditions], "prompt_sha256": s.solve_prompt.sha256,
         "system_prompt": s.system_prompt, "lenient": s.lenient, "all_proposals": s.all_proposals,
+        "baselines": s.baselines.value, "keep_rule": s.keep_rule.value, "alpha": s.alpha,
     }
 
 
@@ -185,16 +205,20 @@ def verify_jobs(proposals: list[dict[str, Any]], problems: dict[str, dict[str, A
     """The intervention of every proposal to verify, and the baselines of each problem's matched unit."""
     verified = to_verify(proposals, s.all_proposals)
     matched = matched_proposals(verified)
-    jobs = []
+    every = (Condition.intervention, *(c for c in STEP_BASELINES if c in s.conditions))
+    jobs, seen = [], set()
     for proposal in verified:
         unit = matched[proposal["problem_id"]] is proposal
-        conditions = s.conditions if unit else (Condition.intervention,)
+        conditions = s.conditions if unit else every if s.baselines is Baselines.every else (Condition.intervention,)
         steps = steps_at(texts[proposal["attempt_id"]], proposal["step_ends"])  # exactly the steps propose numbered
         problem = problems[proposal["problem_id"]]["problem"]
         for condition in conditions:
+            if (pid := prefix_id(condition, proposal)) in seen:  # a step baseline another proposal already has
+                continue
+            seen.add(pid)
             prefix = continuation_prefix(steps, proposal["error_step"], proposal["intervention"], condition)
             request = continuation_request(problem, prefix, condition, s)
-            jobs.append(Job(prefix_id(condition, proposal), condition, proposal, prefix, request, unit))
+            jobs.append(Job(pid, condition, proposal, prefix, request, unit))
     return jobs
 
 
@@ -228,7 +252,33 @@ def verify_row(job: Job, rows: list[dict[str, Any]], completions: list[Completio
         "true_continuation": all(c.true_continuation for c in completions),
         "kept": job.condition is Condition.intervention and successes >= min_success and not errors,
         "error": errors[0] if errors else None,
+        **dict.fromkeys(("baseline_successes", "baseline_continuations", "resample_successes",
+                         "resample_continuations", "lift", "lift_p")),
     }
+
+
+def with_lift(rows: list[dict[str, Any]], s: VerifySettings) -> list[dict[str, Any]]:
+    """Each intervention row with its matched step baselines (the same attempt and error step) where they ran
+    whole, its lift over the original step and the one-sided Fisher p; under the lift rule, kept only when
+    p <= alpha (a missing or failed baseline keeps nothing: the part is retried)."""
+    by_prefix = {row["prefix_id"]: row for row in rows}
+    out = []
+    for row in rows:
+        if row["condition"] == Condition.intervention.value:
+            base = {c: by_prefix.get(f"{row['attempt_id']}/s{row['error_step']}/{c.value}") for c in STEP_BASELINES}
+            base = {c: b for c, b in base.items() if b is not None and b["error"] is None}
+            row = dict(row)
+            if (r := base.get(Condition.resample_step)) is not None:
+                row |= {"resample_successes": r["successes"], "resample_continuations": r["continuations"]}
+            if (b := base.get(Condition.original_step)) is not None:
+                row |= {"baseline_successes": b["successes"], "baseline_continuations": b["continuations"],
+                        "lift": lift(row["successes"], row["continuations"], b["successes"], b["continuations"]),
+                        "lift_p": fisher_greater(row["successes"], row["continuations"], b["successes"],
+                                                 b["continuations"])}
+            if s.keep_rule is KeepRule.lift:
+                row["kept"] = row["kept"] and row["lift_p"] is not None and row["lift_p"] <= s.alpha
+        out.append(row)
+    return out
 
 
 def compute(part: Part, s: VerifySettings) -> Compute:
@@ -248,7 +298,7 @@ def compute(part: Part, s: VerifySettings) -> Compute:
         rows = [continuation_row(job, m, c, verdicts.get((j, m))) for m, c in enumerate(completions)]
         continuations += rows
         verified.append(verify_row(job, rows, completions, s.min_success))
-    return {"verify": verified, "continuations": continuations}
+    return {"verify": with_lift(verified, s), "continuations": continuations}
 
 
 def summarize(tables: dict[str, pl.LazyFrame], s: VerifySettings) -> dict[str, Any]:
@@ -270,6 +320,30 @@ def summarize(tables: dict[str, pl.LazyFrame], s: VerifySettings) -> dict[str, A
         "continuation_rows": continuations.select(pl.len()).collect().item(),
         "intervention_continuations": arrived[0], "intervention_correct": arrived[1],
         "table1": table1(continuations, [c.value for c in Condition if c in s.conditions], s.continuations),
+        "keep_rule": {"rule": s.keep_rule.value, "min_success": s.min_success, "alpha": s.alpha,
+                      "baselines": s.baselines.value},
+        "lift": lift_summary(intervention, s),
+    }
+
+
+P_BINS = (0.01, 0.05, 0.1, 0.5, 1.0)
+
+
+def lift_summary(intervention: pl.LazyFrame, s: VerifySettings) -> dict[str, Any] | None:
+    """The lift's distribution over the verified interventions whose original-step baseline ran (None if none):
+    how many, how many pass each rule, the lift's quartiles and the p-values by bin."""
+    measured = intervention.filter(pl.col("error").is_null() & pl.col("lift_p").is_not_null()).select(
+        "lift", "lift_p", "successes").collect()
+    if not measured.height:
+        return None
+    p = measured["lift_p"].to_list()
+    return {
+        "interventions": measured.height,
+        "pass_paper_rule": int((measured["successes"] >= s.min_success).sum()),
+        "p_at_most_alpha": sum(v <= s.alpha for v in p),
+        "lift_quartiles": [float(measured["lift"].quantile(q, "nearest")) for q in (0.25, 0.5, 0.75)],
+        "p_bins": {f"<= {edge}": sum(low < v <= edge for v in p) if low else sum(v <= edge for v in p)
+                   for low, edge in zip((0.0, *P_BINS), P_BINS)},
     }
 
 
