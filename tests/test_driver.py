@@ -226,3 +226,41 @@ def test_the_lift_rule_rekeeps_from_the_cache_and_keeps_only_what_beats_its_own_
     card = (tmp_path / "run" / "dataset" / "README.md").read_text()
     assert "one-sided Fisher exact p-value of its successes against its own original-step baseline" in card
     assert f"Measured for {interventions.height} verified intervention(s)" in card
+
+
+def test_the_preference_and_prm_configs_load_and_follow_their_definitions(tmp_path: Path) -> None:
+    import datasets
+
+    from intgen.steps import steps_at
+
+    every = CONFIG.to_dict() | {"baselines": "every", "verify_all_proposals": True}
+    build(tmp_path / "run", MemoryBackend(Script(answers_of(EXAMPLE_PROBLEMS), seed=TEST_SEED, fix_rate=0.5)),
+          RunConfig(**every))
+    out = tmp_path / "run" / "dataset"
+    interventions = tables(tmp_path / "run")["interventions"]
+    attempts = dict(pl.read_parquet(tmp_path / "run" / "samples").select("attempt_id", "text").iter_rows())
+    by_id = {row["proposal_id"]: row for row in interventions.iter_rows(named=True)}
+    pairs = datasets.load_dataset(str(out), "preference", split="train")
+    expected = [p for p, row in by_id.items() if row["kept"] and row["lift"] is not None and row["lift"] > 0]
+    assert sorted(pairs["proposal_id"]) == sorted(expected) and len(expected) > 0
+    for pair in pairs:
+        row = by_id[pair["proposal_id"]]
+        steps = steps_at(attempts[row["attempt_id"]], row["step_ends"])
+        before, wrong = "".join(steps[: row["error_step"] - 1]), steps[row["error_step"] - 1]
+        assert [m["role"] for m in pair["prompt"]][-2:] == ["user", "assistant"]
+        assert pair["prompt"][-1]["content"] == before == pair["initial_reason_steps"]
+        assert pair["chosen"] == [{"role": "assistant", "content": row["intervention"].strip()}]
+        assert pair["rejected"] == [{"role": "assistant", "content": wrong}]
+        assert pair["full_chosen"] == before + row["intervention"].strip() and pair["full_rejected"] == before + wrong
+        assert (pair["chosen_successes"], pair["rejected_successes"]) == (row["successes"], row["baseline_successes"])
+        assert pair["lift"] > 0 and pair["lift_p"] == row["lift_p"]
+    prm = datasets.load_dataset(str(out), "prm", split="train")
+    kept_attempts = {row["attempt_id"] for row in by_id.values() if row["kept"]}
+    assert sorted(prm["attempt_id"]) == sorted(kept_attempts)
+    for example in prm:
+        row = by_id[example["proposal_id"]]
+        steps = steps_at(attempts[row["attempt_id"]], row["step_ends"])
+        assert example["completions"] == steps[: row["error_step"]]  # in their order, nothing after the error
+        assert example["labels"] == [True] * (row["error_step"] - 1) + [False]
+    card = (out / "README.md").read_text()
+    assert f"| `preference` | {len(pairs)} |" in card and f"| `prm` | {len(prm)} |" in card

@@ -38,7 +38,8 @@ def exported(scripted, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_card_parses_and_tells_the_story(exported: Path) -> None:
     card = DatasetCard.load(exported / "dataset" / "README.md")
     data = card.data.to_dict()
-    assert [c["config_name"] for c in data["configs"]] == ["sft", "rl", "interventions", "samples"]
+    # no baseline ran: `preference` is empty, so the card does not list it (its empty file is still written)
+    assert [c["config_name"] for c in data["configs"]] == ["sft", "rl", "interventions", "samples", "prm"]
     assert data["license"] == "other" and "text-generation" in data["task_categories"]
     text = card.text
     for needle in ("## Funnel", "| attempts | 6 |", "## Where intgen differs from the paper's release",
@@ -70,7 +71,7 @@ def test_push_uploads_the_dataset_with_a_retry(exported: Path, monkeypatch: pyte
     assert result.exit_code == 0, result.output
     assert [name for name, _ in hub.calls].count("create") == 2  # the 503 was retried
     files = hub.repos["me/int-data"]["main"]
-    configs = ("sft", "rl", "interventions", "samples")
+    configs = ("sft", "rl", "interventions", "samples", "preference", "prm")
     assert set(files) == {"README.md", "report.html",
                           *(f"{c}/{export_file(exported / 'dataset', c).name}" for c in configs)}
     assert files["report.html"].startswith(b"<!doctype html>") and b'id="summary"' in files["report.html"]

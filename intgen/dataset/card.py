@@ -12,7 +12,7 @@ import yaml
 
 from intgen import __version__
 from intgen.dataset.analysis import SELECTION_RULE
-from intgen.dataset.export import CONFIGS, export_file
+from intgen.dataset.export import CONFIGS, PREFERENCE_RULE, PRM_RULE, export_file
 from intgen.plan import MODEL_STAGES
 from intgen.resources import fill, resource_path
 from intgen.rundir import RunDir, atomic_write_text
@@ -200,7 +200,8 @@ def dataset_card(
         min_success=str(config.min_success),
         continuations=str(config.continuations),
         rows_sft=str(rows["sft"]), rows_rl=str(rows["rl"]), rows_interventions=str(rows["interventions"]),
-        rows_samples=str(rows["samples"]),
+        rows_samples=str(rows["samples"]), rows_preference=str(rows["preference"]), rows_prm=str(rows["prm"]),
+        preference_rule=PREFERENCE_RULE, prm_rule=PRM_RULE,
         load_path=load_path,
         problems=config.problems or "intgen's bundled example problems",
         n_problems=str(summary["problems"]),

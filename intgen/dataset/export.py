@@ -7,6 +7,13 @@
 - `interventions`: every proposal, accepted or not, with its verification results and, where its step baselines
   ran, their successes and its lift (`intgen.lift`).
 - `samples`: every attempt with its grade.
+- `preference`: TRL's conversational preference type, one pair per kept intervention whose original-step baseline
+  ran and that beat it (lift > 0): prompt = [the problem as the user message, the attempt's steps before the error
+  as the start of the assistant's turn], chosen = the intervention, rejected = the original wrong step; Step-DPO's
+  columns (`initial_reason_steps`, `full_chosen`, `full_rejected`, `answer`) and both arms' measured successes.
+- `prm`: TRL's stepwise-supervision type, one row per attempt whose error step is backed by a kept intervention:
+  `completions` = the attempt's steps up to the error, in order; `labels` = True before it, False at it (nothing
+  after it: the error's position is all the run measured).
 
 Both prompts come from `sample.solve_messages`, the function that built the prompts the policy was
 sampled with.
@@ -25,11 +32,13 @@ from intgen.plan import MODEL_STAGES, STAGE_NAMES, STAGES
 from intgen.resources import Prompt
 from intgen.rundir import RunDir, file_digest
 from intgen.stages.sample import solve_messages
+from intgen.stages.verify import Condition, continuation_prefix, intervened_text
+from intgen.steps import join_steps, steps_at
 
 if TYPE_CHECKING:
     from intgen.config import RunConfig
 
-CONFIGS = ("sft", "rl", "interventions", "samples")
+CONFIGS = ("sft", "rl", "interventions", "samples", "preference", "prm")
 # each verified intervention's matched step baselines and lift (null where --baselines did not run them)
 LIFT_COLUMNS = ("baseline_successes", "baseline_continuations", "resample_successes", "resample_continuations",
                 "lift", "lift_p")
@@ -76,7 +85,66 @@ def dataset_tables(run: RunDir, solve: Prompt, system_prompt: str | None) -> dic
         pl.struct(style=pl.lit("rule"), ground_truth=pl.col("answer")).alias("reward_model"),
         pl.struct(index=pl.col("index").cast(pl.Int64), problem_id=pl.col("problem_id")).alias("extra_info"),
     )
-    return {"sft": sft, "rl": rl, "interventions": interventions.sort("proposal_id"), "samples": run.scan("graded")}
+    return {"sft": sft, "rl": rl, "interventions": interventions.sort("proposal_id"), "samples": run.scan("graded"),
+            **step_tables(interventions, problems, run.scan("samples"), solve, system_prompt)}
+
+
+PREFERENCE_RULE = ("one pair per kept intervention (by the run's keep rule) whose original-step baseline ran and "
+                   "that solved more often than it (lift > 0): chosen = the intervention, rejected = the attempt's own "
+                   "wrong step, both continuing the attempt's steps before the error")
+PRM_RULE = ("one row per attempt with a kept intervention (its first kept proposal's error step): the steps before "
+            "the error labelled True, the error step False, the steps after it left out")
+
+
+def step_tables(interventions: pl.LazyFrame, problems: pl.LazyFrame, samples: pl.LazyFrame, solve: Prompt,
+                system_prompt: str | None) -> dict[str, pl.LazyFrame]:
+    """The `preference` and `prm` configs, from the kept interventions and the attempts' own steps."""
+    kept = (interventions.filter(pl.col("kept"))
+            .join(problems.select("problem_id", "problem", "answer"), on="problem_id")
+            .join(samples.select("attempt_id", "text"), on="attempt_id")
+            .sort("proposal_id").collect())
+    pairs, labelled, seen = [], [], set()
+    for row in kept.iter_rows(named=True):
+        steps = steps_at(row["text"], row["step_ends"])
+        error = row["error_step"]
+        before = join_steps(steps[: error - 1])
+        if row["attempt_id"] not in seen:
+            seen.add(row["attempt_id"])
+            labelled.append({"prompt": row["problem"], "completions": steps[:error],
+                             "labels": [True] * (error - 1) + [False], "problem_id": row["problem_id"],
+                             "attempt_id": row["attempt_id"], "proposal_id": row["proposal_id"], "error_step": error})
+        if row["lift"] is None or row["lift"] <= 0:  # no original-step baseline, or not beaten
+            continue
+        messages = solve_messages(row["problem"], solve.text, system_prompt)
+        wrong = steps[error - 1]
+        pairs.append({
+            "prompt": [*messages, {"role": "assistant", "content": before}],
+            "chosen": [{"role": "assistant", "content": row["intervention"].strip()}],
+            "rejected": [{"role": "assistant", "content": wrong}],
+            "initial_reason_steps": before,
+            "full_chosen": intervened_text(steps, error, row["intervention"]),
+            "full_rejected": continuation_prefix(steps, error, row["intervention"], Condition.original_step),
+            "answer": row["answer"], "problem_id": row["problem_id"], "attempt_id": row["attempt_id"],
+            "proposal_id": row["proposal_id"], "error_step": error,
+            "chosen_successes": row["successes"], "chosen_continuations": row["continuations"],
+            "rejected_successes": row["baseline_successes"], "rejected_continuations": row["baseline_continuations"],
+            "lift": row["lift"], "lift_p": row["lift_p"],
+        })
+    return {"preference": pl.DataFrame(pairs, schema=PREFERENCE_SCHEMA).lazy(),
+            "prm": pl.DataFrame(labelled, schema=PRM_SCHEMA).lazy()}
+
+
+PREFERENCE_SCHEMA = {
+    "prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES, "initial_reason_steps": pl.String,
+    "full_chosen": pl.String, "full_rejected": pl.String, "answer": pl.String, "problem_id": pl.String,
+    "attempt_id": pl.String, "proposal_id": pl.String, "error_step": pl.Int32, "chosen_successes": pl.Int32,
+    "chosen_continuations": pl.Int32, "rejected_successes": pl.Int32, "rejected_continuations": pl.Int32,
+    "lift": pl.Float64, "lift_p": pl.Float64,
+}
+PRM_SCHEMA = {
+    "prompt": pl.String, "completions": pl.List(pl.String), "labels": pl.List(pl.Boolean), "problem_id": pl.String,
+    "attempt_id": pl.String, "proposal_id": pl.String, "error_step": pl.Int32,
+}
 
 
 def write_config(folder: Path, table: pl.LazyFrame) -> None:
