@@ -190,7 +190,7 @@ def dataset_summary(run: RunDir) -> tuple[dict[str, Any], dict[str, str]]:
         "settings": settings_rows(manifest, config), "stages": stage_rows(manifest),
         "funnel": funnel_steps(funnel, proposals), "rejected": funnel.get("rejected") or {},
         "failed": funnel.get("failed") or {}, "cost_usd": funnel.get("cost_usd"),
-        "table1": analysis.get("table1") or {"conditions": {}},
+        "table1": analysis.get("table1") or {"conditions": {}}, "keep_rule": funnel.get("keep_rule"),
         "attempt_tokens": _numbers(graded["completion_tokens"].to_list()),
     }
     sources = dict(zip(problems["problem_id"], problems["source"].fill_null("")))
@@ -209,13 +209,16 @@ def proposal_index(proposals: pl.DataFrame | None,
     and the distributions: error step (absolute and relative), success rate per kept intervention,
     intervention length in tokens (≈ characters / 4: the run keeps no tokenizer)."""
     dists: dict[str, list[float]] = {"error_step": [], "error_position": [], "kept_success_rate": [],
-                                     "intervention_tokens": []}
+                                     "intervention_tokens": [], "lift": [], "lift_p": []}
     if proposals is None:
         return [], dists
     verdicts = {}
     if verify is not None:
         own = verify.filter(pl.col("condition") == "intervention")
         verdicts = {pid: (rate, kept) for pid, rate, kept in zip(own["proposal_id"], own["success_rate"], own["kept"])}
+        if "lift_p" in own.columns:  # each verified intervention against its own original-step baseline
+            measured = own.filter(pl.col("error").is_null() & pl.col("lift_p").is_not_null())
+            dists["lift"], dists["lift_p"] = measured["lift"].to_list(), measured["lift_p"].to_list()
     rows = []
     for p in proposals.iter_rows(named=True):
         rate, kept = verdicts.get(p["proposal_id"], (None, None))

@@ -79,7 +79,9 @@ def test_an_empty_sft_config_is_said_not_broken(tmp_path: Path) -> None:
     assert server.kinds["continuation"] > 0, "the premise: interventions were verified"
     card = (run_dir / "dataset/README.md").read_text()
     assert pl.read_parquet(export_file(run_dir / "dataset", "sft")).height == 0
-    assert "config_name: sft" not in card and "**Empty:** `sft` (0 rows; no intervention was kept)" in card
+    # nothing kept: the step-level configs built from kept interventions are empty too
+    assert "config_name: sft" not in card
+    assert "**Empty:** `sft`, `preference`, `prm` (0 rows; no intervention was kept)" in card
     assert "the sft config is empty" in result.output
     result = runner.invoke(app, ["train", "sft", "--dataset", str(run_dir / "dataset"), "--output-dir",
                                  str(tmp_path / "model")])

@@ -177,6 +177,10 @@ def test_the_report_of_the_run_in_chromium(finished_run: tuple[Path, int, str, s
     assert (run_dir / "report.html").is_file()
     seen = check_dataset_report(browser, run_dir, read_config(run_dir, "interventions"), screenshot_name="pipeline")
     assert seen["page"].locator("#table1 tbody tr").count() >= 1
+    shown = seen["page"].locator("#distributions").inner_text()
+    assert "Kept: at least " in shown and "correct continuation(s) (the paper's rule; --keep-rule paper)" in shown
+    # the matched units ran the original step: their lift is measured and drawn
+    assert "Lift over the intervention's own original-step baseline" in shown and "Fisher exact p" in shown
 
 
 def test_rerun_sends_nothing(any_run: tuple[Path, int, str, str], gsm8k: Path) -> None:

@@ -195,7 +195,18 @@ function distributions() {
     el("div", {}, el("h3", {}, "First error: position in the attempt"), histogram(d.error_position, {bins: 10, label: "error step / steps"})),
     el("div", {}, el("h3", {}, "Success rate per kept intervention"), histogram(d.kept_success_rate, {bins: 10, label: "correct continuations / continuations"})),
     el("div", {}, el("h3", {}, "Intervention length"), histogram(d.intervention_tokens, {label: "tokens (≈ characters / 4)"})),
-    el("div", {}, el("h3", {}, "Attempt length"), histogram(d.attempt_tokens, {label: "completion tokens"}))));
+    el("div", {}, el("h3", {}, "Attempt length"), histogram(d.attempt_tokens, {label: "completion tokens"})),
+    ...(d.lift && d.lift.length ? [
+      el("div", {}, el("h3", {}, "Lift over the intervention's own original-step baseline"), histogram(d.lift, {bins: 10, label: "success rate − the original step's"})),
+      el("div", {}, el("h3", {}, "Lift: one-sided Fisher exact p"), histogram(d.lift_p, {bins: 10, label: "p (intervention no better than its original step)"}))] : [])),
+    el("p", {class: "muted"}, keepRule(SUMMARY.keep_rule)));
+}
+
+function keepRule(rule) {
+  if (!rule || !rule.rule) return "Kept: at least --min-success correct continuations (the paper's rule).";
+  const paper = `at least ${fmt(rule.min_success)} correct continuation(s)`;
+  return rule.rule === "lift" ? `Kept: ${paper} and a one-sided Fisher exact p against the intervention's own original-step baseline of at most ${fmt(rule.alpha, 4)} (--keep-rule lift).`
+    : `Kept: ${paper} (the paper's rule; --keep-rule paper).`;
 }
 
 // the proposal index's rows are lists; their columns are named by SUMMARY.proposal_columns (report.py)
