@@ -32,16 +32,13 @@ from intgen.plan import MODEL_STAGES, STAGE_NAMES, STAGES
 from intgen.resources import Prompt
 from intgen.rundir import RunDir, file_digest
 from intgen.stages.sample import solve_messages
-from intgen.stages.verify import Condition, continuation_prefix, intervened_text
+from intgen.stages.verify import LIFT_COLUMNS, Condition, continuation_prefix, intervened_text
 from intgen.steps import join_steps, steps_at
 
 if TYPE_CHECKING:
     from intgen.config import RunConfig
 
 CONFIGS = ("sft", "rl", "interventions", "samples", "preference", "prm")
-# each verified intervention's matched step baselines and lift (null where --baselines did not run them)
-LIFT_COLUMNS = ("baseline_successes", "baseline_continuations", "resample_successes", "resample_continuations",
-                "lift", "lift_p")
 MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
 
 

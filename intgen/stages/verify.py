@@ -122,6 +122,7 @@ VERIFY_SCHEMA = {
     "resample_successes": pl.Int32, "resample_continuations": pl.Int32,
     "lift": pl.Float64, "lift_p": pl.Float64,
 }
+LIFT_COLUMNS = tuple(list(VERIFY_SCHEMA)[list(VERIFY_SCHEMA).index("baseline_successes"):])
 
 
 @dataclass(frozen=True)
@@ -252,8 +253,7 @@ def verify_row(job: Job, rows: list[dict[str, Any]], completions: list[Completio
         "true_continuation": all(c.true_continuation for c in completions),
         "kept": job.condition is Condition.intervention and successes >= min_success and not errors,
         "error": errors[0] if errors else None,
-        **dict.fromkeys(("baseline_successes", "baseline_continuations", "resample_successes",
-                         "resample_continuations", "lift", "lift_p")),
+        **dict.fromkeys(LIFT_COLUMNS),  # filled in for intervention rows by `with_lift`
     }
 
 
@@ -265,7 +265,7 @@ def with_lift(rows: list[dict[str, Any]], s: VerifySettings) -> list[dict[str, A
     out = []
     for row in rows:
         if row["condition"] == Condition.intervention.value:
-            base = {c: by_prefix.get(f"{row['attempt_id']}/s{row['error_step']}/{c.value}") for c in STEP_BASELINES}
+            base = {c: by_prefix.get(prefix_id(c, row)) for c in STEP_BASELINES}
             base = {c: b for c, b in base.items() if b is not None and b["error"] is None}
             row = dict(row)
             if (r := base.get(Condition.resample_step)) is not None:
