@@ -99,7 +99,7 @@ def step_tables(interventions: pl.LazyFrame, problems: pl.LazyFrame, samples: pl
     kept = (interventions.filter(pl.col("kept"))
             .join(problems.select("problem_id", "problem", "answer"), on="problem_id")
             .join(samples.select("attempt_id", "text"), on="attempt_id")
-            .sort("proposal_id").collect())
+            .sort("attempt_id", "proposal_index").collect())  # an attempt's first kept proposal first
     pairs, labelled, seen = [], [], set()
     for row in kept.iter_rows(named=True):
         steps = steps_at(row["text"], row["step_ends"])
