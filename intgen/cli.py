@@ -262,7 +262,7 @@ def build_dataset(
         run_config = resolve(_given(ctx, settings), read_config_file(config) if config else {})
     except UserError as exc:
         _fail(str(exc))
-    if run_config.problems is None:
+    if run_config.problems is None and run_config.attempts is None:
         from intgen.config import DEMO_MINUTES
 
         console.print(
@@ -290,7 +290,7 @@ def sample(ctx: typer.Context, run_dir: RunDirOpt, force: ForceOpt = False, prog
     from intgen.config import resolve
     from intgen.pipeline import load_config_problems, sample_problems
 
-    if values["problems"] is None:
+    if values["problems"] is None and values["attempts"] is None:
         _fail("--problems: give the problem set to sample (a benchmark name, a file, a folder or a Hub id)")
     try:
         settings = resolve(_given(ctx, values), {})
@@ -463,7 +463,8 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.callback(invoke_without_command=True)
 @settings_options("problems", "backend", "sample", "grade", "run", "executor",
-                  without=("solution_column", "decontaminate", "decontaminate_ngram", "hard_only", "hard_threshold"))
+                  without=("solution_column", "decontaminate", "decontaminate_ngram", "hard_only", "hard_threshold",
+                           "attempts", "attempt_column"))
 def eval_run(
     ctx: typer.Context,
     run_dir: RunDirOpt = Path("runs/eval"),
@@ -746,7 +747,8 @@ def train_grpo(
 
 
 @app.command("problems")
-@settings_options("problems", without=("problems", "decontaminate", "decontaminate_ngram"))
+@settings_options("problems", without=("problems", "decontaminate", "decontaminate_ngram", "attempts",
+                                       "attempt_column"))
 def problems(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(help=(

@@ -49,6 +49,13 @@ class ProblemsSection:
     problems: str | None = setting(
         None, "Problem set: a benchmark name (math500, gsm8k, aime24, amc23, imo-answerbench: shipped with intgen), "
         "a file, a dataset folder or a Hub id (build-dataset without one: the embedded demo).")
+    attempts: str | None = setting(
+        None, "Start from attempts made elsewhere: a file, dataset folder or Hub id with a problem, answer, reference "
+        "solution and attempt on each row (the release's problem, answer, reference_solution, incorrect_attempt load "
+        "as they are; several rows per problem). They are graded (a false `correct` column: taken as incorrect) and "
+        "proposed for; no attempt is sampled. In place of --problems.")
+    attempt_column: str | None = setting(None, "--attempts: the column holding the attempt's text (default: "
+                                               "incorrect_attempt, attempt, response, completion).")
     problem_column: str | None = setting(None, "Column holding the problem text (default: problem, question, ...).")
     answer_column: str | None = setting(None, "Column holding the final answer (default: answer, ...).")
     solution_column: str | None = setting(None, "Column holding the reference solution (default: reference_solution, "
@@ -236,7 +243,7 @@ class RunConfig(DatasetSection, ExecutorSection, RunSection, VerifySection, Prop
         return [self.prompt("critique")]
 
     def problem_source(self) -> str:
-        return self.problems or str(EXAMPLE_PROBLEMS)
+        return self.attempts or self.problems or str(EXAMPLE_PROBLEMS)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), **{name: list(getattr(self, name)) for name in LIST_FIELDS}}
@@ -283,6 +290,9 @@ def cross_checks(values: dict[str, Any]) -> list[tuple[str, str]]:
     if isinstance(values.get("min_success"), int) and isinstance(values.get("continuations"), int) \
             and values["min_success"] > values["continuations"]:
         found.append(("min_success", f"{values['min_success']} is more than continuations ({values['continuations']})"))
+    if values.get("attempts") and values.get("problems"):
+        found.append(("attempts", "the attempts file holds the problems too (its problem, answer and reference "
+                                  "solution columns): drop --problems"))
     conditions = values.get("conditions")
     if values.get("keep_rule") == KeepRule.lift.value and (Condition.original_step.value not in (conditions or ())
                                                            or values.get("baselines") != Baselines.every.value):
@@ -321,7 +331,7 @@ def resolve(explicit: dict[str, Any], file_values: dict[str, Any]) -> RunConfig:
         if problem := check_setting(name, value):
             raise UserError(f"--{name.replace('_', '-')}: {problem}")
     values = dict(file_values) | explicit
-    if values.get("problems") is None:
+    if values.get("problems") is None and values.get("attempts") is None:
         values = DEMO | values
     values |= {name: tuple(values[name]) for name in LIST_FIELDS if isinstance(values.get(name), list)}
     for name, problem in cross_checks(values):

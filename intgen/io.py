@@ -34,6 +34,12 @@ ANSWER_NAMES = ("answer", "Short Answer", "final_answer", "expected_answer", "An
 # A dataset with both (the InT hard set) holds the curated reference in `reference_solution`.
 SOLUTION_NAMES = ("reference_solution", "solution", "Solution")
 ID_NAMES = ("id", "unique_id", "Problem ID", "problem_id")
+# --attempts: the attempt's text (the release's InT-hard-set-with-incorrect-attempts calls it `incorrect_attempt`)
+# and, where the file has one, its own verdict (False: taken as incorrect, not graded)
+ATTEMPT_NAMES = ("incorrect_attempt", "attempt", "response", "completion")
+CORRECT_NAMES = ("correct", "is_correct")
+GIVEN_ATTEMPTS = "given_attempts"  # the problems table's column of attempts made elsewhere
+GIVEN_ATTEMPT_TYPE = pl.List(pl.Struct({"text": pl.String, "correct": pl.Boolean}))
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _GSM8K_ANSWER = re.compile(r"\n####\s*(.+?)\s*$", re.DOTALL)
@@ -280,6 +286,30 @@ def _columns(record: dict[str, Any], asked: dict[str, str | None], where: str) -
     return names
 
 
+def _attempt_columns(record: dict[str, Any], asked: str | None, where: str) -> dict[str, str | None]:
+    columns = list(record)
+    names = {"attempt": _pick(columns, asked, ATTEMPT_NAMES, "attempt", where),
+             "correct": _pick(columns, None, CORRECT_NAMES, "verdict", where)}
+    if names["attempt"] is None:
+        raise BadInputError(f"{where}: no attempt column (tried {', '.join(ATTEMPT_NAMES)}; pass --attempt-column); "
+                            f"columns present: {', '.join(columns)}")
+    return names
+
+
+def _given_attempt(record: dict[str, Any], names: dict[str, str | None], where: str) -> dict[str, Any] | BadRow:
+    """One attempt made elsewhere: its text, and its verdict where the file gives one (else None: graded)."""
+    try:
+        text = _text(record.get(names["attempt"]))  # type: ignore[arg-type]
+    except _NotText as exc:
+        return BadRow(where, f"column {names['attempt']!r} {exc}")
+    if text is None:
+        return BadRow(where, f"empty or missing attempt (column {names['attempt']!r})")
+    verdict = record.get(names["correct"]) if names["correct"] else None
+    if verdict is not None and not isinstance(verdict, bool):
+        return BadRow(where, f"column {names['correct']!r} holds {verdict!r}, not true or false")
+    return {"text": text, "correct": verdict}
+
+
 def _problem(record: dict[str, Any], names: dict[str, str | None], where: str, label: str) -> dict[str, Any] | BadRow:
     """One problem row from a record, or why the record is bad."""
     cells = {}
@@ -317,30 +347,42 @@ def read_problems(
     config: str | None = None,
     on_bad_row: Literal["error", "skip"] = "error",
     limit: int | None = None,
+    attempts: bool = False,
+    attempt_column: str | None = None,
 ) -> LoadResult:
-    """Load problems and report what was skipped. See `load_problems`."""
+    """Load problems and report what was skipped. See `load_problems`. With `attempts`, every row also holds an
+    attempt made elsewhere (several rows per problem allowed): each problem gets them, in file order, as its
+    `given_attempts` (text, and the file's own verdict where it has a `correct` / `is_correct` column)."""
     label = source_name or _source_label(source)
     asked = {"problem": problem_column, "answer": answer_column, "solution": solution_column, "id": id_column}
     rows: dict[str, dict[str, Any]] = {}
     skipped: list[BadRow] = []
     duplicates = 0
     names: dict[str, str | None] | None = None
+    attempt_names: dict[str, str | None] | None = None
     for where, record in _records(source, split, config):
+        given: dict[str, Any] | BadRow | None = None
         if not isinstance(record, (dict, BadRow)):
             record = BadRow(where, f"expected an object with named fields, got {type(record).__name__}")
         if not isinstance(record, BadRow):
             names = names or _columns(record, asked, where)
-            record = _problem(record, names, where, label)
+            if attempts:
+                attempt_names = attempt_names or _attempt_columns(record, attempt_column, where)
+                given = _given_attempt(record, attempt_names, where)
+            record = given if isinstance(given, BadRow) else _problem(record, names, where, label)
         if isinstance(record, BadRow):
             if on_bad_row == "error":
                 raise BadInputError(f"{record} (pass on_bad_row='skip' / --skip-bad-rows to skip and count such rows)")
             skipped.append(record)
         elif record["problem_id"] in rows:
-            duplicates += 1
-        else:
-            rows[record["problem_id"]] = record
-            if limit is not None and len(rows) >= limit:
-                break
+            if given is None:
+                duplicates += 1
+            else:  # another attempt at a problem already read
+                rows[record["problem_id"]][GIVEN_ATTEMPTS].append(given)
+        elif limit is None or len(rows) < limit:
+            rows[record["problem_id"]] = record | ({GIVEN_ATTEMPTS: [given]} if given is not None else {})
+        elif given is None:
+            break  # with attempts, the rest of the file may hold more attempts at the problems kept
     if not rows:
         detail = f"; all {len(skipped)} row(s) were bad, first: {skipped[0]}" if skipped else ""
         raise BadInputError(f"{label}: no problems found{detail}")
@@ -348,7 +390,8 @@ def read_problems(
         log.warning("%s: skipped %d bad row(s): %s", label, len(skipped), "; ".join(map(str, skipped[:5])))
     if duplicates:
         log.warning("%s: dropped %d duplicate problem(s)", label, duplicates)
-    return LoadResult(pl.DataFrame(list(rows.values()), schema=PROBLEM_SCHEMA), skipped, duplicates)
+    schema = PROBLEM_SCHEMA | ({GIVEN_ATTEMPTS: GIVEN_ATTEMPT_TYPE} if attempts else {})
+    return LoadResult(pl.DataFrame(list(rows.values()), schema=schema), skipped, duplicates)
 
 
 def load_problems(source: str | Path, **options: Any) -> pl.DataFrame:

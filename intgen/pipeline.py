@@ -135,6 +135,7 @@ def load_problem_set(name: str, config: RunConfig | None = None) -> LoadResult:
         source, problem_column=config.problem_column, answer_column=config.answer_column,
         solution_column=config.solution_column, split=config.split or options.pop("split", None),
         config=config.subset or options.pop("config", None), on_bad_row=on_bad_row, limit=config.limit,
+        attempts=config.attempts is not None, attempt_column=config.attempt_column,
     )
 
 

@@ -16,7 +16,8 @@ from intgen.stages.verify import Baselines, Condition
 
 
 def sample_settings(config: RunConfig) -> sample.SampleSettings:
-    return sample.SampleSettings(config.samples, config.sampling(), config.prompt("solve"), config.system_prompt)
+    return sample.SampleSettings(config.samples, config.sampling(), config.prompt("solve"), config.system_prompt,
+                                 given=config.attempts)
 
 
 def grade_settings(config: RunConfig) -> grade.GradeSettings:

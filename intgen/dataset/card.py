@@ -147,6 +147,15 @@ def keep_rule_text(config: RunConfig) -> str:
             "were kept (the paper's rule, which a lucky pass also meets; see the lift below where it was measured).")
 
 
+def attempts_text(config: RunConfig, summary: dict[str, Any]) -> str:
+    """Where the attempts came from: sampled here (K and the sampling), or made elsewhere (--attempts)."""
+    if config.attempts:
+        return (f"made elsewhere: {summary['attempts']} attempts at {summary['problems']} problems, from "
+                f"`{config.attempts}` (graded here; none sampled by intgen)")
+    return (f"K = {config.samples} per problem, sampled from the policy (temperature {config.temperature}, top_p "
+            f"{config.top_p}, top_k {config.top_k}, max tokens {config.max_tokens}, seed {config.seed})")
+
+
 def lift_text(lift: dict[str, Any] | None, alpha: float) -> str:
     if not lift:
         return ("\n\nNot measured in this run: no verified intervention has its original-step baseline (run verify "
@@ -205,10 +214,12 @@ def dataset_card(
         load_path=load_path,
         problems=config.problems or "intgen's bundled example problems",
         n_problems=str(summary["problems"]),
-        policy=f"{stages['sample']['fingerprint']['backend']}: {stages['sample']['fingerprint']['model']} (sample and "
-               "verify stages)",
+        policy=f"{stages['sample']['fingerprint']['backend']}: {stages['sample']['fingerprint']['model']} "
+               + ("(verify stage; the attempts were made elsewhere)" if config.attempts
+                  else "(sample and verify stages)"),
         proposer="the policy model (self-proposed)" if proposer is None
         else f"{stages['propose']['fingerprint']['backend']}: {stages['propose']['fingerprint']['model']}",
+        attempts=attempts_text(config, summary),
         samples=str(config.samples), temperature=str(config.temperature), top_p=str(config.top_p),
         top_k=str(config.top_k), max_tokens=str(config.max_tokens), seed=str(config.seed),
         proposals=str(config.proposals), propose_style=config.propose_style, structured=str(config.structured).lower(),

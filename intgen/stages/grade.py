@@ -14,12 +14,14 @@ import polars as pl
 
 from intgen.backends.base import TOO_LONG
 from intgen.grading import BOXED, LENIENT, Verdict, provisional
+from intgen.io import GIVEN_ATTEMPTS
 from intgen.stages import Compute, Grading, Part, Stage, count_failures
 from intgen.stages.sample import ATTEMPT_SCHEMA
 
 TRUNCATED = "truncated"
 SAMPLE_ERROR = "sample_error"
 PROMPT_TOO_LONG = "prompt_too_long"  # the prompt did not fit the model's context
+GIVEN_INCORRECT = "given_incorrect"  # --attempts: the file says so (not graded)
 
 GRADE_COLUMNS = {"correct": pl.Boolean, "predicted": pl.String, "grade_reason": pl.String}
 PASS_RATE_SCHEMA = {
@@ -81,13 +83,25 @@ def fingerprint(s: GradeSettings) -> dict[str, Any]:
             "hard_threshold": s.hard_threshold}
 
 
+def given_verdicts(problems: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> dict[int, Verdict]:
+    """--attempts: the attempts whose file says they are incorrect (its `correct` column false), by position."""
+    given = {p["problem_id"]: p.get(GIVEN_ATTEMPTS) for p in problems}
+    return {i: Verdict(False, None, GIVEN_INCORRECT) for i, a in enumerate(attempts)
+            if (made := given.get(a["problem_id"])) and made[a["sample_index"]]["correct"] is False}
+
+
+def to_grade(attempts: list[dict[str, Any]], known: dict[int, Verdict]) -> list[int]:
+    return [i for i, row in enumerate(attempts) if needs_grading(row) is None and i not in known]
+
+
 def compute(part: Part, s: GradeSettings) -> Compute:
     answers = {p["problem_id"]: p["answer"] for p in part.tables["problems"]}
     attempts = part.tables["samples"]
-    todo = [i for i, row in enumerate(attempts) if needs_grading(row) is None]
+    known = given_verdicts(part.tables["problems"], attempts)
+    todo = to_grade(attempts, known)
     mode = LENIENT if s.lenient else BOXED
     verdicts = yield Grading([(answers[attempts[i]["problem_id"]], attempts[i]["text"], mode) for i in todo])
-    graded = [a | v for a, v in zip(attempts, verdict_columns(attempts, dict(zip(todo, verdicts))))]
+    graded = [a | v for a, v in zip(attempts, verdict_columns(attempts, known | dict(zip(todo, verdicts))))]
     for i, verdict in zip(todo, verdicts):
         graded[i]["error"] = graded[i]["error"] or provisional(verdict)  # a timeout is retried, never final
     rates = pass_rates(pl.LazyFrame(graded, schema=ATTEMPT_SCHEMA | GRADE_COLUMNS)).with_columns(
@@ -119,5 +133,6 @@ STAGE = Stage(
     fingerprint=fingerprint, compute=compute, summarize=summarize, uses_model=False,
     # a failed sample is the sample stage's failure (retried there); only the grader's own timeouts count here
     failures=lambda frame: count_failures(frame, prefix="grade_"),
-    work=lambda part, s: sum(needs_grading(a) is None for a in part.tables["samples"]),
+    work=lambda part, s: len(to_grade(part.tables["samples"], given_verdicts(part.tables["problems"],
+                                                                          part.tables["samples"]))),
 )

@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 
 from intgen.backends.base import ERROR, LENGTH, Completion, Request, Sampling, make_request
+from intgen.io import GIVEN_ATTEMPTS
 from intgen.resources import Prompt, fill
 from intgen.stages import Compute, ModelCalls, Part, Stage
 
@@ -29,6 +30,7 @@ ATTEMPT_SCHEMA = {
     "completion_tokens": pl.Int64,
     "cached": pl.Boolean,
 }
+GIVEN = "given"  # the finish reason of an attempt made elsewhere (--attempts)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class SampleSettings:
     sampling: Sampling
     solve_prompt: Prompt
     system_prompt: str | None = None
+    given: str | None = None  # --attempts: where the attempts were made (each problem's `given_attempts`)
 
 
 def attempt_id(problem_id: str, index: int) -> str:
@@ -76,7 +79,16 @@ def attempt_rows(problems: list[dict[str, Any]], completions: list[list[Completi
     return rows
 
 
+def given_rows(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Attempts made elsewhere (--attempts), as attempt rows: no finish reason or token counts are known, and
+    none is taken as truncated (grading says whether it has an answer)."""
+    completions = [[Completion(text=a["text"], finish_reason=GIVEN) for a in p[GIVEN_ATTEMPTS]] for p in problems]
+    return attempt_rows(problems, completions)
+
+
 def fingerprint(s: SampleSettings) -> dict[str, Any]:
+    if s.given is not None:  # nothing sampled: the attempts are the problems table's (its digest is the input's)
+        return {"given": s.given}
     return {
         "samples": s.samples,
         "sampling": s.sampling.to_dict(),
@@ -87,6 +99,8 @@ def fingerprint(s: SampleSettings) -> dict[str, Any]:
 
 def compute(part: Part, s: SampleSettings) -> Compute:
     problems = part.tables["problems"]
+    if s.given is not None:
+        return {"samples": given_rows(problems)}
     requests = sample_requests(problems, s.solve_prompt.text, s.sampling, s.samples, s.system_prompt)
     completions = yield ModelCalls(requests)
     return {"samples": attempt_rows(problems, completions)}
@@ -97,11 +111,12 @@ def summarize(tables: dict[str, pl.LazyFrame], s: SampleSettings) -> dict[str, A
         "prompt_file": s.solve_prompt.name,
         "problems": tables["problems"].select(pl.len()).collect().item(),
         "truncated": tables["samples"].select(pl.col("truncated").sum()).collect().item(),
+        "attempts_given": s.given,  # None: sampled here
     }
 
 
 STAGE = Stage(
     name="sample", reads=("problems",), writes={"samples": ATTEMPT_SCHEMA},
     fingerprint=fingerprint, compute=compute, summarize=summarize,
-    work=lambda part, s: len(part.tables["problems"]) * s.samples,
+    work=lambda part, s: 0 if s.given is not None else len(part.tables["problems"]) * s.samples,
 )
