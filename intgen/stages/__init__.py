@@ -103,8 +103,8 @@ def count_failures(frame: pl.DataFrame, prefix: str = "") -> dict[str, int]:
     """Rows with an `error` (starting with `prefix`), by kind: the error's text before its first colon."""
     if "error" not in frame.columns:
         return {}
-    errors = frame.filter(pl.col("error").is_not_null() & pl.col("error").str.starts_with(prefix))
-    return dict(Counter(errors["error"].str.split(":").list.first().to_list()))
+    # in Python: a polars filter costs ~0.5 ms of CPU per call (its thread pool), a part's rows are few
+    return dict(Counter(e.split(":")[0] for e in frame["error"].to_list() if e is not None and e.startswith(prefix)))
 
 
 def drive(compute: Compute, answer: Callable[[Ask], Answer]) -> dict[str, Rows]:
