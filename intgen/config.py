@@ -151,6 +151,12 @@ class VerifySection:
         "--condition original-step and --baselines every).", choices=KeepRule, output=True)
     alpha: float = setting(0.05, "The lift rule's threshold on the one-sided Fisher exact p.", low=0, high=1,
                            output=True)
+    top_up: int = setting(
+        0, "--keep-rule lift: N more continuations for both arms of an intervention whose first p is borderline "
+        "(above alpha/2, at most --top-up-below), decided again on all of them; both looks test at alpha/2, so the "
+        "error rate stays at most alpha. 0: one look at alpha.", low=0, output=True)
+    top_up_below: float = setting(0.5, "--top-up: the first p up to which a verdict is borderline.", low=0, high=1,
+                                  output=True)
 
 
 @dataclass(frozen=True)
@@ -298,6 +304,8 @@ def cross_checks(values: dict[str, Any]) -> list[tuple[str, str]]:
                                                            or values.get("baselines") != Baselines.every.value):
         found.append(("keep_rule", "lift compares each intervention with its own original-step baseline: it needs "
                                    "--condition original-step and --baselines every"))
+    if values.get("top_up") and values.get("keep_rule") != KeepRule.lift.value:
+        found.append(("top_up", "topping up re-tests a borderline lift: it needs --keep-rule lift"))
     if isinstance(conditions, (list, tuple)) and Condition.intervention.value not in conditions:
         found.append(("conditions", f"{list(conditions)} leave out intervention, the condition every other one is "
                                     "compared with (and the one the dataset keeps)"))

@@ -9,6 +9,13 @@ with both arms' margins fixed, of seeing at least the intervention's successes (
 
 Computed exactly with integers (binomial coefficients), so no statistics package is needed and no rounding enters
 before the final division.
+
+Topping up (`--top-up N`) is a two-stage design declared before any continuation is seen, with alpha split in two
+(Bonferroni): after the first M continuations per arm an intervention is kept when p <= alpha/2; when p is
+borderline (above alpha/2, at most `below`) both arms get N more continuations, and it is kept when the p of all
+M + N per arm is at most alpha/2; otherwise it is not kept. Under no effect, P(kept) <= P(first p <= alpha/2) +
+P(the p of M + N per arm <= alpha/2) <= alpha: retesting only the near misses does not inflate the error rate,
+as testing again at alpha would.
 """
 
 from __future__ import annotations
@@ -41,3 +48,14 @@ def lift(successes: int, trials: int, base_successes: int, base_trials: int) -> 
     if not trials or not base_trials:
         return None
     return successes / trials - base_successes / base_trials
+
+
+def top_up_due(p: float, alpha: float, below: float) -> bool:
+    """Whether a first-stage p is borderline: above the stage's alpha/2 and at most `below`."""
+    return alpha / 2 < p <= below
+
+
+def two_stage_kept(first_p: float, pooled_p: float | None, alpha: float) -> bool:
+    """The two-stage rule: kept at the first look (p <= alpha/2), or at the second on all the continuations of
+    both arms (`pooled_p`, None where there was no second look) at alpha/2."""
+    return first_p <= alpha / 2 or (pooled_p is not None and pooled_p <= alpha / 2)

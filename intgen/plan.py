@@ -38,7 +38,7 @@ def verify_settings(config: RunConfig) -> verify.VerifySettings:
         config.continuations, config.sampling(config.verify_max_tokens, config.verify_temperature),
         config.prompt("solve"), config.system_prompt, config.min_success,
         tuple(Condition(c) for c in config.conditions), config.lenient_answers, config.verify_all_proposals,
-        Baselines(config.baselines), KeepRule(config.keep_rule), config.alpha,
+        Baselines(config.baselines), KeepRule(config.keep_rule), config.alpha, config.top_up, config.top_up_below,
     )
 
 

@@ -169,7 +169,9 @@ def test_a_setting_marked_as_changing_output_changes_a_stage_fingerprint_and_no_
         raise AssertionError(f"no other value for {name}={value!r}")
 
     # a setting valid only with others: compared with a base that has them
-    needs = {"keep_rule": {"conditions": ("intervention", "original-step"), "baselines": "every"}}
+    lift_rule = {"conditions": ("intervention", "original-step"), "baselines": "every", "keep_rule": "lift"}
+    needs = {"keep_rule": {"conditions": ("intervention", "original-step"), "baselines": "every"},
+             "top_up": lift_rule, "top_up_below": lift_rule | {"top_up": 8}}
     checked = 0
     for section in ("sample", "grade", "propose", "verify"):
         for spec in dataclasses.fields(SECTIONS[section]):
@@ -226,6 +228,61 @@ def test_the_lift_rule_rekeeps_from_the_cache_and_keeps_only_what_beats_its_own_
     card = (tmp_path / "run" / "dataset" / "README.md").read_text()
     assert "one-sided Fisher exact p-value of its successes against its own original-step baseline" in card
     assert f"Measured for {interventions.height} verified intervention(s)" in card
+
+
+def test_top_up_retests_only_borderline_verdicts_pays_once_and_resumes_after_a_kill(tmp_path: Path) -> None:
+    from intgen.lift import fisher_greater, two_stage_kept
+
+    lifted = CONFIG.to_dict() | {"baselines": "every", "verify_all_proposals": True, "keep_rule": "lift"}
+    config = RunConfig(**lifted | {"top_up": 8})
+
+    def half() -> MemoryBackend:  # 0 to 4 of M=4 reach the answer; the original step never does
+        return MemoryBackend(Script(answers_of(EXAMPLE_PROBLEMS), seed=TEST_SEED, fix_rate=0.5))
+
+    whole = half()
+    build(tmp_path / "whole", whole, config)
+    top_ups = [r for r in whole.sent if (r.draw or "").endswith("/top-up")]
+    assert top_ups and all(r.n == 8 for r in top_ups)
+    rows = tables(tmp_path / "whole")["interventions"].filter(pl.col("verified"))
+    due = rows.filter(pl.col("top_up_continuations").is_not_null())
+    # borderline: 1-3 of 4 against 0 of 4 (p 0.5, 0.21, 0.071); 4 of 4 (p 0.014) is kept at the first look
+    assert set(due["successes"]) <= {1, 2, 3} and due.height > 0
+    assert rows.filter(pl.col("top_up_continuations").is_null() & pl.col("successes").is_in([1, 2, 3])).height == 0
+    prefixes = {(r["attempt_id"], r["error_step"], r["intervention"]) for r in due.iter_rows(named=True)}
+    # each distinct intervention's 8 more, each baseline's once (two proposals alike share their calls)
+    assert len(top_ups) == len(prefixes) + len({p[:2] for p in prefixes}) == len(set(top_ups))
+    for row in rows.iter_rows(named=True):
+        first = fisher_greater(row["successes"], 4, row["baseline_successes"], 4)
+        if row["top_up_continuations"] is None:
+            assert row["lift_p"] == pytest.approx(first) and row["kept"] is (first <= 0.025)
+            continue
+        assert (row["top_up_continuations"], row["baseline_top_up_continuations"]) == (8, 8)
+        pooled = fisher_greater(row["successes"] + row["top_up_successes"], 12,
+                                row["baseline_successes"] + row["baseline_top_up_successes"], 12)
+        assert row["lift_p"] == pytest.approx(pooled) and row["kept"] is two_stage_kept(first, pooled, 0.05)
+        assert row["continuations"] == 4  # Table 1's budget stays M
+    continuations = pl.read_parquet(tmp_path / "whole" / "continuations")
+    extra = continuations.filter(pl.col("top_up"))
+    assert extra.height == 8 * (due.height + len({p[:2] for p in prefixes})) and not extra["matched"].any()
+    assert extra["continuation_id"].str.extract(r"/c(\d+)$").cast(int).min() == 4
+    plain = half()
+    build(tmp_path / "plain", plain, RunConfig(**lifted))
+    analysis = {name: __import__("json").loads((tmp_path / name / "analysis.json").read_text())["table1"]
+                for name in ("whole", "plain")}
+    assert analysis["whole"] == analysis["plain"]  # Table 1: the first M of each arm, at equal budgets
+
+    killed = half()
+    killed.kill_after = len(whole.sent) - len(top_ups) // 2  # late: within the last parts' top-ups
+    with pytest.raises(Killed):
+        build(tmp_path / "run", killed, config)
+    rerun = half()
+    build(tmp_path / "run", rerun, config)
+    assert len(rerun.sent) == len(whole.sent) - len(killed.sent)  # every continuation paid for once
+    again = half()
+    build(tmp_path / "run", again, config)
+    assert again.sent == []
+    for name in ("interventions", "sft"):
+        assert tables(tmp_path / "run")[name].equals(tables(tmp_path / "whole")[name]), name
 
 
 def test_the_preference_and_prm_configs_load_and_follow_their_definitions(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from math import comb
 import numpy as np
 import pytest
 
-from intgen.lift import fisher_greater, lift
+from intgen.lift import fisher_greater, lift, top_up_due, two_stage_kept
 
 
 @pytest.mark.parametrize(("arms", "exact"), [
@@ -57,3 +57,28 @@ def test_on_arms_with_no_effect_the_test_rejects_at_most_alpha(rate):
     rejected = np.mean([fisher_greater(int(a), 32, int(b), 32) <= 0.05 for a, b in draws])
     # 4000 draws: a true rate of 0.05 would exceed 0.058 with probability about 0.01
     assert rejected <= 0.058
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.2, 0.5])
+def test_topping_up_borderline_arms_keeps_the_error_rate_at_most_alpha(rate):
+    """The two-stage rule on arms with no effect: 32 per arm, then 32 more for both arms where the first p is
+    borderline; kept at most alpha of the time. The naive top-up (a second test at the full alpha) is shown to
+    inflate the rate a single test at alpha has (here by 1.6-1.8x)."""
+    rng = np.random.default_rng(11)
+    first, more = rng.binomial(32, rate, size=(4000, 2)), rng.binomial(32, rate, size=(4000, 2))
+    kept = naive = single = 0
+    for (a, b), (c, d) in zip(first, more):
+        p = fisher_greater(int(a), 32, int(b), 32)
+        pooled = fisher_greater(int(a + c), 64, int(b + d), 64)
+        kept += two_stage_kept(p, pooled if top_up_due(p, 0.05, 0.5) else None, 0.05)
+        naive += p <= 0.05 or (0.05 < p <= 0.5 and pooled <= 0.05)
+        single += p <= 0.05
+    assert kept / 4000 <= 0.058
+    assert naive > 1.3 * single
+
+
+def test_top_up_is_due_only_between_half_alpha_and_the_band():
+    assert not top_up_due(0.02, 0.05, 0.5) and top_up_due(0.03, 0.05, 0.5) and top_up_due(0.5, 0.05, 0.5)
+    assert not top_up_due(0.6, 0.05, 0.5)
+    assert two_stage_kept(0.02, None, 0.05) and not two_stage_kept(0.03, None, 0.05)
+    assert two_stage_kept(0.3, 0.01, 0.05) and not two_stage_kept(0.3, 0.03, 0.05)

@@ -139,6 +139,14 @@ def card_front_matter(config: RunConfig, rows: dict[str, int], files: dict[str, 
 
 
 def keep_rule_text(config: RunConfig) -> str:
+    if config.keep_rule == "lift" and config.top_up:
+        return (f"An intervention was kept when at least {config.min_success} of its {config.continuations} "
+                "continuations were correct and the one-sided Fisher exact p-value of its successes against its own "
+                f"original-step baseline was at most {config.alpha / 2}, either on the first {config.continuations} "
+                f"per arm or, where that p was borderline (above {config.alpha / 2}, at most {config.top_up_below}), "
+                f"on all {config.continuations + config.top_up} per arm after {config.top_up} more for both arms "
+                f"(`--top-up`: a two-stage test declared before any continuation was seen, alpha {config.alpha} "
+                "split in two, so retesting the near misses does not raise the error rate above it).")
     if config.keep_rule == "lift":
         return (f"An intervention was kept when at least {config.min_success} of its {config.continuations} "
                 "continuations were correct and the one-sided Fisher exact p-value of its successes against its own "

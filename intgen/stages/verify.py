@@ -42,7 +42,7 @@ import polars as pl
 from intgen.backends.base import STOP, TOO_LONG, Completion, Request, Sampling, make_request
 from intgen.dataset.analysis import PREFIX_TOO_LONG, table1
 from intgen.grading import BOXED, LENIENT, Verdict, provisional
-from intgen.lift import KeepRule, fisher_greater, lift
+from intgen.lift import KeepRule, fisher_greater, lift, top_up_due, two_stage_kept
 from intgen.resources import Prompt
 from intgen.stages import Compute, Grading, ModelCalls, Part, Stage
 from intgen.stages.grade import SAMPLE_ERROR, TRUNCATED
@@ -111,6 +111,7 @@ CONTINUATION_SCHEMA = {
     "condition": pl.String, "matched": pl.Boolean, "prefix_chars": pl.Int64, "text": pl.String,
     "finish_reason": pl.String, "true_continuation": pl.Boolean, "correct": pl.Boolean, "predicted": pl.String,
     "grade_reason": pl.String, "error": pl.String, "completion_tokens": pl.Int64,
+    "top_up": pl.Boolean,  # one of --top-up's N more (ids c{M} on; never in Table 1)
 }
 VERIFY_SCHEMA = {
     "prefix_id": pl.String, "condition": pl.String, "matched": pl.Boolean, "problem_id": pl.String,
@@ -121,6 +122,10 @@ VERIFY_SCHEMA = {
     "baseline_successes": pl.Int32, "baseline_continuations": pl.Int32,
     "resample_successes": pl.Int32, "resample_continuations": pl.Int32,
     "lift": pl.Float64, "lift_p": pl.Float64,
+    # --top-up: the N more continuations of a borderline intervention and of its original-step baseline (lift and
+    # lift_p are then of all M + N per arm; successes and continuations stay the first M, as Table 1 counts)
+    "top_up_successes": pl.Int32, "top_up_continuations": pl.Int32,
+    "baseline_top_up_successes": pl.Int32, "baseline_top_up_continuations": pl.Int32,
 }
 LIFT_COLUMNS = tuple(list(VERIFY_SCHEMA)[list(VERIFY_SCHEMA).index("baseline_successes"):])
 
@@ -138,6 +143,8 @@ class VerifySettings:
     baselines: Baselines = Baselines.matched
     keep_rule: KeepRule = KeepRule.paper
     alpha: float = 0.05  # the lift rule's threshold on the one-sided Fisher p
+    top_up: int = 0  # N more continuations per arm for a borderline verdict (two-stage: alpha split in two)
+    top_up_below: float = 0.5  # borderline: a first-stage p above alpha/2 and at most this
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class Job:
     prefix: str
     request: Request
     matched: bool
+    top_up: bool = False
 
 
 def fingerprint(s: VerifySettings) -> dict[str, Any]:
@@ -159,19 +167,22 @@ def fingerprint(s: VerifySettings) -> dict[str, Any]:
         "conditions": [c.value for c in s.conditions], "prompt_sha256": s.solve_prompt.sha256,
         "system_prompt": s.system_prompt, "lenient": s.lenient, "all_proposals": s.all_proposals,
         "baselines": s.baselines.value, "keep_rule": s.keep_rule.value, "alpha": s.alpha,
+        **({"top_up": s.top_up, "top_up_below": s.top_up_below} if s.top_up else {}),
     }
 
 
-def continuation_request(problem: str, prefix: str, condition: Condition, s: VerifySettings) -> Request:
+def continuation_request(problem: str, prefix: str, condition: Condition, s: VerifySettings,
+                         top_up: bool = False) -> Request:
     """Continue `prefix` as the assistant's own turn (an empty prefix is a fresh generation), as the condition's
-    own draw."""
-    draw = f"verify/{condition.value}"
+    own draw; `top_up`: --top-up's N more, a draw of their own (another seed and cache key)."""
+    draw = f"verify/{condition.value}" + ("/top-up" if top_up else "")
     sampling = replace(s.sampling, seed=draw_seed(s.sampling.seed, draw))
+    n = s.top_up if top_up else s.continuations
     messages = solve_messages(problem, s.solve_prompt.text, s.system_prompt)
     if not prefix:
-        return make_request(messages, sampling, n=s.continuations, draw=draw)
+        return make_request(messages, sampling, n=n, draw=draw)
     messages.append({"role": "assistant", "content": prefix})
-    return make_request(messages, sampling, n=s.continuations, continue_final=True, draw=draw)
+    return make_request(messages, sampling, n=n, continue_final=True, draw=draw)
 
 
 def _attempt_order(proposal: dict[str, Any]) -> tuple[int, int]:
@@ -233,7 +244,7 @@ def continuation_row(job: Job, index: int, c: Completion, verdict: Verdict | Non
         "text": c.text, "finish_reason": c.finish_reason, "true_continuation": c.true_continuation,
         "correct": verdict.correct if verdict else None, "predicted": verdict.predicted if verdict else None,
         "grade_reason": reason, "error": c.error or (provisional(verdict) if verdict else None),
-        "completion_tokens": c.completion_tokens,
+        "completion_tokens": c.completion_tokens, "top_up": job.top_up,
     }
 
 
@@ -275,16 +286,57 @@ def with_lift(rows: list[dict[str, Any]], s: VerifySettings) -> list[dict[str, A
                         "lift": lift(row["successes"], row["continuations"], b["successes"], b["continuations"]),
                         "lift_p": fisher_greater(row["successes"], row["continuations"], b["successes"],
                                                  b["continuations"])}
-            if s.keep_rule is KeepRule.lift:
-                row["kept"] = row["kept"] and row["lift_p"] is not None and row["lift_p"] <= s.alpha
+            if s.keep_rule is KeepRule.lift:  # with --top-up, the first of two looks, at alpha/2
+                row["kept"] = row["kept"] and row["lift_p"] is not None and row["lift_p"] <= (
+                    s.alpha / 2 if s.top_up else s.alpha)
         out.append(row)
     return out
 
 
-def compute(part: Part, s: VerifySettings) -> Compute:
-    problems = part.problems()
-    texts = {row["attempt_id"]: row["text"] for row in part.tables["samples"]}
-    jobs = verify_jobs(part.tables["proposals"], problems, texts, s)
+def top_up_jobs(rows: list[dict[str, Any]], jobs: list[Job], problems: dict[str, dict[str, Any]],
+                s: VerifySettings) -> list[Job]:
+    """--top-up: N more continuations for each intervention whose first p is borderline and for its original-step
+    baseline (once, where two interventions share it)."""
+    by_prefix, due = {job.prefix_id: job for job in jobs}, {}
+    for row in rows:
+        if (row["condition"] == Condition.intervention.value and row["error"] is None and row["lift_p"] is not None
+                and row["successes"] >= s.min_success and top_up_due(row["lift_p"], s.alpha, s.top_up_below)):
+            for pid in (row["prefix_id"], prefix_id(Condition.original_step, row)):
+                if pid not in due:
+                    job = by_prefix[pid]
+                    request = continuation_request(problems[job.proposal["problem_id"]]["problem"], job.prefix,
+                                                   job.condition, s, top_up=True)
+                    due[pid] = replace(job, request=request, matched=False, top_up=True)
+    return list(due.values())
+
+
+def with_top_up(rows: list[dict[str, Any]], extra: dict[str, dict[str, Any]], s: VerifySettings,
+                ) -> list[dict[str, Any]]:
+    """Each topped-up intervention with its and its baseline's N more, the lift and p of all M + N per arm, and
+    the second look's verdict (a failed top-up call keeps nothing: the part is retried)."""
+    out = []
+    for row in rows:
+        more, base = extra.get(row["prefix_id"]), extra.get(prefix_id(Condition.original_step, row))
+        if row["condition"] == Condition.intervention.value and more is not None and base is not None:
+            wins, trials = row["successes"] + more["successes"], row["continuations"] + more["continuations"]
+            base_wins = row["baseline_successes"] + base["successes"]
+            base_trials = row["baseline_continuations"] + base["continuations"]
+            pooled = fisher_greater(wins, trials, base_wins, base_trials)
+            error = more["error"] or base["error"]
+            row = row | {
+                "top_up_successes": more["successes"], "top_up_continuations": more["continuations"],
+                "baseline_top_up_successes": base["successes"], "baseline_top_up_continuations": base["continuations"],
+                "lift": lift(wins, trials, base_wins, base_trials), "lift_p": pooled, "error": row["error"] or error,
+                "kept": error is None and row["successes"] >= s.min_success
+                and two_stage_kept(row["lift_p"], pooled, s.alpha)}
+        out.append(row)
+    return out
+
+
+def continue_and_grade(jobs: list[Job], problems: dict[str, dict[str, Any]], s: VerifySettings, first: int = 0,
+                       ) -> Compute:
+    """Each job's continuations, graded: [(job, its completions, its continuation rows)]; rows numbered from
+    `first` (a top-up's follow the first M)."""
     outs = (yield ModelCalls([job.request for job in jobs])) if jobs else []
     items, where = [], []
     for j, (job, completions) in enumerate(zip(jobs, outs)):
@@ -293,12 +345,25 @@ def compute(part: Part, s: VerifySettings) -> Compute:
                 items.append((problems[job.proposal["problem_id"]]["answer"], c.text, LENIENT if s.lenient else BOXED))
                 where.append((j, m))
     verdicts = dict(zip(where, (yield Grading(items)) if items else []))
-    continuations, verified = [], []
-    for j, (job, completions) in enumerate(zip(jobs, outs)):
-        rows = [continuation_row(job, m, c, verdicts.get((j, m))) for m, c in enumerate(completions)]
-        continuations += rows
-        verified.append(verify_row(job, rows, completions, s.min_success))
-    return {"verify": with_lift(verified, s), "continuations": continuations}
+    return [(job, completions, [continuation_row(job, first + m, c, verdicts.get((j, m)))
+                                for m, c in enumerate(completions)])
+            for j, (job, completions) in enumerate(zip(jobs, outs))]
+
+
+def compute(part: Part, s: VerifySettings) -> Compute:
+    problems = part.problems()
+    texts = {row["attempt_id"]: row["text"] for row in part.tables["samples"]}
+    jobs = verify_jobs(part.tables["proposals"], problems, texts, s)
+    done = yield from continue_and_grade(jobs, problems, s)
+    continuations = [row for _, _, rows in done for row in rows]
+    verified = with_lift([verify_row(job, rows, completions, s.min_success) for job, completions, rows in done], s)
+    if s.top_up and s.keep_rule is KeepRule.lift:
+        due = top_up_jobs(verified, jobs, problems, s)
+        more = yield from continue_and_grade(due, problems, s, first=s.continuations)
+        continuations += [row for _, _, rows in more for row in rows]
+        extra = {job.prefix_id: verify_row(job, rows, completions, 0) for job, completions, rows in more}
+        verified = with_top_up(verified, extra, s)
+    return {"verify": verified, "continuations": continuations}
 
 
 def summarize(tables: dict[str, pl.LazyFrame], s: VerifySettings) -> dict[str, Any]:
