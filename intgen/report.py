@@ -200,7 +200,18 @@ def dataset_summary(run: RunDir) -> tuple[dict[str, Any], dict[str, str]]:
     summary["proposals"], summary["distributions"] = index, dists
     summary["proposal_columns"] = list(PROPOSAL_COLUMNS)
     summary["distributions"]["attempt_tokens"] = summary.pop("attempt_tokens")
+    summary["configs"] = dataset_configs(run)
     return summary, pack_traces(problems, graded, proposals, verify, continuations)
+
+
+def dataset_configs(run: RunDir) -> list[list[Any]]:
+    """[config, rows, what its rows are] for each config of RUN/dataset (a run written by other means may
+    have none)."""
+    from intgen.dataset.export import CONFIG_DEFINITIONS, CONFIGS
+
+    found = {name: sorted((run.path / "dataset" / name).glob("train-*.parquet")) for name in CONFIGS}
+    return [[name, pl.scan_parquet(files).select(pl.len()).collect().item(), CONFIG_DEFINITIONS[name]]
+            for name, files in found.items() if files]
 
 
 def proposal_index(proposals: pl.DataFrame | None,

@@ -41,6 +41,17 @@ def check_dataset_report(browser, run_dir: Path, proposals: pl.DataFrame, screen
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / f"{screenshot_name}-overview.png"))
 
+    # the dataset's configs, each with its rows and what a row is
+    from intgen.dataset.export import CONFIG_DEFINITIONS, export_file
+
+    shown = page.locator("#configs tbody tr").evaluate_all(
+        "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+    exported = [name for name in CONFIG_DEFINITIONS if (run_dir / "dataset" / name).is_dir()]
+    assert [row[0] for row in shown] == exported
+    for name, rows, rule in shown:
+        assert rows.replace(",", "") == str(pl.read_parquet(export_file(run_dir / "dataset", name)).height), name
+        assert rule == CONFIG_DEFINITIONS[name]
+
     # filters: by status, by problem, by text
     statuses = page.locator("#f-status option").evaluate_all("os => os.map(o => o.value).filter(Boolean)")
     expected = dict(zip(listed, page.locator(".trace-row").evaluate_all("rows => rows.map(r => r.dataset.status)")))

@@ -161,7 +161,10 @@ function overview() {
     el("div", {class: "grid"},
       el("div", {}, el("h3", {}, "Funnel"), barChart(s.funnel, {})),
       el("div", {}, el("h3", {}, "Rejections by reason"), rejected.length ? barChart(rejected, {}) : el("p", {class: "muted"}, "none"))),
-    el("h3", {}, "Tokens, cost and time per stage"), stages);
+    el("h3", {}, "Tokens, cost and time per stage"), stages,
+    s.configs ? el("h3", {}, "Dataset configs") : null,
+    s.configs ? el("div", {id: "configs"}, table(["config", "rows", "what a row is"], s.configs.map(([name, rows, rule]) => [
+      el("span", {class: "mono"}, name), fmt(rows), rule]), [1])) : null);
 }
 
 function table1() {
@@ -205,6 +208,9 @@ function distributions() {
 function keepRule(rule) {
   if (!rule || !rule.rule) return "Kept: at least --min-success correct continuations (the paper's rule).";
   const paper = `at least ${fmt(rule.min_success)} correct continuation(s)`;
+  if (rule.rule === "lift" && rule.top_up)
+    return `Kept: ${paper} and a one-sided Fisher exact p against the intervention's own original-step baseline of at most ${fmt(rule.alpha / 2, 4)}, ` +
+      `on the first M per arm or, where that p was borderline (above ${fmt(rule.alpha / 2, 4)}, at most ${fmt(rule.top_up_below, 4)}), on all of them after ${fmt(rule.top_up)} more per arm (--top-up: alpha ${fmt(rule.alpha, 4)} split over two looks).`;
   return rule.rule === "lift" ? `Kept: ${paper} and a one-sided Fisher exact p against the intervention's own original-step baseline of at most ${fmt(rule.alpha, 4)} (--keep-rule lift).`
     : `Kept: ${paper} (the paper's rule; --keep-rule paper).`;
 }

@@ -91,6 +91,16 @@ PREFERENCE_RULE = ("one pair per kept intervention (by the run's keep rule) whos
                    "wrong step, both continuing the attempt's steps before the error")
 PRM_RULE = ("one row per attempt with a kept intervention (its first kept proposal's error step): the steps before "
             "the error labelled True, the error step False, the steps after it left out")
+# what each config's rows are (the report shows them; the card's template says the same at more length)
+CONFIG_DEFINITIONS = {
+    "sft": "one row per kept intervention: prompt = the problem as the user message, completion = the attempt's own "
+           "steps before the error + the intervention (never the rest of the attempt)",
+    "rl": "the distinct problems with gold answer and reference solution (GRPO; verl's columns too)",
+    "interventions": "every proposal with its parse, leak check, verdict, continuations' successes and lift",
+    "samples": "every attempt with its grade",
+    "preference": PREFERENCE_RULE,
+    "prm": PRM_RULE,
+}
 
 
 def step_tables(interventions: pl.LazyFrame, problems: pl.LazyFrame, samples: pl.LazyFrame, solve: Prompt,

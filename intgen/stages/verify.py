@@ -386,7 +386,7 @@ def summarize(tables: dict[str, pl.LazyFrame], s: VerifySettings) -> dict[str, A
         "intervention_continuations": arrived[0], "intervention_correct": arrived[1],
         "table1": table1(continuations, [c.value for c in Condition if c in s.conditions], s.continuations),
         "keep_rule": {"rule": s.keep_rule.value, "min_success": s.min_success, "alpha": s.alpha,
-                      "baselines": s.baselines.value},
+                      "baselines": s.baselines.value, "top_up": s.top_up, "top_up_below": s.top_up_below},
         "lift": lift_summary(intervention, s),
     }
 
