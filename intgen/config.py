@@ -186,6 +186,10 @@ class DatasetSection:
     license: str = setting("other", "The dataset's licence, as the card states it (a Hub licence id).")
     card_template: str = setting("card.md", "The dataset card's template: the shipped card.md, or your own file (see "
                                             "data_cards/).")
+    release_layout: bool = setting(
+        False, "Also write RUN_DIR/dataset/release/: the sft rows in the InT release's LLaMA-Factory layout "
+        "(int_train.json with problem and intervention_guided_attempt, dataset_info.json, a README.md), for the "
+        "release's own SFT script.")
 
 
 SECTIONS: dict[str, type] = {

@@ -176,6 +176,28 @@ def lift_text(lift: dict[str, Any] | None, alpha: float) -> str:
             f"{quartiles}; p-values by bin: {bins}.")
 
 
+def empty_note(rows: dict[str, int]) -> str:
+    empty = [name for name in CONFIGS if not rows[name]]
+    return "" if not empty else (
+        f"\n**Empty:** {', '.join(f'`{n}`' for n in empty)} (0 rows"
+        + ("; no intervention was kept" if "sft" in empty else "")
+        + "). An empty config cannot be loaded with `datasets.load_dataset`, so it is not listed above.\n")
+
+
+def release_note(run: RunDir, sft_rows: int) -> str:
+    """The files `--release-layout` wrote (intgen.dataset.release), when RUN/dataset/release/ holds them."""
+    from intgen.dataset.release import DATA_FILE, DATASET_NAME, RELEASE
+
+    if not (run.path / "dataset" / RELEASE / "dataset_info.json").is_file():
+        return ""
+    return (f"\n**The InT release's LLaMA-Factory layout** (`--release-layout`): `{RELEASE}/{DATA_FILE}` (the "
+            f"{sft_rows} `sft` rows with `instruction` = the prompt's user message, `intervention_guided_attempt` = "
+            "the completion, `problem`, `answer`, ...), "
+            f"`{RELEASE}/dataset_info.json` (`dataset={DATASET_NAME}`, alpaca) and `{RELEASE}/README.md` (train "
+            "without an end-of-turn token). They are in the exported folder only: `intgen push` uploads the "
+            "configs' parquet files, this card and the report.\n")
+
+
 def dataset_card(
     run: RunDir, config: RunConfig, rows: dict[str, int], files: dict[str, Path], summary: dict[str, Any],
     load_path: str,
@@ -190,13 +212,9 @@ def dataset_card(
              "|---|---|---|---|\n") + "\n".join(
         f"| {stage} | {p} | {c} | {cached} |" for stage, (p, c, cached) in summary["tokens_by_stage"].items()
     )
-    empty = [name for name in CONFIGS if not rows[name]]
     return fill(
         resource_path("data_cards", config.card_template).read_text(encoding="utf-8"),
-        empty_note="" if not empty else (
-            f"\n**Empty:** {', '.join(f'`{n}`' for n in empty)} (0 rows"
-            + ("; no intervention was kept" if "sft" in empty else "")
-            + "). An empty config cannot be loaded with `datasets.load_dataset`, so it is not listed above.\n"),
+        empty_note=empty_note(rows), release_note=release_note(run, rows["sft"]),
         decontamination=card_decontamination(summary.get("decontamination")),
         engine_args=", ".join(f"`{k}={v}`" for k, v in sorted(config.vllm_args.items())) or "none",
         token_counts=", ".join(f"{name}: {stages[name].get('token_counts', 'n/a')}"

@@ -190,6 +190,9 @@ def export(run: RunDir, config: RunConfig, skipped_rows: int = 0) -> dict[str, A
     tables = dataset_tables(run, config.prompt("solve"), config.system_prompt)
     for name in CONFIGS:
         write_config(run.path / "dataset" / name, tables[name])
+    from intgen.dataset.release import write_release
+
+    write_release(run, config)  # RUN/dataset/release/ with --release-layout (removed without it)
     summary = funnel(run, skipped_rows)
     write_analysis(run, summary)
     from intgen.dataset.card import write_card
