@@ -1,7 +1,7 @@
 """How far one driver goes: the pipeline against an OpenAI-compatible server that answers at once.
 
     python bench/scale.py [--sample-sizes 10000 100000] [--sizes 960 9600] [--delay 0.5] [--ray-problems 4000]
-                          [--concurrency 256] [--batch-size 16] [--parts-in-flight 32]
+                          [--concurrency 256] [--batch-size 16] [--parts-in-flight 32] [--against DIR]
 
 1. The sample stage (issue 12's measure). `--sample-sizes` problems, one request of n=4 each, in a fresh child
    process against the instant server (its own process). The child reports its own CPU time (user + system) for
@@ -16,6 +16,10 @@
    `--delay` seconds, with 1 and with 2 actors (on a local Ray cluster): requests per second of each.
 
 Grading itself runs in worker processes (not the driver) and is not part of the driver's CPU time.
+
+`--against DIR` (a checkout of another commit: `git worktree add /tmp/old ca25c2d`): 1. and 2. are measured for
+that code too, with its own bench/scale.py and its own defaults, each size right after this code's, in the same
+run: this VM's speed varies between runs, so only figures measured side by side compare.
 """
 
 from __future__ import annotations
@@ -125,9 +129,23 @@ def measured_run(count: int, url: str, executor: str, actors: int, stages: str) 
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def child(args: list[str]) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+def child(args: list[str], code: Path | None = None) -> dict:
+    """One measured run in a fresh process: this code, or (`code`) another checkout's, with its own script."""
+    script = Path(__file__) if code is None else code / "bench" / "scale.py"
+    env = os.environ | ({"PYTHONPATH": str(code)} if code is not None else {})
+    result = subprocess.run([sys.executable, str(script), "--child", *args], capture_output=True, text=True,
+                            check=True, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def paired(sizes: list[int], url: str, stages: str, against: Path | None) -> tuple[list[dict], list[dict]]:
+    """Each size for this code and (with `against`) for the other, one right after the other."""
+    ours, theirs = [], []
+    for n in sizes:
+        ours.append(child([str(n), url, "local", "1", stages]))
+        if against is not None:
+            theirs.append(child([str(n), url, "local", "1", stages], against))
+    return ours, theirs
 
 
 def report(what: str, small: dict, large: dict) -> None:
@@ -136,9 +154,11 @@ def report(what: str, small: dict, large: dict) -> None:
               f"in {run['wall_s']:.1f} s ({run['requests'] / run['wall_s']:.0f} requests/s end to end); "
               f"driver CPU {run['cpu_s']:.1f} s for the model stages; peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
     per_request = (large["cpu_s"] - small["cpu_s"]) / (large["requests"] - small["requests"])
-    print(f"{what}: driver CPU per request of n=4 (difference of the two sizes) {per_request * 1000:.2f} ms; peak RSS "
-          f"{large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x at {large['problems'] / small['problems']:.0f}x the "
-          "problems", flush=True)
+    # per problem too: the same samples (4 attempts, 16 proposals, 16 continuations), whatever the requests' n
+    per_problem = (large["cpu_s"] - small["cpu_s"]) / (large["problems"] - small["problems"])
+    print(f"{what}: driver CPU per request (difference of the two sizes) {per_request * 1000:.2f} ms, per problem "
+          f"{per_problem * 1000:.2f} ms; peak RSS {large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x at "
+          f"{large['problems'] / small['problems']:.0f}x the problems", flush=True)
 
 
 def main() -> None:
@@ -152,6 +172,7 @@ def main() -> None:
     parser.add_argument("--parts-in-flight", type=int, default=32)
     parser.add_argument("--delay", type=float, default=0.5)
     parser.add_argument("--ray-problems", type=int, default=4000)
+    parser.add_argument("--against", type=Path, help="another checkout, measured side by side (1. and 2.)")
     parser.add_argument("--serve", type=int)
     parser.add_argument("--child", nargs=5)
     args = parser.parse_args()
@@ -167,10 +188,12 @@ def main() -> None:
                    "SCALE_PARTS_IN_FLIGHT": str(args.parts_in_flight)}
     server, url = start_server(0.0)
     try:
-        small, large = (child([str(n), url, "local", "1", "sample"]) for n in args.sample_sizes)
-        report("sample stage", small, large)
-        small, large = (child([str(n), url, "local", "1", "sample,grade,propose,verify"]) for n in args.sizes)
-        report("whole pipeline", small, large)
+        for what, sizes, stages in (("sample stage", args.sample_sizes, "sample"),
+                                    ("whole pipeline", args.sizes, "sample,grade,propose,verify")):
+            ours, theirs = paired(sizes, url, stages, args.against)
+            report(what, *ours)
+            if theirs:
+                report(f"{what} [{args.against}]", *theirs)
     finally:
         server.terminate()
 
