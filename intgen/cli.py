@@ -680,7 +680,8 @@ def _print_localize(report: dict[str, Any]) -> None:
 
 
 train_app = typer.Typer(help=(
-    "The bundled TRL recipe: SFT on the sft config, then GRPO on the rl config."), no_args_is_help=True)
+    "The bundled TRL recipe: SFT on the sft config, then GRPO on the rl config; DPO on the preference config, a "
+    "process reward model on the prm config."), no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 DatasetArg = Annotated[str, typer.Option(help="Exported dataset: RUN_DIR/dataset or a Hub repo id.")]
@@ -688,7 +689,7 @@ OutputOpt = Annotated[Path, typer.Option(help="Where the trained model is writte
 TrainModelOpt = Annotated[Optional[str], typer.Option(help=(
     "Model folder, Hub id or .gguf file (default: the bundled SmolLM2-135M-Instruct, dequantised)."))]
 TrlConfigOpt = Annotated[Optional[Path], typer.Option(help=(
-    "TRL settings file (YAML/JSON/TOML), passed to SFTConfig/GRPOConfig."))]
+    "TRL settings file (YAML/JSON/TOML), passed to SFTConfig/GRPOConfig/DPOConfig/PRMConfig."))]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help=(
     "One TRL setting, key=value (repeatable), e.g. --set learning_rate=1e-5."))]
 
@@ -700,13 +701,14 @@ def _train(
     from intgen import train
 
     overrides = _run_or_fail(lambda: train.read_overrides(trl_config, settings or []))
-    if kind == "sft":
-        history = _run_or_fail(lambda: train.train_sft(dataset, output_dir, model, overrides))
+    if kind in ("sft", "dpo", "prm"):
+        run = {"sft": train.train_sft, "dpo": train.train_dpo, "prm": train.train_prm}[kind]
+        history = _run_or_fail(lambda: run(dataset, output_dir, model, overrides))
     else:
         history = _run_or_fail(lambda: train.train_grpo(dataset, output_dir, model, overrides, lenient))
     if history and "dropped_rows" in history[0]:
         note = history.pop(0)
-        console.print(f"sft rows: {note['rows']}, longest {note['longest_tokens']} tokens, max_length "
+        console.print(f"{kind} rows: {note['rows']}, longest {note['longest_tokens']} tokens, max_length "
                       f"{note['max_length']}, dropped as longer: {note['dropped_rows']} (rows are never cut)",
                       highlight=False)
     losses = [row["loss"] for row in history if isinstance(row.get("loss"), (int, float))]
@@ -716,6 +718,9 @@ def _train(
         summary += f", loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     if rewards:
         summary += f", mean reward {sum(rewards) / len(rewards):.3f}"
+    margins = [row["rewards/margins"] for row in history if isinstance(row.get("rewards/margins"), (int, float))]
+    if margins:
+        summary += f", reward margin {margins[0]:.4f} -> {margins[-1]:.4f}"
     console.print(f"{summary}; model saved to {output_dir}", highlight=False)
 
 
@@ -744,6 +749,31 @@ def train_grpo(
 ) -> None:
     """TRL GRPOTrainer on the rl config with the math-verify reward (paper defaults: 8 generations, no KL, lr 1e-6)."""
     _train("grpo", dataset, output_dir, model, trl_config, settings, lenient_answers)
+
+
+@train_app.command("dpo")
+def train_dpo(
+    dataset: DatasetArg,
+    output_dir: OutputOpt = Path("runs/dpo-model"),
+    model: TrainModelOpt = None,
+    trl_config: TrlConfigOpt = None,
+    settings: SetOpt = None,
+) -> None:
+    """TRL DPOTrainer on the preference config: the intervention over the original step, both continuing the
+    assistant's turn (Step-DPO defaults: beta 0.4, lr 5e-7, cosine, warm-up 0.1, 128 pairs a step, 4 epochs)."""
+    _train("dpo", dataset, output_dir, model, trl_config, settings)
+
+
+@train_app.command("prm")
+def train_prm(
+    dataset: DatasetArg,
+    output_dir: OutputOpt = Path("runs/prm-model"),
+    model: TrainModelOpt = None,
+    trl_config: TrlConfigOpt = None,
+    settings: SetOpt = None,
+) -> None:
+    """TRL PRMTrainer on the prm config (a process reward model), where the installed TRL has one (0.13 to 1.13)."""
+    _train("prm", dataset, output_dir, model, trl_config, settings)
 
 
 @app.command("problems")

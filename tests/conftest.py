@@ -147,3 +147,15 @@ def browser(chromium: str):
         launched = playwright.chromium.launch(executable_path=chromium)
         yield launched
         launched.close()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread (the training tests): on a busy 2-core machine two threads per op contend, and training
+    runs 2-4x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,7 +4,6 @@ trained on a dataset made by `intgen build-dataset`."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -20,19 +19,8 @@ from intgen.train import SFT_DEFAULTS, read_overrides
 from scripted import backend_args
 
 runner = CliRunner()
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 MIDDLE_LAYER = "model.layers.15.mlp.down_proj.weight"  # of SmolLM2's 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a busy 2-core machine two threads per op contend, and training runs 2-4x slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
