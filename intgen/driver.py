@@ -380,7 +380,7 @@ def start_workers(compute: Callable[[int, int, dict[str, Any], CallStats], None]
 def finish(run: RunDir, stage: Stage, settings: Any, fingerprint: dict[str, Any], previous: dict[str, Any],
            stats: CallStats, price: Price | None, token_counts: str | None = None) -> dict[str, Any]:
     """The stage's manifest entry: rows, failures, calls (this run and in all), and the stage's own figures."""
-    scans = {name: run.scan(name) for name in (*stage.reads, *stage.writes)}
+    scans = {name: run.scan(name, stage.writes.get(name)) for name in (*stage.reads, *stage.writes)}
     failed: Counter[str] = Counter()
     for index in range(run.part_count(stage.table)):
         failed.update((run.part_marker(stage.table, index) or {}).get("failed", {}))

@@ -123,7 +123,10 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
 # --- a dataset run --------------------------------------------------------------------------------
 
 def _table(run: RunDir, name: str) -> pl.DataFrame | None:
-    return run.table(name) if run.part_count(name) else None
+    from intgen.plan import STAGES
+
+    schema = next((stage.writes[name] for stage in STAGES if name in stage.writes), None)
+    return run.table(name, schema) if run.part_count(name) else None
 
 
 def _numbers(values: list[Any]) -> list[float]:

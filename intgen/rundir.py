@@ -229,14 +229,18 @@ class RunDir:
         folder = self.path / table
         return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
 
-    def scan(self, table: str) -> pl.LazyFrame:
+    def scan(self, table: str, schema: dict[str, Any] | None = None) -> pl.LazyFrame:
+        """A table's parts; with its `schema`, a column a part lacks (written by an earlier intgen, before the
+        column existed, and kept because its stage's settings did not change) reads as nulls."""
         parts = self.parts(table)
         if not parts:
             raise MissingFile(f"{self.path}: table {table!r} has no output yet")
-        return pl.scan_parquet(parts)
+        if schema is None:
+            return pl.scan_parquet(parts)
+        return pl.scan_parquet(parts, schema=schema, missing_columns="insert")
 
-    def table(self, table: str) -> pl.DataFrame:
-        return self.scan(table).collect()
+    def table(self, table: str, schema: dict[str, Any] | None = None) -> pl.DataFrame:
+        return self.scan(table, schema).collect()
 
     def clear_table(self, table: str, start: int = 0) -> None:
         """Remove parts `start`, `start + 1`, ... of a table, with their markers."""

@@ -321,3 +321,33 @@ def test_the_preference_and_prm_configs_load_and_follow_their_definitions(tmp_pa
         assert example["labels"] == [True] * (row["error_step"] - 1) + [False]
     card = (out / "README.md").read_text()
     assert f"| `preference` | {len(pairs)} |" in card and f"| `prm` | {len(prm)} |" in card
+
+
+def test_a_run_whose_verify_parts_predate_the_top_up_columns_still_exports(tmp_path: Path) -> None:
+    """Parts written by an earlier intgen (before `--top-up`'s columns existed) are kept when the settings did not
+    change; every reader fills the columns they lack with nulls instead of failing on them."""
+    import json
+
+    from intgen.rundir import file_digest
+
+    build(tmp_path / "run", MemoryBackend(script()))
+    before = tables(tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    new = {"verify": ["top_up_successes", "top_up_continuations", "baseline_top_up_successes",
+                      "baseline_top_up_continuations"], "continuations": ["top_up"]}
+    for table, columns in new.items():
+        for index in range(run.part_count(table)):
+            path = run.part_path(table, index)
+            pl.read_parquet(path).drop(columns).write_parquet(path)
+            marker = run.marker_path("verify", index)
+            record = json.loads(marker.read_text())
+            record["files"][table] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+            marker.write_text(json.dumps(record, sort_keys=True))
+    run.close()
+    again = MemoryBackend(script())
+    build(tmp_path / "run", again)
+    assert again.sent == []  # the old parts are kept: nothing recomputed
+    assert "top_up" not in pl.read_parquet(RunDir(tmp_path / "run").part_path("continuations", 0)).columns
+    after = tables(tmp_path / "run")
+    for name in after:
+        assert after[name].equals(before[name]), name

@@ -32,7 +32,7 @@ from intgen.plan import MODEL_STAGES, STAGE_NAMES, STAGES
 from intgen.resources import Prompt
 from intgen.rundir import RunDir, file_digest
 from intgen.stages.sample import solve_messages
-from intgen.stages.verify import LIFT_COLUMNS, Condition, continuation_prefix, intervened_text
+from intgen.stages.verify import LIFT_COLUMNS, VERIFY_SCHEMA, Condition, continuation_prefix, intervened_text
 from intgen.steps import join_steps, steps_at
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def dataset_tables(run: RunDir, solve: Prompt, system_prompt: str | None) -> dic
     """The four configs, as lazy frames over the run's tables."""
     prompt = prompt_column(solve.text, system_prompt).alias("prompt")
     problems = run.scan("problems")
-    verdicts = run.scan("verify").filter(pl.col("condition") == "intervention").select(
+    verdicts = run.scan("verify", VERIFY_SCHEMA).filter(pl.col("condition") == "intervention").select(
         "proposal_id", "continuations", "successes", "ungradable", "success_rate", "kept", "true_continuation",
         *LIFT_COLUMNS, pl.col("error").is_null().alias("verified"), pl.col("matched").alias("in_table1"),
     )
@@ -206,7 +206,7 @@ def write_analysis(run: RunDir, summary: dict[str, Any]) -> None:
     summary, the card and the report show)."""
     from intgen.driver import state_digest
 
-    table1 = summary["table1"] | {"units": matched_units(run.scan("verify"))}
+    table1 = summary["table1"] | {"units": matched_units(run.scan("verify", VERIFY_SCHEMA))}
     run.write_json("analysis.json", {"table1": table1, "funnel": {
         k: v for k, v in summary.items() if k not in ("table1", "tokens_by_stage")},
         "exported_from": state_digest(run, STAGES)})
