@@ -310,6 +310,10 @@ def cross_checks(values: dict[str, Any]) -> list[tuple[str, str]]:
                                    "--condition original-step and --baselines every"))
     if values.get("top_up") and values.get("keep_rule") != KeepRule.lift.value:
         found.append(("top_up", "topping up re-tests a borderline lift: it needs --keep-rule lift"))
+    below, alpha = values.get("top_up_below"), values.get("alpha")
+    if values.get("top_up") and isinstance(below, (int, float)) and isinstance(alpha, (int, float)) \
+            and below <= alpha / 2:
+        found.append(("top_up_below", f"{below} is at most alpha/2 ({alpha / 2}): no verdict would be topped up"))
     if isinstance(conditions, (list, tuple)) and Condition.intervention.value not in conditions:
         found.append(("conditions", f"{list(conditions)} leave out intervention, the condition every other one is "
                                     "compared with (and the one the dataset keeps)"))

@@ -38,6 +38,7 @@ ID_NAMES = ("id", "unique_id", "Problem ID", "problem_id")
 # and, where the file has one, its own verdict (False: taken as incorrect, not graded)
 ATTEMPT_NAMES = ("incorrect_attempt", "attempt", "response", "completion")
 CORRECT_NAMES = ("correct", "is_correct")
+VERDICTS = {"true": True, "false": False, "1": True, "0": False, "": None}
 GIVEN_ATTEMPTS = "given_attempts"  # the problems table's column of attempts made elsewhere
 GIVEN_ATTEMPT_TYPE = pl.List(pl.Struct({"text": pl.String, "correct": pl.Boolean}))
 
@@ -305,9 +306,27 @@ def _given_attempt(record: dict[str, Any], names: dict[str, str | None], where: 
     if text is None:
         return BadRow(where, f"empty or missing attempt (column {names['attempt']!r})")
     verdict = record.get(names["correct"]) if names["correct"] else None
+    if isinstance(verdict, float) and math.isnan(verdict):
+        verdict = None
+    if isinstance(verdict, (str, int)) and not isinstance(verdict, bool):  # a CSV's text, a 0/1 column
+        verdict = VERDICTS.get(str(verdict).strip().lower(), verdict)
     if verdict is not None and not isinstance(verdict, bool):
         return BadRow(where, f"column {names['correct']!r} holds {verdict!r}, not true or false")
     return {"text": text, "correct": verdict}
+
+
+def _another_attempt(kept: dict[str, Any], record: dict[str, Any], given: dict[str, Any], where: str) -> bool:
+    """Add `given`, another attempt at a problem read before (`kept`); False for an attempt the file already gave
+    (a repeated row: the same critique and continuations again, not an independent draw). A row whose answer or
+    reference solution differs from the problem's first row is an error naming both."""
+    for column in ("answer", "solution"):
+        if record[column] != kept[column]:
+            raise BadInputError(f"{where}: this problem's {column} differs from its row at {kept['_where']} "
+                                f"({record[column]!r} here, {kept[column]!r} there)")
+    if any(a["text"] == given["text"] for a in kept[GIVEN_ATTEMPTS]):
+        return False
+    kept[GIVEN_ATTEMPTS].append(given)
+    return True
 
 
 def _problem(record: dict[str, Any], names: dict[str, str | None], where: str, label: str) -> dict[str, Any] | BadRow:
@@ -375,12 +394,9 @@ def read_problems(
                 raise BadInputError(f"{record} (pass on_bad_row='skip' / --skip-bad-rows to skip and count such rows)")
             skipped.append(record)
         elif record["problem_id"] in rows:
-            if given is None:
-                duplicates += 1
-            else:  # another attempt at a problem already read
-                rows[record["problem_id"]][GIVEN_ATTEMPTS].append(given)
+            duplicates += given is None or not _another_attempt(rows[record["problem_id"]], record, given, where)
         elif limit is None or len(rows) < limit:
-            rows[record["problem_id"]] = record | ({GIVEN_ATTEMPTS: [given]} if given is not None else {})
+            rows[record["problem_id"]] = record | ({GIVEN_ATTEMPTS: [given], "_where": where} if given else {})
         elif given is None:
             break  # with attempts, the rest of the file may hold more attempts at the problems kept
     if not rows:
@@ -390,6 +406,8 @@ def read_problems(
         log.warning("%s: skipped %d bad row(s): %s", label, len(skipped), "; ".join(map(str, skipped[:5])))
     if duplicates:
         log.warning("%s: dropped %d duplicate problem(s)", label, duplicates)
+    for row in rows.values():
+        row.pop("_where", None)
     schema = PROBLEM_SCHEMA | ({GIVEN_ATTEMPTS: GIVEN_ATTEMPT_TYPE} if attempts else {})
     return LoadResult(pl.DataFrame(list(rows.values()), schema=schema), skipped, duplicates)
 

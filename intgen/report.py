@@ -310,11 +310,13 @@ def pack_traces(problems: pl.DataFrame, graded: pl.DataFrame, proposals: pl.Data
                        v["error_step"] if v["condition"] != "problem-only" else None)
                 prefixes.setdefault((v["problem_id"],) + key, []).append(v["prefix_id"])
     if continuations is not None:
-        for c in continuations.sort("continuation_id").iter_rows(named=True):
+        order = pl.col("continuation_id").str.extract(r"/c(\d+)$").cast(pl.Int64)  # c2 before c10
+        for c in continuations.sort("prefix_id", order).iter_rows(named=True):
             prefix = traces.get(c["problem_id"], {}).get("prefixes", {}).get(c["prefix_id"])
             if prefix is not None:
                 prefix["texts"].append({"text": c["text"] or "", "predicted": c["predicted"], "correct": c["correct"],
-                                        "finish": c["finish_reason"], "error": c["error"]})
+                                        "finish": c["finish_reason"], "error": c["error"],
+                                        "top_up": bool(c["top_up"])})  # --top-up's: not in the first M's count
         for trace in traces.values():
             for prefix in trace["prefixes"].values():
                 keep_some_texts(prefix["texts"], TEXTS_KEPT.get(prefix["condition"], TEXTS_KEPT_BASELINE))

@@ -81,6 +81,27 @@ def test_a_bad_attempt_row_is_one_line_naming_the_file_and_row(tmp_path: Path, c
     assert str(error.value).startswith(message)
 
 
+def test_a_repeated_row_is_one_attempt_and_a_disagreeing_answer_is_an_error(tmp_path: Path) -> None:
+    rows = release_rows()
+    loaded = read_problems(write_parquet([*rows, rows[0]], tmp_path / "twice.parquet"), attempts=True)
+    assert [len(g) for g in loaded.frame["given_attempts"]] == list(PER_PROBLEM) and loaded.duplicates == 1
+    other = rows[1] | {"answer": "12345"}
+    path = tmp_path / "disagree.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], other]))
+    with pytest.raises(UserError) as error:
+        read_problems(path, attempts=True)
+    assert str(error.value).startswith("disagree.jsonl:2: this problem's answer differs from its row at "
+                                       "disagree.jsonl:1 ('12345' here,")
+
+
+def test_a_csv_verdict_column_reads_as_true_or_false(tmp_path: Path) -> None:
+    rows = [r | {"correct": v} for r, v in zip(release_rows(), ["false", "TRUE", "0", "1", "", "false"])]
+    path = tmp_path / "release.csv"
+    pl.DataFrame(rows).write_csv(path)
+    given = read_problems(path, attempts=True).frame["given_attempts"].to_list()
+    assert [a["correct"] for g in given for a in g] == [False, True, False, True, None, False]
+
+
 def test_a_file_without_an_attempt_column_names_the_columns_tried(tmp_path: Path) -> None:
     path = write_parquet([{"problem": "1+1?", "answer": "2"}], tmp_path / "p.parquet")
     with pytest.raises(UserError, match="no attempt column \\(tried incorrect_attempt, attempt, response, completion"):

@@ -265,6 +265,18 @@ def test_top_up_retests_only_borderline_verdicts_pays_once_and_resumes_after_a_k
     extra = continuations.filter(pl.col("top_up"))
     assert extra.height == 8 * (due.height + len({p[:2] for p in prefixes})) and not extra["matched"].any()
     assert extra["continuation_id"].str.extract(r"/c(\d+)$").cast(int).min() == 4
+    # the step pairs' counts are the continuations that decided them: lift_p follows from the row itself
+    pairs = pl.read_parquet(export_file(tmp_path / "whole" / "dataset", "preference"))
+    assert pairs.height and (pairs["chosen_continuations"] == 12).any()
+    for pair in pairs.iter_rows(named=True):
+        assert pair["lift_p"] == pytest.approx(fisher_greater(
+            pair["chosen_successes"], pair["chosen_continuations"], pair["rejected_successes"],
+            pair["rejected_continuations"]))
+    funnel = __import__("json").loads((tmp_path / "whole" / "analysis.json").read_text())["funnel"]
+    first = continuations.filter((pl.col("condition") == "intervention") & ~pl.col("top_up"))
+    assert funnel["intervention_continuations"] == first.height and funnel["top_up_continuations"] == extra.height
+    assert funnel["lift"]["threshold"] == 0.025 and funnel["lift"]["topped_up"] == due.height
+    assert funnel["lift"]["p_at_most_threshold"] == rows.filter(pl.col("lift_p") <= 0.025).height
     plain = half()
     build(tmp_path / "plain", plain, RunConfig(**lifted))
     analysis = {name: __import__("json").loads((tmp_path / name / "analysis.json").read_text())["table1"]

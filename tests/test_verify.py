@@ -428,3 +428,14 @@ def test_the_lift_rule_needs_the_baselines_it_compares_with() -> None:
         resolve({"keep_rule": "lift", "conditions": ["intervention", "original-step"]}, {})
     config = resolve({"keep_rule": "lift", "conditions": ["intervention", "original-step"], "baselines": "every"}, {})
     assert (config.keep_rule, config.alpha) == ("lift", 0.05)
+
+
+def test_top_up_below_at_most_half_alpha_is_a_clear_error() -> None:
+    from intgen.config import RunConfig
+    from intgen.errors import UserError
+
+    lift = {"conditions": ("intervention", "original-step"), "baselines": "every", "keep_rule": "lift", "top_up": 8}
+    with pytest.raises(UserError, match=r"top_up_below: 0.02 is at most alpha/2 \(0.025\)"):
+        RunConfig(**lift, top_up_below=0.02)
+    with pytest.raises(UserError, match="top_up: topping up re-tests a borderline lift: it needs --keep-rule lift"):
+        RunConfig(top_up=8)

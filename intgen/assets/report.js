@@ -272,9 +272,12 @@ async function traceOf(problemId) {
 
 function continuationsView(prefix) {
   if (!prefix) return el("p", {class: "muted"}, "not verified");
-  return el("div", {}, el("p", {}, `${prefix.condition}: ${prefix.successes}/${prefix.continuations} correct (${pct(prefix.rate)})`),
+  const more = prefix.texts.filter((c) => c.top_up);
+  const moreCorrect = more.filter((c) => c.correct === true).length;
+  return el("div", {}, el("p", {}, `${prefix.condition}: ${prefix.successes}/${prefix.continuations} correct (${pct(prefix.rate)})` +
+      (more.length ? `; --top-up: ${moreCorrect}/${more.length} more` : "")),
     prefix.texts.map((c, i) => el("details", {class: "cont " + (c.correct === true ? "ok" : c.correct === false ? "bad" : "")},
-      el("summary", {}, `continuation ${i + 1}: ${c.correct === true ? "correct" : c.correct === false ? "wrong" : "ungradable"}` +
+      el("summary", {}, `${c.top_up ? "top-up " : ""}continuation ${i + 1}: ${c.correct === true ? "correct" : c.correct === false ? "wrong" : "ungradable"}` +
         ` · answer ${c.predicted ?? "none"} · ${c.finish ?? ""}${c.error ? " · " + c.error : ""}`),
       el("div", {class: "text" + (c.text === null ? " muted" : "")}, c.text ?? "(text not in the report: the run's continuations table has it)"))));
 }

@@ -53,6 +53,8 @@ def funnel_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("verified (all continuations arrived)", str(summary["verified"])),
         ("correct continuations / all", f"{summary['intervention_correct']} / {arrived}"
          + (f" ({100 * summary['intervention_correct'] / arrived:.2f}%)" if arrived else "")),
+        *([("  --top-up: more continuations, both arms", str(summary["top_up_continuations"]))]
+          if summary.get("top_up_continuations") else []),
         ("kept", str(summary["kept"])),
         ("problems with a kept intervention", str(summary["problems_with_kept"])),
         ("tokens (prompt + completion)", f"{summary['prompt_tokens']} + {summary['completion_tokens']}"),
@@ -159,12 +161,13 @@ def attempts_text(config: RunConfig, summary: dict[str, Any]) -> str:
     """Where the attempts came from: sampled here (K and the sampling), or made elsewhere (--attempts)."""
     if config.attempts:
         return (f"made elsewhere: {summary['attempts']} attempts at {summary['problems']} problems, from "
-                f"`{config.attempts}` (graded here; none sampled by intgen)")
+                f"`{config.attempts}` (graded here, or taken as incorrect where its `correct` column says so; none "
+                "sampled by intgen)")
     return (f"K = {config.samples} per problem, sampled from the policy (temperature {config.temperature}, top_p "
             f"{config.top_p}, top_k {config.top_k}, max tokens {config.max_tokens}, seed {config.seed})")
 
 
-def lift_text(lift: dict[str, Any] | None, alpha: float) -> str:
+def lift_text(lift: dict[str, Any] | None) -> str:
     if not lift:
         return ("\n\nNot measured in this run: no verified intervention has its original-step baseline (run verify "
                 "with `--condition original-step`, and `--baselines every` for every intervention, not only each "
@@ -172,8 +175,10 @@ def lift_text(lift: dict[str, Any] | None, alpha: float) -> str:
     quartiles = " / ".join(f"{q:+.3f}" for q in lift["lift_quartiles"])
     bins = " | ".join(f"{k}: {v}" for k, v in lift["p_bins"].items())
     return (f"\n\nMeasured for {lift['interventions']} verified intervention(s): {lift['pass_paper_rule']} meet the "
-            f"success threshold, {lift['p_at_most_alpha']} have p ≤ {alpha}; lift quartiles (25% / median / 75%) "
-            f"{quartiles}; p-values by bin: {bins}.")
+            f"success threshold, {lift['p_at_most_threshold']} have p ≤ {lift['threshold']}"
+            + (f" ({lift['topped_up']} topped up: their lift and p are of all their continuations)"
+               if lift.get("topped_up") else "")
+            + f"; lift quartiles (25% / median / 75%) {quartiles}; p-values by bin: {bins}.")
 
 
 def empty_note(rows: dict[str, int]) -> str:
@@ -223,7 +228,7 @@ def dataset_card(
           "request's usage shared by text length)",
         table1=table1_markdown(summary["table1"]),
         keep_rule=keep_rule_text(config),
-        lift=lift_text(summary.get("lift"), config.alpha),
+        lift=lift_text(summary.get("lift")),
         table1_selection=table1_selection(summary["table1"]),
         propose_for={"not-correct": "every attempt not graded correct (wrong, truncated or without a readable "
                      "answer), as the release", "incorrect": "the attempts graded wrong"}[config.propose_for],
@@ -238,7 +243,8 @@ def dataset_card(
         rows_samples=str(rows["samples"]), rows_preference=str(rows["preference"]), rows_prm=str(rows["prm"]),
         preference_rule=PREFERENCE_RULE, prm_rule=PRM_RULE,
         load_path=load_path,
-        problems=config.problems or "intgen's bundled example problems",
+        problems=config.attempts or config.problems or "intgen's bundled example problems",
+        attempts_from="given in the attempts file" if config.attempts else "the policy model's own",
         n_problems=str(summary["problems"]),
         policy=f"{stages['sample']['fingerprint']['backend']}: {stages['sample']['fingerprint']['model']} "
                + ("(verify stage; the attempts were made elsewhere)" if config.attempts

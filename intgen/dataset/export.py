@@ -133,8 +133,12 @@ def step_tables(interventions: pl.LazyFrame, problems: pl.LazyFrame, samples: pl
             "full_rejected": continuation_prefix(steps, error, row["intervention"], Condition.original_step),
             "answer": row["answer"], "problem_id": row["problem_id"], "attempt_id": row["attempt_id"],
             "proposal_id": row["proposal_id"], "error_step": error,
-            "chosen_successes": row["successes"], "chosen_continuations": row["continuations"],
-            "rejected_successes": row["baseline_successes"], "rejected_continuations": row["baseline_continuations"],
+            # both arms' continuations that decided the pair (with --top-up, the first M and the N more), so that
+            # lift and lift_p follow from the row's own counts
+            "chosen_successes": row["successes"] + (row["top_up_successes"] or 0),
+            "chosen_continuations": row["continuations"] + (row["top_up_continuations"] or 0),
+            "rejected_successes": row["baseline_successes"] + (row["baseline_top_up_successes"] or 0),
+            "rejected_continuations": row["baseline_continuations"] + (row["baseline_top_up_continuations"] or 0),
             "lift": row["lift"], "lift_p": row["lift_p"],
         })
     return {"preference": pl.DataFrame(pairs, schema=PREFERENCE_SCHEMA).lazy(),
@@ -244,6 +248,7 @@ def funnel(run: RunDir, skipped_rows: int = 0) -> dict[str, Any]:
         "kept": verify["kept"],
         "problems_with_kept": verify["problems_with_kept"],
         "intervention_continuations": verify["intervention_continuations"],
+        "top_up_continuations": verify.get("top_up_continuations", 0),
         "intervention_correct": verify["intervention_correct"],
         "table1": verify["table1"],
         "keep_rule": verify.get("keep_rule") or {"rule": "paper", "min_success": None},

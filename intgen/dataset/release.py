@@ -108,8 +108,8 @@ def readme_text(rows: int, solve_label: str, system_prompt: bool) -> str:
     count = (f"{rows} rows, one per kept intervention" if rows else
              "**0 rows**: no intervention was kept, so `int_train.json` is an empty list and there is nothing to "
              "train on")
-    prompt = (f"LLaMA-Factory's prompt is `instruction`: the user message this run's policy was sampled and "
-              f"verified with (the solve prompt {solve_label} around the problem, as the `sft` config's prompt)"
+    prompt = (f"LLaMA-Factory's prompt is `instruction`: the user message this run's interventions were "
+              f"verified under (the solve prompt {solve_label} around the problem, as the `sft` config's prompt)"
               + (", and its system prompt is `system`" if system_prompt else "") + ". The release mapped the bare "
               "`problem` instead (its policy was sampled with the bare problem); `problem` is here too, for a "
               "mapping of one's own.")

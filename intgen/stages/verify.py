@@ -375,15 +375,18 @@ def summarize(tables: dict[str, pl.LazyFrame], s: VerifySettings) -> dict[str, A
         pl.col("problem_id").filter(pl.col("kept")).n_unique().alias("problems_with_kept"),
     ).collect().row(0, named=True)
     accepted = tables["proposals"].select(pl.col("accepted").sum()).collect().item()
+    # the first M of each intervention (as the release's share counts them); --top-up's N more apart
     arrived = continuations.filter(
         (pl.col("condition") == Condition.intervention.value) & pl.col("error").is_null()
+        & ~pl.col("top_up").fill_null(False)
     ).select(pl.len(), (pl.col("correct") == True).sum()).collect().row(0)  # noqa: E712
+    topped = continuations.filter(pl.col("top_up").fill_null(False)).select(pl.len()).collect().item()
     return {
         **counts,
         "accepted": accepted,
         "not_verified": accepted - intervention.select(pl.len()).collect().item(),
         "continuation_rows": continuations.select(pl.len()).collect().item(),
-        "intervention_continuations": arrived[0], "intervention_correct": arrived[1],
+        "intervention_continuations": arrived[0], "intervention_correct": arrived[1], "top_up_continuations": topped,
         "table1": table1(continuations, [c.value for c in Condition if c in s.conditions], s.continuations),
         "keep_rule": {"rule": s.keep_rule.value, "min_success": s.min_success, "alpha": s.alpha,
                       "baselines": s.baselines.value, "top_up": s.top_up, "top_up_below": s.top_up_below},
@@ -398,14 +401,17 @@ def lift_summary(intervention: pl.LazyFrame, s: VerifySettings) -> dict[str, Any
     """The lift's distribution over the verified interventions whose original-step baseline ran (None if none):
     how many, how many pass each rule, the lift's quartiles and the p-values by bin."""
     measured = intervention.filter(pl.col("error").is_null() & pl.col("lift_p").is_not_null()).select(
-        "lift", "lift_p", "successes").collect()
+        "lift", "lift_p", "successes", pl.col("top_up_continuations").is_not_null().alias("topped_up")).collect()
     if not measured.height:
         return None
     p = measured["lift_p"].to_list()
     return {
         "interventions": measured.height,
         "pass_paper_rule": int((measured["successes"] >= s.min_success).sum()),
-        "p_at_most_alpha": sum(v <= s.alpha for v in p),
+        # the rule's own threshold: alpha/2 with --top-up (whose topped-up rows carry the p of all M + N per arm)
+        "threshold": (threshold := s.alpha / 2 if s.top_up and s.keep_rule is KeepRule.lift else s.alpha),
+        "p_at_most_threshold": sum(v <= threshold for v in p),
+        "topped_up": measured["topped_up"].sum(),
         "lift_quartiles": [float(measured["lift"].quantile(q, "nearest")) for q in (0.25, 0.5, 0.75)],
         "p_bins": {f"<= {edge}": sum(low < v <= edge for v in p) if low else sum(v <= edge for v in p)
                    for low, edge in zip((0.0, *P_BINS), P_BINS)},
