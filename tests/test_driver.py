@@ -322,6 +322,8 @@ def test_the_preference_and_prm_configs_load_and_follow_their_definitions(tmp_pa
         assert pair["rejected"] == [{"role": "assistant", "content": wrong}]
         assert pair["full_chosen"] == before + row["intervention"].strip() and pair["full_rejected"] == before + wrong
         assert (pair["chosen_successes"], pair["rejected_successes"]) == (row["successes"], row["baseline_successes"])
+        assert pair["chosen_success_rate"] == row["success_rate"]
+        assert pair["rejected_success_rate"] == row["baseline_successes"] / row["baseline_continuations"]
         assert pair["lift"] > 0 and pair["lift_p"] == row["lift_p"]
     prm = datasets.load_dataset(str(out), "prm", split="train")
     kept_attempts = {row["attempt_id"] for row in by_id.values() if row["kept"]}

@@ -141,6 +141,9 @@ def step_tables(interventions: pl.LazyFrame, problems: pl.LazyFrame, samples: pl
             "rejected_continuations": row["baseline_continuations"] + (row["baseline_top_up_continuations"] or 0),
             "lift": row["lift"], "lift_p": row["lift_p"],
         })
+        pair = pairs[-1]
+        pair["chosen_success_rate"] = pair["chosen_successes"] / pair["chosen_continuations"]
+        pair["rejected_success_rate"] = pair["rejected_successes"] / pair["rejected_continuations"]
     return {"preference": pl.DataFrame(pairs, schema=PREFERENCE_SCHEMA).lazy(),
             "prm": pl.DataFrame(labelled, schema=PRM_SCHEMA).lazy()}
 
@@ -150,7 +153,7 @@ PREFERENCE_SCHEMA = {
     "full_chosen": pl.String, "full_rejected": pl.String, "answer": pl.String, "problem_id": pl.String,
     "attempt_id": pl.String, "proposal_id": pl.String, "error_step": pl.Int32, "chosen_successes": pl.Int32,
     "chosen_continuations": pl.Int32, "rejected_successes": pl.Int32, "rejected_continuations": pl.Int32,
-    "lift": pl.Float64, "lift_p": pl.Float64,
+    "lift": pl.Float64, "lift_p": pl.Float64, "chosen_success_rate": pl.Float64, "rejected_success_rate": pl.Float64,
 }
 PRM_SCHEMA = {
     "prompt": pl.String, "completions": pl.List(pl.String), "labels": pl.List(pl.Boolean), "problem_id": pl.String,
