@@ -259,9 +259,13 @@ def build_dataset(
     from intgen.pipeline import build_dataset as build
 
     try:
-        run_config = resolve(_given(ctx, settings), read_config_file(config) if config else {})
+        given = _given(ctx, settings)
+        run_config = resolve(given, read_config_file(config) if config else {})
     except UserError as exc:
         _fail(str(exc))
+    if run_config.attempts and (unused := sorted({"samples", "max_tokens", "temperature"} & set(given))):
+        console.print(f"warning: {', '.join('--' + n.replace('_', '-') for n in unused)} not used: with --attempts "
+                      "no attempt is sampled (the file gives each problem's attempts)", highlight=False)
     if run_config.problems is None and run_config.attempts is None:
         from intgen.config import DEMO_MINUTES
 

@@ -154,9 +154,10 @@ def test_the_cli_on_a_release_shaped_file_sends_no_sampling_request_to_a_real_se
     server = ScriptedServer(answers_of(EXAMPLE_PROBLEMS), seed=TEST_SEED)
     try:
         args = ["build-dataset", "--attempts", str(path), "--run-dir", str(tmp_path / "run"), *backend_args(server.url),
-                "--proposals", "2", "--continuations", "4", "--no-progress"]
+                "--proposals", "2", "--continuations", "4", "--no-progress", "--samples", "8"]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
+        assert "warning: --samples not used: with --attempts no attempt is sampled" in result.output
         assert server.kinds["solve"] == 0 and server.kinds["critique"] > 0 and server.kinds["continuation"] > 0
         interventions = pl.read_parquet(export_file(tmp_path / "run" / "dataset", "interventions"))
         assert interventions.height > 0 and interventions["kept"].any()
