@@ -315,13 +315,14 @@ def _given_attempt(record: dict[str, Any], names: dict[str, str | None], where: 
     return {"text": text, "correct": verdict}
 
 
-def _another_attempt(kept: dict[str, Any], record: dict[str, Any], given: dict[str, Any], where: str) -> bool:
+def _another_attempt(kept: dict[str, Any], record: dict[str, Any], given: dict[str, Any], where: str,
+                     first: str) -> bool:
     """Add `given`, another attempt at a problem read before (`kept`); False for an attempt the file already gave
     (a repeated row: the same critique and continuations again, not an independent draw). A row whose answer or
-    reference solution differs from the problem's first row is an error naming both."""
+    reference solution differs from the problem's first row (at `first`) is an error naming both."""
     for column in ("answer", "solution"):
         if record[column] != kept[column]:
-            raise BadInputError(f"{where}: this problem's {column} differs from its row at {kept['_where']} "
+            raise BadInputError(f"{where}: this problem's {column} differs from its row at {first} "
                                 f"({record[column]!r} here, {kept[column]!r} there)")
     if any(a["text"] == given["text"] for a in kept[GIVEN_ATTEMPTS]):
         return False
@@ -379,6 +380,7 @@ def read_problems(
     duplicates = 0
     names: dict[str, str | None] | None = None
     attempt_names: dict[str, str | None] | None = None
+    first_at: dict[str, str] = {}  # --attempts: where each problem's first row is
     for where, record in _records(source, split, config):
         given: dict[str, Any] | BadRow | None = None
         if not isinstance(record, (dict, BadRow)):
@@ -394,9 +396,11 @@ def read_problems(
                 raise BadInputError(f"{record} (pass on_bad_row='skip' / --skip-bad-rows to skip and count such rows)")
             skipped.append(record)
         elif record["problem_id"] in rows:
-            duplicates += given is None or not _another_attempt(rows[record["problem_id"]], record, given, where)
+            pid = record["problem_id"]
+            duplicates += given is None or not _another_attempt(rows[pid], record, given, where, first_at[pid])
         elif limit is None or len(rows) < limit:
-            rows[record["problem_id"]] = record | ({GIVEN_ATTEMPTS: [given], "_where": where} if given else {})
+            rows[record["problem_id"]] = record | ({GIVEN_ATTEMPTS: [given]} if given else {})
+            first_at[record["problem_id"]] = where
         elif given is None:
             break  # with attempts, the rest of the file may hold more attempts at the problems kept
     if not rows:
@@ -406,8 +410,6 @@ def read_problems(
         log.warning("%s: skipped %d bad row(s): %s", label, len(skipped), "; ".join(map(str, skipped[:5])))
     if duplicates:
         log.warning("%s: dropped %d duplicate problem(s)", label, duplicates)
-    for row in rows.values():
-        row.pop("_where", None)
     schema = PROBLEM_SCHEMA | ({GIVEN_ATTEMPTS: GIVEN_ATTEMPT_TYPE} if attempts else {})
     return LoadResult(pl.DataFrame(list(rows.values()), schema=schema), skipped, duplicates)
 

@@ -210,11 +210,9 @@ def dataset_summary(run: RunDir) -> tuple[dict[str, Any], dict[str, str]]:
 def dataset_configs(run: RunDir) -> list[list[Any]]:
     """[config, rows, what its rows are] for each config of RUN/dataset (a run written by other means may
     have none)."""
-    from intgen.dataset.export import CONFIG_DEFINITIONS, CONFIGS
+    from intgen.dataset.export import CONFIG_DEFINITIONS, config_rows
 
-    found = {name: sorted((run.path / "dataset" / name).glob("train-*.parquet")) for name in CONFIGS}
-    return [[name, pl.scan_parquet(files).select(pl.len()).collect().item(), CONFIG_DEFINITIONS[name]]
-            for name, files in found.items() if files]
+    return [[name, rows, CONFIG_DEFINITIONS[name]] for name, rows in config_rows(run.path / "dataset").items()]
 
 
 def proposal_index(proposals: pl.DataFrame | None,

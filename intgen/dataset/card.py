@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import yaml
 
 from intgen import __version__
 from intgen.dataset.analysis import SELECTION_RULE
-from intgen.dataset.export import CONFIGS, PREFERENCE_RULE, PRM_RULE, export_file
+from intgen.dataset.export import CONFIGS, PREFERENCE_RULE, PRM_RULE, config_rows, export_file
 from intgen.plan import MODEL_STAGES
 from intgen.resources import fill, resource_path
 from intgen.rundir import RunDir, atomic_write_text
@@ -108,7 +107,7 @@ def card_text(run: RunDir, config: RunConfig, summary: dict[str, Any], load_path
     """The card of RUN/dataset; `load_path` is what its examples load (a folder or a Hub repo id)."""
     out = run.path / "dataset"
     files = {name: export_file(out, name) for name in CONFIGS}
-    rows = {name: pl.scan_parquet(path).select(pl.len()).collect().item() for name, path in files.items()}
+    rows = config_rows(out)
     return dataset_card(run, config, rows, files, summary, load_path)
 
 
@@ -141,20 +140,21 @@ def card_front_matter(config: RunConfig, rows: dict[str, int], files: dict[str, 
 
 
 def keep_rule_text(config: RunConfig) -> str:
-    if config.keep_rule == "lift" and config.top_up:
-        return (f"An intervention was kept when at least {config.min_success} of its {config.continuations} "
-                "continuations were correct and the one-sided Fisher exact p-value of its successes against its own "
-                f"original-step baseline was at most {config.alpha / 2}, either on the first {config.continuations} "
-                f"per arm or, where that p was borderline (above {config.alpha / 2}, at most {config.top_up_below}), "
-                f"on all {config.continuations + config.top_up} per arm after {config.top_up} more for both arms "
-                f"(`--top-up`: a two-stage test declared before any continuation was seen, alpha {config.alpha} "
-                "split in two, so retesting the near misses does not raise the error rate above it).")
-    if config.keep_rule == "lift":
-        return (f"An intervention was kept when at least {config.min_success} of its {config.continuations} "
-                "continuations were correct and the one-sided Fisher exact p-value of its successes against its own "
-                f"original-step baseline was at most {config.alpha} (`--keep-rule lift`; see the lift below).")
-    return (f"Interventions with at least {config.min_success} correct continuation(s) out of {config.continuations} "
-            "were kept (the paper's rule, which a lucky pass also meets; see the lift below where it was measured).")
+    if config.keep_rule != "lift":
+        return (f"Interventions with at least {config.min_success} correct continuation(s) out of "
+                f"{config.continuations} were kept (the paper's rule, which a lucky pass also meets; see the lift "
+                "below where it was measured).")
+    lifted = (f"An intervention was kept when at least {config.min_success} of its {config.continuations} "
+              "continuations were correct and the one-sided Fisher exact p-value of its successes against its own "
+              "original-step baseline was at most ")
+    if not config.top_up:
+        return lifted + f"{config.alpha} (`--keep-rule lift`; see the lift below)."
+    return lifted + (
+        f"{config.alpha / 2}, either on the first {config.continuations} per arm or, where that p was borderline "
+        f"(above {config.alpha / 2}, at most {config.top_up_below}), on all {config.continuations + config.top_up} "
+        f"per arm after {config.top_up} more for both arms (`--top-up`: a two-stage test declared before any "
+        f"continuation was seen, alpha {config.alpha} split in two, so retesting the near misses does not raise the "
+        "error rate above it).")
 
 
 def attempts_text(config: RunConfig, summary: dict[str, Any]) -> str:

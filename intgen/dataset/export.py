@@ -124,6 +124,12 @@ def step_tables(interventions: pl.LazyFrame, problems: pl.LazyFrame, samples: pl
             continue
         messages = solve_messages(row["problem"], solve.text, system_prompt)
         wrong = steps[error - 1]
+        # both arms' continuations that decided the pair (with --top-up, the first M and the N more), so that
+        # lift and lift_p follow from the row's own counts
+        chosen = (row["successes"] + (row["top_up_successes"] or 0),
+                  row["continuations"] + (row["top_up_continuations"] or 0))
+        rejected = (row["baseline_successes"] + (row["baseline_top_up_successes"] or 0),
+                    row["baseline_continuations"] + (row["baseline_top_up_continuations"] or 0))
         pairs.append({
             "prompt": [*messages, {"role": "assistant", "content": before}],
             "chosen": [{"role": "assistant", "content": row["intervention"].strip()}],
@@ -133,17 +139,11 @@ def step_tables(interventions: pl.LazyFrame, problems: pl.LazyFrame, samples: pl
             "full_rejected": continuation_prefix(steps, error, row["intervention"], Condition.original_step),
             "answer": row["answer"], "problem_id": row["problem_id"], "attempt_id": row["attempt_id"],
             "proposal_id": row["proposal_id"], "error_step": error,
-            # both arms' continuations that decided the pair (with --top-up, the first M and the N more), so that
-            # lift and lift_p follow from the row's own counts
-            "chosen_successes": row["successes"] + (row["top_up_successes"] or 0),
-            "chosen_continuations": row["continuations"] + (row["top_up_continuations"] or 0),
-            "rejected_successes": row["baseline_successes"] + (row["baseline_top_up_successes"] or 0),
-            "rejected_continuations": row["baseline_continuations"] + (row["baseline_top_up_continuations"] or 0),
+            "chosen_successes": chosen[0], "chosen_continuations": chosen[1],
+            "rejected_successes": rejected[0], "rejected_continuations": rejected[1],
             "lift": row["lift"], "lift_p": row["lift_p"],
+            "chosen_success_rate": chosen[0] / chosen[1], "rejected_success_rate": rejected[0] / rejected[1],
         })
-        pair = pairs[-1]
-        pair["chosen_success_rate"] = pair["chosen_successes"] / pair["chosen_continuations"]
-        pair["rejected_success_rate"] = pair["rejected_successes"] / pair["rejected_continuations"]
     return {"preference": pl.DataFrame(pairs, schema=PREFERENCE_SCHEMA).lazy(),
             "prm": pl.DataFrame(labelled, schema=PRM_SCHEMA).lazy()}
 
@@ -217,6 +217,12 @@ def write_analysis(run: RunDir, summary: dict[str, Any]) -> None:
     run.write_json("analysis.json", {"table1": table1, "funnel": {
         k: v for k, v in summary.items() if k not in ("table1", "tokens_by_stage")},
         "exported_from": state_digest(run, STAGES)})
+
+
+def config_rows(dataset_dir: Path) -> dict[str, int]:
+    """The rows of each config an exported dataset folder holds."""
+    found = {name: sorted((dataset_dir / name).glob("train-*.parquet")) for name in CONFIGS}
+    return {name: pl.scan_parquet(files).select(pl.len()).collect().item() for name, files in found.items() if files}
 
 
 def export_file(dataset_dir: Path, config_name: str) -> Path:

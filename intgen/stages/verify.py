@@ -146,6 +146,15 @@ class VerifySettings:
     top_up: int = 0  # N more continuations per arm for a borderline verdict (two-stage: alpha split in two)
     top_up_below: float = 0.5  # borderline: a first-stage p above alpha/2 and at most this
 
+    @property
+    def topping_up(self) -> bool:
+        return self.top_up > 0 and self.keep_rule is KeepRule.lift
+
+    @property
+    def first_alpha(self) -> float:
+        """The first look's level: alpha, or alpha/2 where a second look may follow (--top-up)."""
+        return self.alpha / 2 if self.topping_up else self.alpha
+
 
 @dataclass(frozen=True)
 class Job:
@@ -283,14 +292,16 @@ def with_lift(rows: list[dict[str, Any]], s: VerifySettings) -> list[dict[str, A
                 row |= {"resample_successes": r["successes"], "resample_continuations": r["continuations"]}
             if (b := base.get(Condition.original_step)) is not None:
                 row |= {"baseline_successes": b["successes"], "baseline_continuations": b["continuations"],
-                        "lift": lift(row["successes"], row["continuations"], b["successes"], b["continuations"]),
-                        "lift_p": fisher_greater(row["successes"], row["continuations"], b["successes"],
-                                                 b["continuations"])}
-            if s.keep_rule is KeepRule.lift:  # with --top-up, the first of two looks, at alpha/2
-                row["kept"] = row["kept"] and row["lift_p"] is not None and row["lift_p"] <= (
-                    s.alpha / 2 if s.top_up else s.alpha)
+                        **lift_of(row["successes"], row["continuations"], b["successes"], b["continuations"])}
+            if s.keep_rule is KeepRule.lift:  # with --top-up, the first of two looks
+                row["kept"] = row["kept"] and row["lift_p"] is not None and row["lift_p"] <= s.first_alpha
         out.append(row)
     return out
+
+
+def lift_of(successes: int, trials: int, base_successes: int, base_trials: int) -> dict[str, float | None]:
+    return {"lift": lift(successes, trials, base_successes, base_trials),
+            "lift_p": fisher_greater(successes, trials, base_successes, base_trials)}
 
 
 def top_up_jobs(rows: list[dict[str, Any]], jobs: list[Job], problems: dict[str, dict[str, Any]],
@@ -321,14 +332,14 @@ def with_top_up(rows: list[dict[str, Any]], extra: dict[str, dict[str, Any]], s:
             wins, trials = row["successes"] + more["successes"], row["continuations"] + more["continuations"]
             base_wins = row["baseline_successes"] + base["successes"]
             base_trials = row["baseline_continuations"] + base["continuations"]
-            pooled = fisher_greater(wins, trials, base_wins, base_trials)
+            pooled = lift_of(wins, trials, base_wins, base_trials)
             error = more["error"] or base["error"]
-            row = row | {
+            row = row | pooled | {
                 "top_up_successes": more["successes"], "top_up_continuations": more["continuations"],
                 "baseline_top_up_successes": base["successes"], "baseline_top_up_continuations": base["continuations"],
-                "lift": lift(wins, trials, base_wins, base_trials), "lift_p": pooled, "error": row["error"] or error,
+                "error": row["error"] or error,
                 "kept": error is None and row["successes"] >= s.min_success
-                and two_stage_kept(row["lift_p"], pooled, s.alpha)}
+                and two_stage_kept(row["lift_p"], pooled["lift_p"], s.alpha)}
         out.append(row)
     return out
 
@@ -357,7 +368,7 @@ def compute(part: Part, s: VerifySettings) -> Compute:
     done = yield from continue_and_grade(jobs, problems, s)
     continuations = [row for _, _, rows in done for row in rows]
     verified = with_lift([verify_row(job, rows, completions, s.min_success) for job, completions, rows in done], s)
-    if s.top_up and s.keep_rule is KeepRule.lift:
+    if s.topping_up:
         due = top_up_jobs(verified, jobs, problems, s)
         more = yield from continue_and_grade(due, problems, s, first=s.continuations)
         continuations += [row for _, _, rows in more for row in rows]
@@ -409,8 +420,8 @@ def lift_summary(intervention: pl.LazyFrame, s: VerifySettings) -> dict[str, Any
         "interventions": measured.height,
         "pass_paper_rule": int((measured["successes"] >= s.min_success).sum()),
         # the rule's own threshold: alpha/2 with --top-up (whose topped-up rows carry the p of all M + N per arm)
-        "threshold": (threshold := s.alpha / 2 if s.top_up and s.keep_rule is KeepRule.lift else s.alpha),
-        "p_at_most_threshold": sum(v <= threshold for v in p),
+        "threshold": s.first_alpha,
+        "p_at_most_threshold": sum(v <= s.first_alpha for v in p),
         "topped_up": measured["topped_up"].sum(),
         "lift_quartiles": [float(measured["lift"].quantile(q, "nearest")) for q in (0.25, 0.5, 0.75)],
         "p_bins": {f"<= {edge}": sum(low < v <= edge for v in p) if low else sum(v <= edge for v in p)
