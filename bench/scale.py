@@ -1,7 +1,7 @@
 """How far one driver goes: the pipeline against an OpenAI-compatible server that answers at once.
 
     python bench/scale.py [--sample-sizes 10000 100000] [--sizes 960 9600] [--delay 0.5] [--ray-problems 4000]
-                          [--concurrency 256] [--batch-size 16] [--parts-in-flight 32] [--against DIR]
+                          [--concurrency 256] [--batch-size 128] [--chunks-in-flight 32] [--against DIR]
 
 1. The sample stage (issue 12's measure). `--sample-sizes` problems, one request of n=4 each, in a fresh child
    process against the instant server (its own process). The child reports its own CPU time (user + system) for
@@ -46,8 +46,8 @@ PROPOSAL = {"verification": "Substep 2 multiplies instead of dividing.", "error_
 
 # the run's shape, set by main's options and handed to each child in its environment
 CONCURRENCY = int(os.environ.get("SCALE_CONCURRENCY", 256))
-BATCH_SIZE = int(os.environ.get("SCALE_BATCH_SIZE", 16))
-PARTS_IN_FLIGHT = int(os.environ.get("SCALE_PARTS_IN_FLIGHT", 32))
+BATCH_SIZE = int(os.environ.get("SCALE_BATCH_SIZE", 128))
+CHUNKS_IN_FLIGHT = int(os.environ.get("SCALE_CHUNKS_IN_FLIGHT", 32))
 
 COUNTER = iter(range(10**12))  # every reply differs: identical attempts would make identical (deduplicated) requests
 
@@ -103,7 +103,7 @@ def measured_run(count: int, url: str, executor: str, actors: int, stages: str) 
     settings = resolve({
         "problems": str(problems_file(folder, count)), "backend": "openai", "model": "instant", "base_url": url,
         "samples": 4, "max_tokens": 64, "proposals": 4, "propose_style": "single-turn", "continuations": 4,
-        "verify_max_tokens": 64, "min_success": 0, "batch_size": BATCH_SIZE, "parts_in_flight": PARTS_IN_FLIGHT,
+        "verify_max_tokens": 64, "min_success": 0, "batch_size": BATCH_SIZE, "chunks_in_flight": CHUNKS_IN_FLIGHT,
         "concurrency": CONCURRENCY, "executor": executor,
         "ray_actors": actors, "ray_actor_cpus": 0.5,
     }, {})
@@ -165,11 +165,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample-sizes", type=int, nargs=2, default=[10_000, 100_000])
     parser.add_argument("--sizes", type=int, nargs=2, default=[960, 9600])
-    # 64 requests of n=4 in flight (the window counts samples) and 32 parts of 16 problems: 512 problems in
+    # 64 requests of n=4 in flight (the window counts samples) and 32 chunks of 16 problems: 512 problems in
     # flight, as many as one part of 512 was before parts ran side by side; both --sizes are above that bound
     parser.add_argument("--concurrency", type=int, default=256, help="samples in flight (the window)")
-    parser.add_argument("--batch-size", type=int, default=16, help="problems per part")
-    parser.add_argument("--parts-in-flight", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=128, help="problems per part")
+    parser.add_argument("--chunks-in-flight", type=int, default=32)
     parser.add_argument("--delay", type=float, default=0.5)
     parser.add_argument("--ray-problems", type=int, default=4000)
     parser.add_argument("--against", type=Path, help="another checkout, measured side by side (1. and 2.)")
@@ -185,7 +185,7 @@ def main() -> None:
         return
 
     os.environ |= {"SCALE_CONCURRENCY": str(args.concurrency), "SCALE_BATCH_SIZE": str(args.batch_size),
-                   "SCALE_PARTS_IN_FLIGHT": str(args.parts_in_flight)}
+                   "SCALE_CHUNKS_IN_FLIGHT": str(args.chunks_in_flight)}
     server, url = start_server(0.0)
     try:
         for what, sizes, stages in (("sample stage", args.sample_sizes, "sample"),

@@ -161,8 +161,9 @@ class VerifySection:
 
 @dataclass(frozen=True)
 class RunSection:
-    batch_size: int = setting(16, "Problems per part (one parquet file of each table; the unit of resume and of the "
-                                  "dataflow).", low=1)
+    batch_size: int = setting(128, "Problems per part (one parquet file of each table, written when all of it is "
+                                   "computed: the unit of resume). Each stage computes a part in chunks of 16 "
+                                   "problems, each handed on to the next stage as soon as it is computed.", low=1)
     prices: str | None = setting(None, "Price table (TOML/JSON) to report cost.")
 
 
@@ -170,9 +171,9 @@ class RunSection:
 class ExecutorSection:
     executor: str = setting("local", "local: parts in this process, several at once; ray: parts on Ray Data actors "
                                      "(one backend each), grading as Ray tasks.", choices=ExecutorKind)
-    parts_in_flight: int = setting(32, "local: parts computed at once, of any stages (a part's next stage starts as "
-                                      "soon as it is written); 1, with --concurrency 1, is a strictly sequential "
-                                      "schedule.", low=1)
+    chunks_in_flight: int = setting(32, "Chunks (16 problems each) computed at once, of any stages: local, a chunk's "
+                                       "next stage starts as soon as it is computed; 1, with --concurrency 1, is a "
+                                       "strictly sequential schedule. ray: as many problems' parts at once.", low=1)
     ray_address: str | None = setting(None, "--executor ray: the cluster (auto, ray://host:10001); default: this "
                                             "machine's, started if needed.")
     ray_actors: int = setting(2, "--executor ray: actors per model stage, each with its own backend.", low=1)

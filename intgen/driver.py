@@ -31,9 +31,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from intgen.backends.base import Backend, relevant_settings
 from intgen.calls import CallStats, Price
 from intgen.errors import MissingFile, UserError
-from intgen.parts import Answerer, Grader, compute_part
+from intgen.parts import Answerer, Grader, chunks, compute_chunk, write_computed
 from intgen.rundir import RunDir, digest
-from intgen.stages import Stage
+from intgen.stages import Part, Rows, Stage
 from intgen.window import Window
 
 log = logging.getLogger("intgen")
@@ -207,13 +207,13 @@ class Planned:
 def run_stage(
     run: RunDir, stage: Stage, settings: Any, stages: list[Stage], *, backend: Backend | None = None,
     grader: Grader = Grader(), price: Price | None = None, force: bool = False, progress: bool = True,
-    engine: Engine | None = None, parts_in_flight: int = 8,
+    engine: Engine | None = None, chunks_in_flight: int = 8,
 ) -> dict[str, Any]:
     """Run `stage` over every part of its input (`stages`: all the pipeline's stages, to find its inputs), its model
     calls answered by `backend` (or `engine`)."""
     planned = Planned(stage, settings, engine or Engine(backend), price)
     return run_stages(run, [planned], stages, grader=grader, force=force, progress=progress,
-                      parts_in_flight=parts_in_flight)[stage.name]
+                      chunks_in_flight=chunks_in_flight)[stage.name]
 
 
 def stage_fingerprint(stage: Stage, settings: Any, engine: Engine | None) -> dict[str, Any]:
@@ -224,9 +224,9 @@ def stage_fingerprint(stage: Stage, settings: Any, engine: Engine | None) -> dic
 
 
 def run_stages(run: RunDir, plan: list[Planned], stages: list[Stage], *, grader: Grader = Grader(),
-               force: bool = False, progress: bool = True, parts_in_flight: int = 8) -> dict[str, dict[str, Any]]:
+               force: bool = False, progress: bool = True, chunks_in_flight: int = 8) -> dict[str, dict[str, Any]]:
     """Run the planned stages (in pipeline order) over every part, as a dataflow: part `i` of a stage is computed
-    as soon as part `i` of each table it reads is settled (written, or found current), up to `parts_in_flight`
+    as soon as part `i` of each table it reads is settled (written, or found current), up to `chunks_in_flight`
     parts at once, of any stages, a later stage's part first. Every model call goes through one `Window` per
     backend, so a server's queue is fed from all of them. Each part is written and marked as it finishes, exactly
     as one stage after another would write it; each stage's manifest entry once its last part is settled. Every
@@ -237,25 +237,22 @@ def run_stages(run: RunDir, plan: list[Planned], stages: list[Stage], *, grader:
     for p in plan:
         if p.stage.uses_model and p.engine is not None and p.engine.backend is not None:
             windows.setdefault(id(p.engine.backend), Window(p.engine.backend))
-    flow = Dataflow(run, plan, fingerprints, producers(stages), parts_in_flight)
+    flow = Dataflow(run, plan, fingerprints, producers(stages), chunks_in_flight)
     entries: dict[str, dict[str, Any]] = {}
     try:
         with PipelineProgress(progress) as shown:
             bars = [shown.stage(p.stage.name, flow.count) for p in plan]
-            begun = time.monotonic()
 
-            def compute(k: int, index: int, record: dict[str, Any], stats: CallStats) -> None:
+            def answerer(k: int, index: int, j: int, stats: CallStats) -> Answerer:
                 p = plan[k]
                 window = windows.get(id(p.engine.backend)) if p.engine is not None else None
-                lane = window.lane((k, index)) if window is not None and p.stage.uses_model else None
-                execute = Answerer(run, lane, grader, stats)  # an earlier stage's calls, then a lower part's, first
+                # an earlier stage's calls, then a lower part's, then a lower chunk's, first
+                lane = window.lane((k, index, j)) if window is not None and p.stage.uses_model else None
+                execute = Answerer(run, lane, grader, stats)
                 execute.progress = bars[k]
-                started = time.monotonic()
-                compute_part(run, p.stage, p.settings, index, execute, record)
-                log.debug("%s part %d: %.2f s to %.2f s", p.stage.name, index, started - begun,
-                          time.monotonic() - begun)
+                return execute
 
-            for k, stats in flow.parts(compute):  # each stage as its last part is settled
+            for k, stats in flow.parts(answerer):  # each stage as its last part is settled
                 p = plan[k]
                 for table in p.stage.writes:
                     run.clear_table(table, start=flow.count)  # parts of problems no longer in the run
@@ -271,24 +268,34 @@ def run_stages(run: RunDir, plan: list[Planned], stages: list[Stage], *, grader:
 
 
 class Dataflow:
-    """Which parts are due and when: (stage k, part i) waits until part i of each table it reads is settled, then
-    is due if its marker is not current (other settings, other input parts, failed rows to retry). Due parts run
-    on `width` threads, a later stage's first; a failure stops new parts, lets the running ones finish (their
-    calls are paid for), and is raised."""
+    """Which chunks are computed and when. Part i of stage k is due if its marker is not current (other settings,
+    other input parts, failed rows to retry). It is computed chunk by chunk (`parts.chunks`): chunk j as soon as
+    chunk j of each table it reads is there, read from a settled part or handed on in memory by the stage that
+    computed it in this run; the part is written and marked when its last chunk is computed. A part whose marker
+    is current but for its input, while that input is being computed again (it may come out the same), waits for
+    its inputs to be settled and is decided then, as one stage after another would decide it.
+
+    Chunks run on `width` threads, a later stage's first, then by part and chunk; a failure stops new chunks, lets
+    the running ones finish (their calls are paid for) and the parts they complete be written, and is raised."""
 
     def __init__(self, run: RunDir, plan: list[Planned], fingerprints: list[dict[str, Any]],
                  producer: dict[str, str], width: int) -> None:
         self.run, self.plan, self.producer, self.width = run, plan, producer, max(1, width)
         self.fingerprints = [digest(f) for f in fingerprints]
-        made_by = {table: k for k, p in enumerate(plan) for table in p.stage.writes}
-        self.needs = [sorted({made_by[t] for t in p.stage.reads if t in made_by}) for p in plan]
+        self.made_by = {table: k for k, p in enumerate(plan) for table in p.stage.writes}
+        self.needs = [sorted({self.made_by[t] for t in p.stage.reads if t in self.made_by}) for p in plan]
+        self.handed = {t for p in plan for t in p.stage.reads if t in self.made_by}  # tables handed on in memory
         first = plan[0].stage.reads[0]
         self.count = run.part_count(first)
         for p in plan:  # a table read but made by none of the planned stages must be there in full
             for table in p.stage.reads:
-                if table not in made_by and run.part_count(producer.get(table, table)) != self.count:
+                if table not in self.made_by and run.part_count(producer.get(table, table)) != self.count:
                     raise MissingFile(f"{run.path}: the input of stage {p.stage.name!r} ({', '.join(p.stage.reads)}) "
                                       f"is not finished; run the stages before it first")
+        # chunks of several problems only where every stage reads the problems (an eval's items: one per part)
+        self.chunked = all(PROBLEMS in p.stage.reads for p in plan)
+        self._read: dict[tuple[str, int], list[Rows]] = {}  # (table, part): a settled part's rows, by chunk
+        self._reading = threading.RLock()
 
     def record(self, k: int, index: int) -> dict[str, Any] | None:
         """The marker record of part `index` of stage `k` when it is due, else None (its marker is current)."""
@@ -303,75 +310,185 @@ class Dataflow:
             return record
         return None
 
-    def parts(self, compute: Callable[[int, int, dict[str, Any], CallStats], None]) -> Iterator[tuple[int, CallStats]]:
-        """Compute every due part; yields (k, its calls' figures) as stage k's last part is settled."""
+    def due_whatever_its_input(self, k: int, index: int) -> bool:
+        """Part `index` of stage k is due whatever its input parts turn out to be: no marker, failed rows, other
+        settings."""
+        marker = self.run.part_marker(self.plan[k].stage.table, index)
+        return marker is None or bool(marker.get("failed")) or marker.get("fingerprint") != self.fingerprints[k]
+
+    def read(self, table: str, index: int) -> list[Rows]:
+        """A settled part of `table`, its rows by chunk (read once, by whichever thread needs it first)."""
+        with self._reading:
+            if (table, index) not in self._read:
+                tables = {table: read_rows(self.run, table, index)}
+                if self.chunked and table != PROBLEMS:
+                    tables[PROBLEMS] = [row for rows in self.read(PROBLEMS, index) for row in rows]
+                pieces = chunks(Part(index, tables)) if self.chunked else [Part(index, tables)]
+                self._read[(table, index)] = [piece.tables[table] for piece in pieces]
+            return self._read[(table, index)]
+
+    def chunk_input(self, k: int, index: int, j: int) -> Part:
+        tables = {}
+        for table in self.plan[k].stage.reads:
+            made = self.made_by.get(table)
+            handed = self.handed_on[made][index] if made is not None else None
+            tables[table] = handed[j][1][table] if handed is not None else self.read(table, index)[j]
+        return Part(index, tables)
+
+    def pieces(self, index: int) -> int:
+        return len(self.read(PROBLEMS, index)) if self.chunked else 1
+
+    def parts(self, answerer: Callable[[int, int, int, CallStats], Answerer]) -> Iterator[tuple[int, CallStats]]:
+        """Compute every due part, chunk by chunk, its chunks' model calls and grading answered by
+        `answerer(k, part, chunk, stats)`; yields (k, its calls' figures) as stage k's last part is settled."""
         stages = len(self.plan)
-        self.settled = [[False] * self.count for _ in range(stages)]
+        self.state: list[list[str | None]] = [[None] * self.count for _ in range(stages)]
+        self.records: list[list[dict[str, Any] | None]] = [[None] * self.count for _ in range(stages)]
+        # a part being computed: its chunks' (rows, rows as the next stages read them), None until computed
+        self.handed_on: list[list[list[Any] | None]] = [[None] * self.count for _ in range(stages)]
+        self.pushed: list[list[set[int]]] = [[set() for _ in range(self.count)] for _ in range(stages)]
         self.left = [self.count] * stages
+        self.complete: list[int] = [k for k in range(stages) if not self.count]
         stats = [CallStats() for _ in range(stages)]
-        self.waiting = [(-k, i) for k in range(stages) if not self.needs[k] for i in range(self.count)]
-        heapq.heapify(self.waiting)  # parts whose inputs are settled: a later stage's first, then by part
-        jobs: queue.SimpleQueue[tuple[int, int, dict[str, Any]] | None] = queue.SimpleQueue()
-        done: queue.SimpleQueue[tuple[int, int, CallStats, BaseException | None]] = queue.SimpleQueue()
-        workers = start_workers(compute, jobs, done, self.width)
-        failure: BaseException | None = None
-        running = 0
+        self.ready: list[tuple[int, int, int]] = []  # a heap of chunks: a later stage's first, then by part, chunk
+        self.jobs: queue.SimpleQueue[tuple[str, int, int, int] | None] = queue.SimpleQueue()
+        done: queue.SimpleQueue[tuple[str, int, int, int, Any, CallStats, BaseException | None]] = queue.SimpleQueue()
+        workers = start_workers(lambda job, part_stats: self.work(job, answerer, part_stats), self.jobs, done,
+                                self.width)
+        self.failure: BaseException | None = None
+        self.running = 0
         try:
-            complete = [k for k in range(stages) if not self.count]
+            for k in range(stages):
+                if not self.needs[k]:
+                    for index in range(self.count):
+                        self.consider(k, index)
             while True:
-                yield from ((k, stats[k]) for k in complete)
-                complete = []
-                while self.waiting and running < self.width and failure is None:
-                    order, index = heapq.heappop(self.waiting)
-                    record = self.record(-order, index)
-                    if record is None:
-                        complete += self.settle(-order, index)
-                    else:
-                        jobs.put((-order, index, record))
-                        running += 1
-                if complete:
+                yield from ((k, stats[k]) for k in self.complete)
+                self.complete = []
+                while self.ready and self.running < self.width and self.failure is None:
+                    order, index, j = heapq.heappop(self.ready)
+                    self.jobs.put(("chunk", -order, index, j))
+                    self.running += 1
+                if self.complete:
                     continue
-                if not running:
+                if not self.running:
                     break
-                k, index, part_stats, exc = done.get()
-                running -= 1
+                kind, k, index, j, result, part_stats, exc = done.get()
+                self.running -= 1
                 stats[k].add(part_stats)
                 if exc is not None:
-                    failure = failure or exc
-                elif failure is None:
-                    complete = self.settle(k, index)
-            if failure is not None:
-                raise failure
+                    self.failure = self.failure or exc
+                elif kind == "chunk":
+                    self.chunk_done(k, index, j, result)
+                else:
+                    self.settle(k, index)
+            if self.failure is not None:
+                raise self.failure
         finally:
             for _ in workers:
-                jobs.put(None)
+                self.jobs.put(None)
 
-    def settle(self, k: int, index: int) -> list[int]:
-        """Part `index` of stage k is settled: the parts that read it may be due. Returns [k] if stage k is now
-        complete."""
-        self.settled[k][index] = True
-        self.left[k] -= 1
+    def work(self, job: tuple[str, int, int, int], answerer: Callable[[int, int, int, CallStats], Answerer],
+             part_stats: CallStats) -> Any:
+        """One job on a worker thread: a chunk computed (its rows, and as the next stages read them), or a part
+        written."""
+        kind, k, index, j = job
+        stage, settings = self.plan[k].stage, self.plan[k].settings
+        if kind == "write":
+            record = self.records[k][index] or {"fingerprint": self.fingerprints[k],
+                                                "input": input_digest(self.run, stage, index, self.producer)}
+            write_computed(self.run, stage, index, [rows for rows, _ in self.handed_on[k][index]], record)
+            return None
+        rows = compute_chunk(stage, settings, self.chunk_input(k, index, j), answerer(k, index, j, part_stats))
+        handed = {t: pl.DataFrame(rows[t], schema=schema).to_dicts()  # as read back from the part's file
+                  for t, schema in stage.writes.items() if t in self.handed}
+        return rows, handed
+
+    def consider(self, k: int, index: int) -> None:
+        """Part `index` of stage k: each stage it reads has settled the part or is computing it."""
+        if all(self.state[n][index] == "settled" for n in self.needs[k]):
+            record = self.record(k, index)
+            if record is None:
+                self.settle(k, index)
+                return
+            self.records[k][index] = record
+        elif not self.due_whatever_its_input(k, index):
+            self.state[k][index] = "deferred"
+            return
+        self.state[k][index] = "due"
+        self.handed_on[k][index] = [None] * self.pieces(index)
+        self.push_ready(k, index)
+
+    def push_ready(self, k: int, index: int) -> None:
+        """Queue the chunks of a due part whose inputs are all there."""
+        for j in range(len(self.handed_on[k][index] or [])):
+            if j not in self.pushed[k][index] and all(
+                    self.state[n][index] == "settled" or (self.handed_on[n][index] or [None] * (j + 1))[j] is not None
+                    for n in self.needs[k]):
+                self.pushed[k][index].add(j)
+                heapq.heappush(self.ready, (-k, index, j))
+
+    def chunk_done(self, k: int, index: int, j: int, result: Any) -> None:
+        self.handed_on[k][index][j] = result
+        self.write_when_ready(k, index)
+        self.follow(k, index)
+
+    def write_when_ready(self, k: int, index: int) -> None:
+        """A due part is written once all its chunks are computed and the parts it read are settled (its marker
+        records theirs)."""
+        if self.state[k][index] == "due" and all(piece is not None for piece in self.handed_on[k][index]) \
+                and all(self.state[n][index] == "settled" for n in self.needs[k]):
+            self.state[k][index] = "writing"
+            self.jobs.put(("write", k, index, -1))  # beside the chunks in flight: it is short
+            self.running += 1
+
+    def follow(self, k: int, index: int) -> None:
+        """Something of part `index` of stage k is there: the stages that read it may go on."""
         for later in range(k + 1, len(self.plan)):
-            if k in self.needs[later] and all(self.settled[n][index] for n in self.needs[later]):
-                heapq.heappush(self.waiting, (-later, index))
-        return [k] if not self.left[k] else []
+            if k not in self.needs[later]:
+                continue
+            state = self.state[later][index]
+            needs = [self.state[n][index] for n in self.needs[later]]
+            if state is None and all(s in ("settled", "due", "writing") for s in needs) \
+                    or state == "deferred" and all(s == "settled" for s in needs):
+                self.consider(later, index)
+            elif state == "due":
+                self.push_ready(later, index)
+                self.write_when_ready(later, index)
+
+    def settle(self, k: int, index: int) -> None:
+        """Part `index` of stage k is settled (written, or found current)."""
+        self.state[k][index] = "settled"
+        self.left[k] -= 1
+        if not self.left[k]:
+            self.complete.append(k)
+        self.follow(k, index)
+        if all(state[index] == "settled" for state in self.state):  # no stage needs the part's rows any more
+            for handed in self.handed_on:
+                handed[index] = None
+            with self._reading:
+                for table in {t for p in self.plan for t in p.stage.reads}:
+                    self._read.pop((table, index), None)
 
 
-def start_workers(compute: Callable[[int, int, dict[str, Any], CallStats], None], jobs: queue.SimpleQueue[Any],
+def read_rows(run: RunDir, table: str, index: int) -> Rows:
+    return pl.read_parquet(run.part_path(table, index)).to_dicts()
+
+
+def start_workers(work: Callable[[tuple[str, int, int, int], CallStats], Any], jobs: queue.SimpleQueue[Any],
                   done: queue.SimpleQueue[Any], width: int) -> list[threading.Thread]:
-    """`width` threads computing parts from `jobs` (None ends one) and telling `done` of each, failed or not."""
+    """`width` threads doing `work(job, stats)` for each job of `jobs` (None ends one) and telling `done` of each,
+    failed or not."""
 
-    def work() -> None:
+    def run() -> None:
         while (job := jobs.get()) is not None:
-            k, index, record = job
             part_stats = CallStats()
             try:
-                compute(k, index, record, part_stats)
-                done.put((k, index, part_stats, None))
+                done.put((*job, work(job, part_stats), part_stats, None))
             except BaseException as exc:  # noqa: BLE001 - raised in the driver's thread
-                done.put((k, index, part_stats, exc))
+                done.put((*job, None, part_stats, exc))
 
-    workers = [threading.Thread(target=work, name=f"intgen-part-{n}", daemon=True) for n in range(width)]
+    workers = [threading.Thread(target=run, name=f"intgen-part-{n}", daemon=True) for n in range(width)]
     for worker in workers:
         worker.start()
     return workers

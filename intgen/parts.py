@@ -6,6 +6,7 @@ parts, where and when; this is what each of them does with a part.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from intgen.cache import CallCache
 from intgen.calls import CallStats, run_requests
 from intgen.grading import DEFAULT_TIMEOUT_S, grade_items
 from intgen.rundir import RunDir
-from intgen.stages import Answer, Ask, Chained, Grading, ModelCalls, Part, Stage, drive
+from intgen.stages import Answer, Ask, Chained, Grading, ModelCalls, Part, Rows, Stage, drive
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class Answerer:
         self.cache = cache if cache is not None else run.cache
         self.grade = grade
         self.progress: Any = None
+
+    def with_stats(self, stats: CallStats) -> Answerer:
+        """The same answerer counting its calls into `stats`."""
+        twin = copy.copy(self)
+        twin.stats = stats
+        return twin
 
     def __call__(self, ask: Ask) -> Answer:
         # progress counts a model stage's samples, and a stage without a model's answers graded
@@ -82,19 +89,65 @@ class Answerer:
 
 CHAINS = 64  # chains of one part in flight at once (a part's first turns: one per problem)
 
+CHUNK = 16  # problems per chunk: what a stage computes at a time and hands on (a part is written when all its are)
 
-def compute_part(run: RunDir, stage: Stage, settings: Any, index: int, execute: Answerer,
-                 record: dict[str, Any]) -> int:
-    """Compute part `index` of a stage and write it, marked finished; returns its units of work."""
-    part = read_part(run, stage, index)
-    work = stage.work(part, settings) if stage.work is not None else 0
+
+def chunks(part: Part) -> list[Part]:
+    """The part's problems in chunks of CHUNK, each with the rows of every table about them, in the part's order.
+    A stage computes a part chunk by chunk (side by side), its rows the chunks' one after another: what it
+    computes per problem is the same, and the parts it writes are the same whichever executor and schedule.
+    A part without a problems table (an eval's items) is one chunk."""
+    problems = part.tables.get("problems")
+    if problems is None or len(problems) <= CHUNK:
+        return [part]
+    chunk_of = {row["problem_id"]: n // CHUNK for n, row in enumerate(problems)}
+    pieces: list[dict[str, Rows]] = [{name: [] for name in part.tables} for _ in range(-(-len(problems) // CHUNK))]
+    for name, rows in part.tables.items():
+        for row in rows:
+            pieces[chunk_of[row["problem_id"]]][name].append(row)
+    return [Part(part.index, tables) for tables in pieces]
+
+
+def chunks_per_part(run: RunDir) -> int:
+    """The chunks of a run's full part (its first part of problems); 1 where it has no problems table."""
+    path = run.part_path("problems", 0)
+    if not path.exists():
+        return 1
+    return max(1, -(-pl.scan_parquet(path).select(pl.len()).collect().item() // CHUNK))
+
+
+def compute_chunk(stage: Stage, settings: Any, chunk: Part, execute: Answerer) -> dict[str, Rows]:
+    """A stage's rows for one chunk (its model calls and grading answered by `execute`)."""
     if execute.progress is not None and stage.work is not None:
-        execute.progress.expect(index, work)
-    tables = drive(stage.compute(part, settings), execute)
-    frames = {name: pl.DataFrame(tables[name], schema=schema) for name, schema in stage.writes.items()}
+        execute.progress.expect(chunk.index, stage.work(chunk, settings))
+    return drive(stage.compute(chunk, settings), execute)
+
+
+def write_computed(run: RunDir, stage: Stage, index: int, outputs: list[dict[str, Rows]],
+                   record: dict[str, Any]) -> None:
+    """Write part `index` of a stage's tables from its chunks' rows (in order) and mark it finished."""
+    frames = {name: pl.DataFrame([row for out in outputs for row in out[name]], schema=schema)
+              for name, schema in stage.writes.items()}
     for name, frame in frames.items():
         run.write_part(name, index, frame)
     run.finish_part(stage.table, index, list(frames), record | {"failed": stage.failures(frames[stage.table])})
+
+
+def compute_part(run: RunDir, stage: Stage, settings: Any, index: int, execute: Answerer,
+                 record: dict[str, Any]) -> int:
+    """Compute part `index` of a stage, its chunks side by side, and write it, marked finished; returns its units
+    of work. Every chunk finishes (its calls are paid for) before a failure is raised."""
+    pieces = chunks(read_part(run, stage, index))
+    work = sum(stage.work(piece, settings) for piece in pieces) if stage.work is not None else 0
+
+    def compute(piece: Part) -> tuple[dict[str, Rows], CallStats]:
+        alone = execute.with_stats(CallStats())  # CallStats is not shared between threads
+        return compute_chunk(stage, settings, piece, alone), alone.stats
+
+    with ThreadPoolExecutor(len(pieces), thread_name_prefix="intgen-chunk") as pool:
+        futures = [pool.submit(compute, piece) for piece in pieces]
+    for future in futures:
+        if future.exception() is None:
+            execute.stats.add(future.result()[1])
+    write_computed(run, stage, index, [future.result()[0] for future in futures], record)
     return work
-
-

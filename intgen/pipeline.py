@@ -110,7 +110,7 @@ def run_steps(run: RunDir, config: RunConfig, engines: Mapping[str, Engine | Non
         price = load_price(config.prices, engine.identity()["model"]) if has_model else None
         plan.append(Planned(each.stage, each.settings(config), engine, price))
     return execute(run, plan, STAGES, grader=Grader(config.grade_workers, config.grade_timeout), force=force,
-                   progress=progress, parts_in_flight=config.parts_in_flight)
+                   progress=progress, chunks_in_flight=config.chunks_in_flight)
 
 
 def sample_problems(run: RunDir, config: RunConfig, engine: Engine, problems: pl.DataFrame, force: bool = False,

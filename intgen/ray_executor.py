@@ -33,7 +33,7 @@ from typing import Any
 from intgen.calls import CallStats
 from intgen.driver import Planned, StageProgress, begin, due_parts, finish, stage_fingerprint
 from intgen.extras import need
-from intgen.parts import Grader
+from intgen.parts import Grader, chunks_per_part
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,8 @@ class PartWorker:
         self.window = Window(self.backend) if self.backend is not None else None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        """The batch's parts side by side (one thread each, their calls through the actor's one window): a part of
-        16 problems alone would leave the server mostly idle. Every part finishes before a failure is raised."""
+        """The batch's parts side by side (one thread each, their chunks' calls through the actor's one window): one
+        part alone would leave the server idle at its end. Every part finishes before a failure is raised."""
         from concurrent.futures import ThreadPoolExecutor
 
         jobs = [(int(index), json.loads(str(record))) for index, record in zip(batch["index"], batch["record"])]
@@ -178,11 +178,12 @@ def run_parts(run: Any, stage: Any, settings: Any, todo: list[tuple[int, dict[st
 
 
 def run_stages(run: Any, plan: list[Planned], stages: list[Any], *, grader: Grader = Grader(), force: bool = False,
-               progress: bool = True, parts_in_flight: int = 32) -> dict[str, dict[str, Any]]:
+               progress: bool = True, chunks_in_flight: int = 32) -> dict[str, dict[str, Any]]:
     """The Ray executor's `driver.run_stages`: each planned stage's due parts on its actors (`plan[k].engine`
-    carries the backend's settings and the `RaySettings`), one stage after another, `parts_in_flight` parts at
-    once over all actors."""
+    carries the backend's settings and the `RaySettings`), one stage after another, the parts of `chunks_in_flight`
+    chunks at once over all actors."""
     entries = {}
+    parts_in_flight = max(1, chunks_in_flight // chunks_per_part(run))
     for planned in plan:
         stage, engine = planned.stage, planned.engine
         fingerprint = stage_fingerprint(stage, planned.settings, engine)

@@ -73,8 +73,21 @@ class Window:
         """Every request's completions, in order, waiting beside whatever other threads sent."""
         if self._closed:
             raise RuntimeError("this window is closed")
+        if self.streams:  # one hand-off to the loop and one back, however many requests (each wakes a thread)
+            return asyncio.run_coroutine_threadsafe(self._answer_all(requests, on_done, priority), self._loop).result()
         futures = [self.submit(request, on_done, index, priority) for index, request in enumerate(requests)]
         return [future.result() for future in futures]
+
+    async def _answer_all(self, requests: list[Request], on_done: OnDone | None,
+                          priority: tuple[int, ...]) -> list[list[Completion]]:
+        tasks = [asyncio.ensure_future(self._answer(request, on_done, index, priority))
+                 for index, request in enumerate(requests)]
+        try:
+            return [await task for task in tasks]
+        finally:  # a failed request does not cancel the others: they are paid for, and cached as they arrive
+            for task in tasks:
+                if not task.done():
+                    await asyncio.wait([task])
 
     def submit(self, request: Request, on_done: OnDone | None = None, index: int = 0,
                priority: tuple[int, ...] = ()) -> Future[list[Completion]]:

@@ -66,7 +66,7 @@ def test_scheduling_changes_no_row(tmp_path: Path) -> None:
     together = MemoryBackend(script())
     build(tmp_path / "together", together)
     alone = MemoryBackend(script(), window=1)
-    build(tmp_path / "alone", alone, RunConfig(**(CONFIG.to_dict() | {"parts_in_flight": 1})))
+    build(tmp_path / "alone", alone, RunConfig(**(CONFIG.to_dict() | {"chunks_in_flight": 1})))
     assert max(together.batches) > 1 and max(alone.batches) == 1
     assert sorted(map(repr, together.sent)) == sorted(map(repr, alone.sent))  # the same calls, in another order
     for name, frame in stage_tables(tmp_path / "together").items():
@@ -75,15 +75,81 @@ def test_scheduling_changes_no_row(tmp_path: Path) -> None:
         assert frame.height and frame.equals(tables(tmp_path / "alone")[name]), name
 
 
+# parts of 4 problems computed in chunks of 2 (and 1): against parts of 2 computed whole
+CHUNKED = RunConfig(**(CONFIG.to_dict() | {"batch_size": 4}))
+
+
+@pytest.fixture
+def chunks_of_two(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Chunks of 2 problems; returns the (table, part) the dataflow reads from disk, as it reads them."""
+    import intgen.driver
+    import intgen.parts
+
+    monkeypatch.setattr(intgen.parts, "CHUNK", 2)
+    read: list[tuple[str, int]] = []
+    real = intgen.driver.read_rows
+
+    def read_rows(run: RunDir, table: str, index: int) -> list[dict]:
+        read.append((table, index))
+        return real(run, table, index)
+
+    monkeypatch.setattr(intgen.driver, "read_rows", read_rows)
+    return read
+
+
+def test_chunks_are_handed_on_in_memory_and_give_the_rows_of_whole_parts(tmp_path: Path,
+                                                                         chunks_of_two: list) -> None:
+    build(tmp_path / "chunked", MemoryBackend(script()), CHUNKED)
+    # the stages after sample took their input chunks from the stage before, not from its files
+    assert sorted(set(chunks_of_two)) == [("problems", 0), ("problems", 1)]
+    run = RunDir(tmp_path / "chunked")
+    assert run.part_count("verify") == 2 and pl.read_parquet(run.part_path("problems", 0)).height == 4
+    run.close()
+    build(tmp_path / "whole", MemoryBackend(script()))  # parts of 2: one chunk each
+    build(tmp_path / "alone", MemoryBackend(script(), window=1),
+          RunConfig(**(CHUNKED.to_dict() | {"chunks_in_flight": 1})))
+    for other in ("whole", "alone"):
+        for name, frame in stage_tables(tmp_path / "chunked").items():
+            assert frame.height and frame.equals(stage_tables(tmp_path / other)[name]), (other, name)
+        for name, frame in tables(tmp_path / "chunked").items():
+            assert frame.equals(tables(tmp_path / other)[name]), (other, name)
+
+
+def test_a_part_whose_input_is_computed_again_waits_for_it_and_is_decided_then(tmp_path: Path,
+                                                                             chunks_of_two: list) -> None:
+    # a failed sample makes its part due again; the grade part after it is current save for its input, so it
+    # waits for the new samples part to be written and is decided then: due (the retried samples changed it),
+    # its input taken in memory
+    config = RunConfig(**(CHUNKED.to_dict() | {"samples": 3}))
+    clean = MemoryBackend(script())
+    build(tmp_path / "clean", clean, config)
+    first = MemoryBackend(script(), fail=lambda r: "http_503: overloaded" if r.n == 3 else None)
+    summary = build(tmp_path / "run", first, config)
+    assert summary["failed"].get("sample")
+    chunks_of_two.clear()
+    retried = MemoryBackend(script())
+    assert not build(tmp_path / "run", retried, config)["failed"]
+    assert ("samples", 0) not in chunks_of_two
+    assert tables(tmp_path / "run")["sft"].equals(tables(tmp_path / "clean")["sft"])
+    for name, frame in stage_tables(tmp_path / "clean").items():
+        assert frame.equals(stage_tables(tmp_path / "run")[name]), name
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["parts-of-one-chunk", "parts-of-two-chunks"])
 @pytest.mark.parametrize("share", [0.5, 0.9])
-def test_a_kill_with_parts_in_flight_resumes_without_paying_twice(tmp_path: Path, share: float) -> None:
+def test_a_kill_with_chunks_in_flight_resumes_without_paying_twice(tmp_path: Path, share: float, chunked: bool,
+                                                                   request: pytest.FixtureRequest) -> None:
+    config = CONFIG
+    if chunked:  # a kill while a part's chunks of several stages are computed, none of it written yet
+        request.getfixturevalue("chunks_of_two")
+        config = CHUNKED
     whole = MemoryBackend(script())
-    build(tmp_path / "whole", whole)
+    build(tmp_path / "whole", whole, config)
     before_verify = sum(1 for r in whole.sent if not r.continue_final)
     # half way (parts of sample, propose and verify in flight) and late in verify
     killed = MemoryBackend(script(), kill_after=round(len(whole.sent) * share))
     with pytest.raises(Killed):
-        build(tmp_path / "run", killed)
+        build(tmp_path / "run", killed, config)
     run = RunDir(tmp_path / "run")
     parts = run.part_count("problems")
     written = [i for i in range(parts) if run.part_marker("verify", i) is not None]
@@ -92,7 +158,7 @@ def test_a_kill_with_parts_in_flight_resumes_without_paying_twice(tmp_path: Path
     for index in written:
         assert (tmp_path / "run" / "verify" / f"part-{index:05d}.parquet").is_file()
     rerun = MemoryBackend(script())
-    build(tmp_path / "run", rerun)
+    build(tmp_path / "run", rerun, config)
     # only what had not been answered is sent again: the answered calls are in the cache, the parts on disk
     assert len(rerun.sent) == len(whole.sent) - len(killed.sent) and before_verify < len(whole.sent)
     assert tables(tmp_path / "run")["sft"].equals(tables(tmp_path / "whole")["sft"])

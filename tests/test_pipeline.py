@@ -277,7 +277,7 @@ def test_sigkill_with_parts_of_two_stages_in_flight_then_resume_equals_a_sequent
     proxy = Proxy(server.url)
     try:
         sequential = tmp_path / "sequential"
-        result = runner.invoke(app, args(sequential, proxy.url, "--concurrency", "1", "--parts-in-flight", "1"))
+        result = runner.invoke(app, args(sequential, proxy.url, "--concurrency", "1", "--chunks-in-flight", "1"))
         assert result.exit_code == 0, result.output
         assert proxy.max_in_flight == 1
         reference_requests = len(proxy.forwarded)
