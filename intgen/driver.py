@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from intgen.backends.base import Backend, relevant_settings
 from intgen.calls import CallStats, Price
 from intgen.errors import MissingFile, UserError
-from intgen.parts import Answerer, Grader, chunks, compute_chunk, write_computed
+from intgen.parts import Answerer, Grader, chunks, chunks_per_part, compute_chunk, write_computed
 from intgen.rundir import RunDir, digest
 from intgen.stages import Part, Rows, Stage
 from intgen.window import Window
@@ -73,6 +73,11 @@ def write_input(run: RunDir, table: str, frame: pl.DataFrame, id_column: str, ba
     corrected answer or reference solution keeps the problem's id) is written again: its new content is every
     later stage's changed input, so grading and what follows it are recomputed (model calls from the cache)."""
     fingerprint = {table: digest(frame[id_column].to_list()), "batch_size": batch_size}
+    old = run.stage_entry(table).get("fingerprint") or {}
+    if not force and old.get(table) == fingerprint[table] and old.get("batch_size") not in (None, batch_size):
+        raise StageConfigChanged(f"{run.path}: its parts hold {old['batch_size']} problems each, not {batch_size}: "
+                                 f"pass --batch-size {old['batch_size']} to go on with it (intgen's default was 16 "
+                                 "before 128), or use another --run-dir")
     begin(run, table, [table], fingerprint, force)
     count, changed = 0, 0
     for index, start in enumerate(range(0, frame.height, batch_size)):
@@ -241,7 +246,8 @@ def run_stages(run: RunDir, plan: list[Planned], stages: list[Stage], *, grader:
     entries: dict[str, dict[str, Any]] = {}
     try:
         with PipelineProgress(progress) as shown:
-            bars = [shown.stage(p.stage.name, flow.count) for p in plan]
+            units = flow.count * chunks_per_part(run) if flow.chunked else flow.count
+            bars = [shown.stage(p.stage.name, units, "chunks" if flow.chunked else "parts") for p in plan]
 
             def answerer(k: int, index: int, j: int, stats: CallStats) -> Answerer:
                 p = plan[k]
@@ -284,6 +290,7 @@ class Dataflow:
         self.fingerprints = [digest(f) for f in fingerprints]
         self.made_by = {table: k for k, p in enumerate(plan) for table in p.stage.writes}
         self.needs = [sorted({self.made_by[t] for t in p.stage.reads if t in self.made_by}) for p in plan]
+        self.readers = [[later for later in range(len(plan)) if k in self.needs[later]] for k in range(len(plan))]
         self.handed = {t for p in plan for t in p.stage.reads if t in self.made_by}  # tables handed on in memory
         first = plan[0].stage.reads[0]
         self.count = run.part_count(first)
@@ -332,7 +339,7 @@ class Dataflow:
         for table in self.plan[k].stage.reads:
             made = self.made_by.get(table)
             handed = self.handed_on[made][index] if made is not None else None
-            tables[table] = handed[j][1][table] if handed is not None else self.read(table, index)[j]
+            tables[table] = handed[j][table] if handed is not None else self.read(table, index)[j]
         return Part(index, tables)
 
     def pieces(self, index: int) -> int:
@@ -344,7 +351,8 @@ class Dataflow:
         stages = len(self.plan)
         self.state: list[list[str | None]] = [[None] * self.count for _ in range(stages)]
         self.records: list[list[dict[str, Any] | None]] = [[None] * self.count for _ in range(stages)]
-        # a part being computed: its chunks' (rows, rows as the next stages read them), None until computed
+        # a part computed in this run: its chunks' rows (None until computed), kept until the stages reading it
+        # have settled the part
         self.handed_on: list[list[list[Any] | None]] = [[None] * self.count for _ in range(stages)]
         self.pushed: list[list[set[int]]] = [[set() for _ in range(self.count)] for _ in range(stages)]
         self.left = [self.count] * stages
@@ -397,12 +405,14 @@ class Dataflow:
         if kind == "write":
             record = self.records[k][index] or {"fingerprint": self.fingerprints[k],
                                                 "input": input_digest(self.run, stage, index, self.producer)}
-            write_computed(self.run, stage, index, [rows for rows, _ in self.handed_on[k][index]], record)
+            write_computed(self.run, stage, index, self.handed_on[k][index], record)
             return None
-        rows = compute_chunk(stage, settings, self.chunk_input(k, index, j), answerer(k, index, j, part_stats))
-        handed = {t: pl.DataFrame(rows[t], schema=schema).to_dicts()  # as read back from the part's file
-                  for t, schema in stage.writes.items() if t in self.handed}
-        return rows, handed
+        rows = compute_chunk(stage, settings, self.chunk_input(k, index, j), answerer(k, index, j, part_stats),
+                             key=(index, j))
+        for table, schema in stage.writes.items():
+            if table in self.handed:  # as the next stages would read them back from the part's file
+                rows[table] = pl.DataFrame(rows[table], schema=schema).to_dicts()
+        return rows
 
     def consider(self, k: int, index: int) -> None:
         """Part `index` of stage k: each stage it reads has settled the part or is computing it."""
@@ -463,12 +473,19 @@ class Dataflow:
         if not self.left[k]:
             self.complete.append(k)
         self.follow(k, index)
-        if all(state[index] == "settled" for state in self.state):  # no stage needs the part's rows any more
-            for handed in self.handed_on:
-                handed[index] = None
-            with self._reading:
-                for table in {t for p in self.plan for t in p.stage.reads}:
-                    self._read.pop((table, index), None)
+        self.release(index)
+
+    def release(self, index: int) -> None:
+        """Drop the rows of part `index` that no stage computing it now reads: a stage that starts on it later
+        reads them back from the part's file, so memory stays bounded by what is being computed."""
+        busy = {k for k, states in enumerate(self.state) if states[index] in ("due", "writing")}
+        for n, rows in enumerate(self.handed_on):
+            if rows[index] is not None and self.state[n][index] == "settled" and not busy & set(self.readers[n]):
+                rows[index] = None
+        with self._reading:
+            for table, part in [key for key in self._read if key[1] == index]:
+                if not any(table in self.plan[k].stage.reads for k in busy):
+                    del self._read[(table, part)]
 
 
 def read_rows(run: RunDir, table: str, index: int) -> Rows:
@@ -547,8 +564,8 @@ class PipelineProgress:
             self.bar.start()
         return self
 
-    def stage(self, name: str, parts: int) -> StageProgress:
-        shown = StageProgress(name, parts, self.enabled, bar=self.bar)
+    def stage(self, name: str, parts: int, unit: str = "parts") -> StageProgress:
+        shown = StageProgress(name, parts, self.enabled, bar=self.bar, unit=unit)
         self.stages.append(shown)
         return shown.__enter__()
 
@@ -561,14 +578,15 @@ class PipelineProgress:
 
 class StageProgress:
     """What the user waits for: samples (model calls) and answers graded, with a rate and an ETA. The total
-    grows as each part says what it needs; parts not yet started are estimated from the ones seen. On a
-    terminal it is a live bar (`bar`: a display shared with other stages); elsewhere (a log file, CI) a line every
-    `every` seconds. Parts of the stage report from several threads."""
+    grows as each part (or chunk: `unit`) says what it needs; those not yet started are estimated from the ones
+    seen. On a terminal it is a live bar (`bar`: a display shared with other stages); elsewhere (a log file, CI) a
+    line every `every` seconds. Parts of the stage report from several threads."""
 
-    def __init__(self, stage: str, parts: int, enabled: bool, every: float = 30.0, bar: Progress | None = None) -> None:
-        self.stage, self.parts, self.enabled, self.every = stage, parts, enabled, every
+    def __init__(self, stage: str, parts: int, enabled: bool, every: float = 30.0, bar: Progress | None = None,
+                 unit: str = "parts") -> None:
+        self.stage, self.parts, self.enabled, self.every, self.unit = stage, parts, enabled, every, unit
         self.done = self.known = 0
-        self.parts_seen: set[int] = set()
+        self.parts_seen: set[Any] = set()
         self.part = 0
         self.started = self.logged = time.monotonic()
         self._shared = bar is not None
@@ -592,7 +610,7 @@ class StageProgress:
         elif self.enabled and self.known:
             self._log(final=True)
 
-    def expect(self, part: int, n: int) -> None:
+    def expect(self, part: Any, n: int) -> None:
         """Part `part` asks for `n` more units of work."""
         with self._lock:
             self.part = part
@@ -619,7 +637,7 @@ class StageProgress:
         total = max(self.estimated_total(), self.done)
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, total=total or None, unit="done",
-                             rate=f"{self._rate():.2f}/s, {len(self.parts_seen)}/{self.parts} parts")
+                             rate=f"{self._rate():.2f}/s, {len(self.parts_seen)}/{self.parts} {self.unit}")
         elif self.enabled and time.monotonic() - self.logged >= self.every:
             self._log()
 
@@ -628,7 +646,7 @@ class StageProgress:
         total = max(self.estimated_total(), self.done)
         rate = self._rate()
         eta = "" if final or not rate else f", about {format_seconds((total - self.done) / rate)} left"
-        print(f"{self.stage}: {self.done}/{total} done ({len(self.parts_seen)}/{self.parts} parts started, "
+        print(f"{self.stage}: {self.done}/{total} done ({len(self.parts_seen)}/{self.parts} {self.unit} started, "
               f"{rate:.2f}/s{eta})", file=sys.stderr, flush=True)
 
 

@@ -116,10 +116,11 @@ def chunks_per_part(run: RunDir) -> int:
     return max(1, -(-pl.scan_parquet(path).select(pl.len()).collect().item() // CHUNK))
 
 
-def compute_chunk(stage: Stage, settings: Any, chunk: Part, execute: Answerer) -> dict[str, Rows]:
-    """A stage's rows for one chunk (its model calls and grading answered by `execute`)."""
+def compute_chunk(stage: Stage, settings: Any, chunk: Part, execute: Answerer, key: Any = None) -> dict[str, Rows]:
+    """A stage's rows for one chunk (its model calls and grading answered by `execute`); progress expects its work
+    under `key` (default: its part)."""
     if execute.progress is not None and stage.work is not None:
-        execute.progress.expect(chunk.index, stage.work(chunk, settings))
+        execute.progress.expect(chunk.index if key is None else key, stage.work(chunk, settings))
     return drive(stage.compute(chunk, settings), execute)
 
 

@@ -4,12 +4,12 @@ The same stage skeleton as the local executor (`intgen.driver`), at the edge: `r
 as the driver's and runs the stages one after another; for each, it decides which parts are due (markers,
 fingerprints, inputs: the driver's functions), and Ray Data maps those part indices through a pool of actors.
 Each actor owns one backend (the openai backend's HTTP client to the server pool, the embedded engine, an
-in-process vLLM engine on its GPU) and computes whole parts as the local executor does (`intgen.parts`): it
-reads the part's inputs from the run directory, answers the stage's model calls through the cache, sends its
-grading to Ray tasks, and writes the part's tables and marker atomically. The driver only counts. Stages do not
-overlap here (each is a Ray Data pipeline of its own); within one, each actor computes its share of
-`--parts-in-flight` parts at once (one Ray Data batch: the actor's next batch starts when the last part of its
-batch is written).
+in-process vLLM engine on its GPU) and computes whole parts, each chunk by chunk as the local executor does
+(`intgen.parts`): it reads the part's inputs from the run directory, answers the stage's model calls through the
+cache, sends its grading to Ray tasks, and writes the part's tables and marker atomically. The driver only counts.
+Stages do not overlap here (each is a Ray Data pipeline of its own); within one, each actor computes its share of
+the parts that hold `--chunks-in-flight` chunks at once (one Ray Data batch: the actor's next batch starts when
+the last part of its batch is written).
 
 Call cache. One SQLite file written from many nodes is not safe (WAL needs shared memory; network file
 systems lock poorly), so under Ray every part writes its own cache file, `RUN/cache-parts/<stage>/part-N.sqlite`,

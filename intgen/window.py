@@ -82,12 +82,12 @@ class Window:
                           priority: tuple[int, ...]) -> list[list[Completion]]:
         tasks = [asyncio.ensure_future(self._answer(request, on_done, index, priority))
                  for index, request in enumerate(requests)]
-        try:
-            return [await task for task in tasks]
-        finally:  # a failed request does not cancel the others: they are paid for, and cached as they arrive
-            for task in tasks:
-                if not task.done():
-                    await asyncio.wait([task])
+        await asyncio.wait(tasks)  # a failed request cancels none of the others: they are paid for, cached as they come
+        failures = [task.exception() for task in tasks]  # each one read, so asyncio logs none as never retrieved
+        first = next((failure for failure in failures if failure is not None), None)
+        if first is not None:
+            raise first
+        return [task.result() for task in tasks]
 
     def submit(self, request: Request, on_done: OnDone | None = None, index: int = 0,
                priority: tuple[int, ...] = ()) -> Future[list[Completion]]:
