@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from intgen.backends.base import Backend, relevant_settings
 from intgen.calls import CallStats, Price
 from intgen.errors import MissingFile, UserError
-from intgen.parts import Answerer, Grader, chunks, chunks_per_part, compute_chunk, write_computed
+from intgen.parts import Answerer, Grader, chunks, chunks_in, chunks_per_part, compute_chunk, write_computed
 from intgen.rundir import RunDir, digest
 from intgen.stages import Part, Rows, Stage
 from intgen.window import Window
@@ -343,7 +343,7 @@ class Dataflow:
         return Part(index, tables)
 
     def pieces(self, index: int) -> int:
-        return len(self.read(PROBLEMS, index)) if self.chunked else 1
+        return chunks_in(self.run, index) if self.chunked else 1
 
     def parts(self, answerer: Callable[[int, int, int, CallStats], Answerer]) -> Iterator[tuple[int, CallStats]]:
         """Compute every due part, chunk by chunk, its chunks' model calls and grading answered by

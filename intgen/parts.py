@@ -108,12 +108,18 @@ def chunks(part: Part) -> list[Part]:
     return [Part(part.index, tables) for tables in pieces]
 
 
-def chunks_per_part(run: RunDir) -> int:
-    """The chunks of a run's full part (its first part of problems); 1 where it has no problems table."""
-    path = run.part_path("problems", 0)
+def chunks_in(run: RunDir, index: int) -> int:
+    """The chunks of part `index` of a run (from its problems part's row count, not its rows); 1 where the run has
+    no problems table."""
+    path = run.part_path("problems", index)
     if not path.exists():
         return 1
     return max(1, -(-pl.scan_parquet(path).select(pl.len()).collect().item() // CHUNK))
+
+
+def chunks_per_part(run: RunDir) -> int:
+    """The chunks of a run's full part (its first)."""
+    return chunks_in(run, 0)
 
 
 def compute_chunk(stage: Stage, settings: Any, chunk: Part, execute: Answerer, key: Any = None) -> dict[str, Rows]:
