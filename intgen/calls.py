@@ -139,8 +139,9 @@ def _record(backend: Backend, cache: CallCache | None, stats: CallStats, row: li
         stats.failures[kind] += len(missing)
         return
     # every backend's text can be stored (a lone surrogate would stop the cache's insert), and no count is negative
-    completions = [replace(c, text=repair_text(c.text), prompt_tokens=max(0, c.prompt_tokens),
-                           completion_tokens=max(0, c.completion_tokens)) for c in completions]
+    completions = [c if (text := repair_text(c.text)) == c.text and c.prompt_tokens >= 0 and c.completion_tokens >= 0
+                   else replace(c, text=text, prompt_tokens=max(0, c.prompt_tokens),
+                                completion_tokens=max(0, c.completion_tokens)) for c in completions]
     for j, completion in zip(missing, completions):
         row[j] = completion
         stats.prompt_tokens += completion.prompt_tokens
