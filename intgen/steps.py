@@ -47,7 +47,8 @@ _DOLLARS = re.compile(r"(?<!\\)\$\$")
 _BRACKET = re.compile(r"(?<!\\)\\([\[\]])")
 _ENVIRONMENT = re.compile(r"(?<!\\)\\(begin|end)\{([^{}\n]*)\}")
 _SOME_MATH = re.compile(r"[^\s.,;:!?]")
-_LINE_END = re.compile(r"[ \t]*[.,;:]?[ \t]*(?:\n|$)")
+_LINE_END = re.compile(r"[ \t]*[.,;:]?[ \t]*(?:\n|$|(?=\\[\[\]]|\$\$))")  # or a stray delimiter glued on
+_GLUED_DELIMITERS = re.compile(r"(?:\\[\[\]]|\$\$)[ \t]*$")  # a stray one just before a block's opener
 # What a multi-paragraph `$$` block cannot hold: sentences, Markdown, other display delimiters.
 _TEXT_GROUP = re.compile(r"\\(?:text\w*|math\w*|operatorname|mbox|begin|end)\s*\{[^{}]*\}")
 _COMMAND = re.compile(r"\\[A-Za-z]+")
@@ -107,7 +108,8 @@ def _is_math_block(text: str, start: int, end: int) -> bool:
         return False
     if not _HAS_BLANK_LINE.search(inner):
         return True
-    if text[text.rfind("\n", 0, start) + 1:start].strip() or not _LINE_END.match(text, end):
+    before = text[text.rfind("\n", 0, start) + 1:start]
+    if _GLUED_DELIMITERS.sub("", before).strip() or not _LINE_END.match(text, end):
         return False
     words = _COMMAND.sub(" ", _TEXT_GROUP.sub(" ", inner))
     return not _PROSE.search(words) and not _NOT_IN_DOLLARS.search(inner)

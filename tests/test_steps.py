@@ -268,6 +268,11 @@ def insertion_points(text: str) -> list[int]:
     return [k for k in range(len(text) + 1) if k not in inside]
 
 
+# found by this test: a stray \[ glued between a block's closing $$ and the next block's opening $$ unpaired both
+GLUED_STRAY = ("Each box holds $6$ apples.\n\n$$\nx^2 - 5x + 6 = 0\n\n\\text{Area} = \\pi r^2\n$$\n$$\nx^2 - 5x + 6 = 0"
+               "\n\nx^2 - 5x + 6 = 0\n$$\n\nSo the answer is $\\boxed{7}$.")
+
+
 @settings(max_examples=1500, deadline=None)
 @given(solution(), st.sampled_from(STRAYS), st.integers(min_value=0))
 def test_one_stray_delimiter_moves_the_step_count_by_at_most_one(text: str, stray: str, where: int) -> None:
@@ -276,6 +281,17 @@ def test_one_stray_delimiter_moves_the_step_count_by_at_most_one(text: str, stra
     changed = text[:at] + stray + text[at:]
     assert join_steps(split_steps(changed)) == changed
     assert abs(len(split_steps(changed)) - len(split_steps(text))) <= 1, (text, at)
+
+
+@pytest.mark.parametrize("stray", ["\\[", "\\]", "$$"])
+def test_a_stray_delimiter_glued_between_two_blocks_leaves_both_whole(stray: str) -> None:
+    at = GLUED_STRAY.index("$$\n$$") + 2  # right after the first block's closing $$
+    changed = GLUED_STRAY[:at] + stray + GLUED_STRAY[at:]
+    assert join_steps(split_steps(changed)) == changed
+    assert abs(len(split_steps(changed)) - len(split_steps(GLUED_STRAY))) <= 1
+    before = GLUED_STRAY.index("$$\n$$") + 3  # right before the second block's opening $$
+    changed = GLUED_STRAY[:before] + stray + GLUED_STRAY[before:]
+    assert abs(len(split_steps(changed)) - len(split_steps(GLUED_STRAY))) <= 1
 
 
 def test_a_30k_character_attempt_splits_in_linear_time() -> None:
