@@ -234,8 +234,9 @@ def main() -> None:
     print(f"{'slots':>6} {'servers':>7} {'settings':<10} {'busy share':>10} {'engine wall':>11} {'ideal':>7} "
           f"{'prefix hits':>11} {'sequences':>9} {'kept':>5}")
     for r in rows:
-        print(f"{r['slots']:>6} {r['servers']:>7} {r['settings']:<10} {r['busy_share']:>10.2f} "
-              f"{r['engine_wall_s']:>10.1f}s {r['ideal_s']:>6.1f}s {r['prefix_hit_rate']:>11.2f} {r['sequences']:>9} "
+        # three decimals: the acceptance is a threshold (busy >= 0.95; hits within 10% of one server's)
+        print(f"{r['slots']:>6} {r['servers']:>7} {r['settings']:<10} {r['busy_share']:>10.3f} "
+              f"{r['engine_wall_s']:>10.1f}s {r['ideal_s']:>6.1f}s {r['prefix_hit_rate']:>11.3f} {r['sequences']:>9} "
               f"{r['kept']:>5}")
     print("slots in use over each tenth of the first server's time (all kinds; then by kind of request):")
     for r in rows:

@@ -351,8 +351,7 @@ class Dataflow:
         stages = len(self.plan)
         self.state: list[list[str | None]] = [[None] * self.count for _ in range(stages)]
         self.records: list[list[dict[str, Any] | None]] = [[None] * self.count for _ in range(stages)]
-        # a part computed in this run: its chunks' rows (None until computed), kept until the stages reading it
-        # have settled the part
+        # a part computed in this run: its chunks' rows (None until computed), until `release` drops them
         self.handed_on: list[list[list[Any] | None]] = [[None] * self.count for _ in range(stages)]
         self.pushed: list[list[set[int]]] = [[set() for _ in range(self.count)] for _ in range(stages)]
         self.left = [self.count] * stages
@@ -398,8 +397,8 @@ class Dataflow:
 
     def work(self, job: tuple[str, int, int, int], answerer: Callable[[int, int, int, CallStats], Answerer],
              part_stats: CallStats) -> Any:
-        """One job on a worker thread: a chunk computed (its rows, and as the next stages read them), or a part
-        written."""
+        """One job on a worker thread: a chunk computed (its rows, those the next stages read as they would read
+        them back from the part's file), or a part written."""
         kind, k, index, j = job
         stage, settings = self.plan[k].stage, self.plan[k].settings
         if kind == "write":
