@@ -73,6 +73,8 @@ class Window:
         """Every request's completions, in order, waiting beside whatever other threads sent."""
         if self._closed:
             raise RuntimeError("this window is closed")
+        if not requests:
+            return []
         if self.streams:  # one hand-off to the loop and one back, however many requests (each wakes a thread)
             return asyncio.run_coroutine_threadsafe(self._answer_all(requests, on_done, priority), self._loop).result()
         futures = [self.submit(request, on_done, index, priority) for index, request in enumerate(requests)]

@@ -443,3 +443,33 @@ def test_requests_sharing_a_prefix_go_to_one_server_unless_it_holds_more_than_it
     assert pool.pick() is servers[1]
     pool.failed(servers[1])
     assert pool.pick() is servers[2] and pool.pick(attempt.affinity()) is not servers[1]
+
+
+def test_a_window_ask_waits_for_all_its_requests_and_raises_the_first_failure() -> None:
+    """One hand-off per ask: a failed request is raised only once the others are answered (their answers reach
+    `on_done`, where the cache takes them), and an empty ask is answered at once."""
+    import asyncio
+
+    from intgen.backends.base import Completion
+    from intgen.window import Window
+
+    class Streaming:  # the streaming side of the backend protocol, no more: what the window needs
+        kind, model, supports_continuation, reply_settings, window = "stub", "stub", False, {}, 8
+
+        async def answer(self, request):  # noqa: ANN001, ANN202
+            text = request.messages[-1][1]
+            await asyncio.sleep(0.2 if text == "slow" else 0)
+            if text == "bad":
+                raise ValueError("a bad request")
+            return [Completion(text, "stop")]
+
+    window, arrived = Window(Streaming()), []
+    try:
+        asks = [make_request([{"role": "user", "content": text}], Sampling()) for text in ("bad", "slow", "fine")]
+        with pytest.raises(ValueError, match="a bad request"):
+            window.generate(asks, on_done=lambda index, completions: arrived.append(index))
+        assert sorted(arrived) == [1, 2]
+        assert window.generate([]) == []
+        assert window.generate(asks[1:]) == [[Completion("slow", "stop")], [Completion("fine", "stop")]]
+    finally:
+        window.close()
