@@ -2,10 +2,11 @@
 
 For each stage: check its fingerprint against the manifest (other settings are refused unless
 `force`), then for each part `i` of its input tables skip it if its marker is current (same settings,
-same input parts, no failures), else drive the stage's `compute` — answering its model calls through
-the call cache and its grading through the worker pool — write its tables' part `i` atomically and
-mark the part finished. A part with failed rows is computed again on the next run, and the cache
-makes its good samples free. Finally the stage's figures go into the manifest.
+same input parts, no failures), else drive the stage's `compute` chunk by chunk (16 problems each, a
+chunk's rows handed to the next stage in memory) — answering its model calls through the call cache and
+its grading through the worker pool — write its tables' part `i` atomically and mark the part finished.
+A part with failed rows is computed again on the next run, and the cache makes its good samples free.
+Finally the stage's figures go into the manifest.
 
 Downstream stages follow their inputs by content: a part whose input parts changed (an upstream
 failure retried, an upstream stage forced) is recomputed without asking.
@@ -230,11 +231,12 @@ def stage_fingerprint(stage: Stage, settings: Any, engine: Engine | None) -> dic
 
 def run_stages(run: RunDir, plan: list[Planned], stages: list[Stage], *, grader: Grader = Grader(),
                force: bool = False, progress: bool = True, chunks_in_flight: int = 8) -> dict[str, dict[str, Any]]:
-    """Run the planned stages (in pipeline order) over every part, as a dataflow: part `i` of a stage is computed
-    as soon as part `i` of each table it reads is settled (written, or found current), up to `chunks_in_flight`
-    parts at once, of any stages, a later stage's part first. Every model call goes through one `Window` per
-    backend, so a server's queue is fed from all of them. Each part is written and marked as it finishes, exactly
-    as one stage after another would write it; each stage's manifest entry once its last part is settled. Every
+    """Run the planned stages (in pipeline order) over every part, as a dataflow over chunks (`Dataflow`): chunk `j`
+    of part `i` of a stage is computed as soon as chunk `j` of each table it reads is there, up to
+    `chunks_in_flight` chunks at once, of any stages, a later stage's first. Every model call goes through one
+    `Window` per backend, so a server's queue is fed from all of them. Each part is written and marked once all its
+    chunks are, exactly as one stage after another would write it; each stage's manifest entry once its last part
+    is settled. Every
     stage's settings are checked against the run before any work. Returns the stages' manifest entries."""
     fingerprints = [stage_fingerprint(p.stage, p.settings, p.engine) for p in plan]
     previous = [begin(run, p.stage.name, list(p.stage.writes), f, force) for p, f in zip(plan, fingerprints)]
