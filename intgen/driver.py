@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from intgen.backends.base import Backend, relevant_settings
 from intgen.calls import CallStats, Price
 from intgen.errors import MissingFile, UserError
-from intgen.parts import Answerer, Grader, chunks, chunks_in, chunks_per_part, compute_chunk, write_computed
+from intgen.parts import Answerer, Grader, chunks, chunks_in, chunks_per_part, compute_chunk, read_rows, write_computed
 from intgen.rundir import RunDir, digest
 from intgen.stages import Part, Rows, Stage
 from intgen.window import Window
@@ -164,18 +164,25 @@ def due_parts(run: RunDir, stage: Stage, fingerprint: dict[str, Any],
               stages: list[Stage]) -> list[tuple[int, dict[str, Any]]]:
     """The parts to compute, each with the record its marker will carry: those without a current marker (other
     settings, other input parts, or failed rows to retry)."""
-    producer = producers(stages)
-    due = []
-    for index in range(run.part_count(stage.reads[0])):
-        inputs = input_digest(run, stage, index, producer)
-        if inputs is None:
-            raise MissingFile(f"{run.path}: the input of stage {stage.name!r} ({', '.join(stage.reads)}) "
-                                    f"is not finished; run the stages before it first")
-        marker = run.part_marker(stage.table, index)
-        record = {"fingerprint": digest(fingerprint), "input": inputs}
-        if marker is None or marker.get("failed") or {k: marker.get(k) for k in record} != record:
-            due.append((index, record))
-    return due
+    producer, fingerprint_digest = producers(stages), digest(fingerprint)
+    found = ((index, due_record(run, stage, index, fingerprint_digest, producer))
+             for index in range(run.part_count(stage.reads[0])))
+    return [(index, record) for index, record in found if record is not None]
+
+
+def due_record(run: RunDir, stage: Stage, index: int, fingerprint: str,
+               producer: dict[str, str]) -> dict[str, Any] | None:
+    """The marker record of part `index` of `stage` (settings digest `fingerprint`) when it is due, else None (its
+    marker is current)."""
+    inputs = input_digest(run, stage, index, producer)
+    if inputs is None:
+        raise MissingFile(f"{run.path}: the input of stage {stage.name!r} ({', '.join(stage.reads)}) "
+                          f"is not finished; run the stages before it first")
+    marker = run.part_marker(stage.table, index)
+    record = {"fingerprint": fingerprint, "input": inputs}
+    if marker is None or marker.get("failed") or {key: marker.get(key) for key in record} != record:
+        return record
+    return None
 
 
 @dataclass(frozen=True)
@@ -308,16 +315,7 @@ class Dataflow:
 
     def record(self, k: int, index: int) -> dict[str, Any] | None:
         """The marker record of part `index` of stage `k` when it is due, else None (its marker is current)."""
-        stage = self.plan[k].stage
-        inputs = input_digest(self.run, stage, index, self.producer)
-        if inputs is None:
-            raise MissingFile(f"{self.run.path}: the input of stage {stage.name!r} ({', '.join(stage.reads)}) "
-                              f"is not finished; run the stages before it first")
-        marker = self.run.part_marker(stage.table, index)
-        record = {"fingerprint": self.fingerprints[k], "input": inputs}
-        if marker is None or marker.get("failed") or {key: marker.get(key) for key in record} != record:
-            return record
-        return None
+        return due_record(self.run, self.plan[k].stage, index, self.fingerprints[k], self.producer)
 
     def due_whatever_its_input(self, k: int, index: int) -> bool:
         """Part `index` of stage k is due whatever its input parts turn out to be: no marker, failed rows, other
@@ -487,10 +485,6 @@ class Dataflow:
             for table, part in [key for key in self._read if key[1] == index]:
                 if not any(table in self.plan[k].stage.reads for k in busy):
                     del self._read[(table, part)]
-
-
-def read_rows(run: RunDir, table: str, index: int) -> Rows:
-    return pl.read_parquet(run.part_path(table, index)).to_dicts()
 
 
 def start_workers(work: Callable[[tuple[str, int, int, int], CallStats], Any], jobs: queue.SimpleQueue[Any],

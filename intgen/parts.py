@@ -30,8 +30,12 @@ class Grader:
     timeout: float = DEFAULT_TIMEOUT_S
 
 
+def read_rows(run: RunDir, table: str, index: int) -> Rows:
+    return pl.read_parquet(run.part_path(table, index)).to_dicts()
+
+
 def read_part(run: RunDir, stage: Stage, index: int) -> Part:
-    return Part(index, {table: pl.read_parquet(run.part_path(table, index)).to_dicts() for table in stage.reads})
+    return Part(index, {table: read_rows(run, table, index) for table in stage.reads})
 
 
 class Answerer:
