@@ -8,6 +8,7 @@ blocks, the last well-formed one wins. Every rejection has a reason.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -209,7 +210,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 def clean_text(text: str) -> str:
     """No control character but the newline: CR and CRLF become newlines, tabs spaces, the rest go; an unpaired
     surrogate (from a stray `\\ud83d`) is replaced, so the text can be written as UTF-8."""
-    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if not text.isascii():  # (an ASCII text has no surrogate)
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " "))
 
 
@@ -226,12 +228,13 @@ def _unescape_one(match: re.Match[str]) -> str:
 
 def unescape(body: str) -> str:
     """A string literal's body as the model meant it (see above), with no control character but the newline."""
-    return clean_text(_ESCAPE.sub(_unescape_one, body))
+    return clean_text(_ESCAPE.sub(_unescape_one, body) if "\\" in body else body)
 
 
 _VALUE_END = re.compile(r"\s*(?:[,}\]:]|$)")
 _SPACE = re.compile(r"\s*")
 _BARE_VALUE = re.compile(r"[^,}\]\n]*")
+_CLOSING = {quote: re.compile(r"\\.|" + quote, re.S) for quote in ('"', "'")}  # an escape, or the quote
 MAX_INNER_QUOTES = 8  # a string may hold a few unescaped quotes; with no bound, each candidate scans the whole reply
 
 
@@ -243,15 +246,16 @@ def _skip(text: str, i: int) -> int:
 def _read_string(text: str, i: int) -> tuple[str, str, int] | None:
     """The quoted string at `text[i]`: (decoded, as written, end), or None. A quote closes the string only when a
     comma, brace, bracket or colon follows it, so "the student's step" and an unescaped inner quote survive."""
-    quote = next((q for q in ('"""', "'''", '"', "'") if text.startswith(q, i)), None)
-    if quote is None:
+    quote = text[i:i + 1]
+    if quote not in _CLOSING:
         return None
-    start = i + len(quote)
-    if len(quote) == 3:
-        end = text.find(quote, start)
+    if text.startswith(quote * 3, i):
+        start = i + 3
+        end = text.find(quote * 3, start)
         return None if end < 0 else (unescape(text[start:end]), text[start:end], end + 3)
+    start = i + 1
     inner = 0
-    for match in re.compile(r"\\.|" + quote, re.S).finditer(text, start):
+    for match in _CLOSING[quote].finditer(text, start):
         if match.group(0) != quote:
             continue
         if _VALUE_END.match(text, match.end()):
@@ -262,14 +266,18 @@ def _read_string(text: str, i: int) -> tuple[str, str, int] | None:
     return None
 
 
+_INT = re.compile(r"-?\d+")
+_FLOAT = re.compile(r"-?\d+\.\d*(?:[eE][-+]?\d+)?")
+
+
 def _scalar(raw: str) -> Any:
     if raw in ("true", "True", "false", "False"):
         return raw in ("true", "True")
     if raw in ("null", "None"):
         return None
-    if re.fullmatch(r"-?\d+", raw):
+    if _INT.fullmatch(raw):
         return int(raw)
-    if re.fullmatch(r"-?\d+\.\d*(?:[eE][-+]?\d+)?", raw):
+    if _FLOAT.fullmatch(raw):
         return float(raw)
     return raw  # "Substep 5", INSERT_STEP_NUMBER: for normalize_step to judge
 
@@ -424,6 +432,13 @@ def is_echo(intervention: str, logs: list[str | None], steps: list[str], instruc
 _LOWER_WORDS = re.compile(r"[^\W\d_]+")
 
 
+@functools.lru_cache(maxsize=16)
+def _told(instructions: str) -> tuple[str, frozenset[str]]:
+    """The prompt's words, spaced (" a b c ") and as a set: read once per prompt, not once per proposal."""
+    told = _LOWER_WORDS.findall(instructions.lower())
+    return " " + " ".join(told) + " ", frozenset(told)
+
+
 def echoes_instructions(intervention: str, instructions: str) -> bool:
     """Is the intervention the prompt's own wording: a run of its words with at most one word of its own at
     either end, or a short text (8 words at most, no math) made of its words only? Small models fill the format
@@ -431,12 +446,11 @@ def echoes_instructions(intervention: str, instructions: str) -> bool:
     words = _LOWER_WORDS.findall(intervention.lower())
     if not words or not instructions:
         return False
-    told = _LOWER_WORDS.findall(instructions.lower())
-    text = " " + " ".join(told) + " "
+    text, told = _told(instructions)
     runs = [words] + ([words[1:], words[:-1]] if len(words) >= 3 else [])
     if any(f" {' '.join(run)} " in text for run in runs):
         return True
-    return len(words) <= 8 and not re.search(r"[\d$\\=]", intervention) and set(words) <= set(told)
+    return len(words) <= 8 and not re.search(r"[\d$\\=]", intervention) and set(words) <= told
 
 
 _WORD = re.compile(r"[^\W\d_]{2,}")  # two letters or more, any script
