@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -84,10 +84,41 @@ def run_requests(
     """`request.n` completions for every request, in order; cached samples are not sent again, and
     identical requests in one batch are sent once. Each answer is written to the cache as soon as it
     arrives, so a killed run keeps what it was paid for. `progress(k)` is told of every k samples done."""
-    stats = stats if stats is not None else CallStats()
+    rounds = _rounds(backend, requests, cache, stats if stats is not None else CallStats(), progress)
+    try:
+        asks, arrived = next(rounds)
+        while True:
+            backend.generate(asks, on_done=arrived)
+            asks, arrived = rounds.send(None)
+    except StopIteration as done:
+        return done.value
+
+
+async def arun_requests(
+    backend: Any, requests: list[Request], cache: CallCache | None, stats: CallStats | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[Completion]]:
+    """`run_requests` on the event loop of a backend that is awaited (`backend.agenerate`: a window's lane)."""
+    rounds = _rounds(backend, requests, cache, stats if stats is not None else CallStats(), progress)
+    try:
+        asks, arrived = next(rounds)
+        while True:
+            await backend.agenerate(asks, on_done=arrived)
+            asks, arrived = rounds.send(None)
+    except StopIteration as done:
+        return done.value
+
+
+Rounds = Generator[tuple[list[Request], Callable[[int, list[Completion]], None]], None, list[list[Completion]]]
+
+
+def _rounds(backend: Backend, requests: list[Request], cache: CallCache | None, stats: CallStats,
+            progress: Callable[[int], None] | None) -> Rounds:
+    """What `run_requests` sends, round by round: yields (the requests to send, what to call as each is
+    answered) and, once every sample is there or given up, returns the completions."""
     unique = list(dict.fromkeys(requests))
     if len(unique) < len(requests):
-        answers = dict(zip(unique, run_requests(backend, unique, cache, stats, progress)))
+        answers = dict(zip(unique, (yield from _rounds(backend, unique, cache, stats, progress))))
         return [answers[r] for r in requests]
     started = time.monotonic()
     keys = [sample_keys(backend.kind, backend.model, r, backend.reply_settings) for r in requests]
@@ -106,7 +137,7 @@ def run_requests(
         stats.requests_sent += len(asks)
         fewer = False
 
-        def arrived(k: int, completions: list[Completion]) -> None:
+        def arrived(k: int, completions: list[Completion], asks: list[tuple[int, list[int]]] = asks) -> None:
             nonlocal fewer
             i, missing = asks[k]
             fewer |= 0 < len(completions) < len(missing)
@@ -114,7 +145,7 @@ def run_requests(
             if progress:
                 progress(len(completions) if completions and completions[0].error is None else len(missing))
 
-        backend.generate([_ask_for(requests[i], missing) for i, missing in asks], on_done=arrived)
+        yield [_ask_for(requests[i], missing) for i, missing in asks], arrived
         one_at_a_time = one_at_a_time or fewer
     short = error_completion("too_few_samples: the engine returned fewer samples than asked for")
     missing = sum(c is None for row in results for c in row)

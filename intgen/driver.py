@@ -14,6 +14,7 @@ failure retried, an upstream stage forced) is recomputed without asking.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import queue
@@ -22,6 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +37,7 @@ from intgen.errors import MissingFile, UserError
 from intgen.parts import Answerer, Grader, chunks, chunks_in, chunks_per_part, compute_chunk, read_rows, write_computed
 from intgen.rundir import RunDir, digest
 from intgen.stages import Part, Rows, Stage
-from intgen.window import Window
+from intgen.window import EventLoop, Window
 
 log = logging.getLogger("intgen")
 
@@ -241,19 +243,20 @@ def run_stages(run: RunDir, plan: list[Planned], stages: list[Stage], *, grader:
     """Run the planned stages (in pipeline order) over every part, as a dataflow over chunks (`Dataflow`): chunk `j`
     of part `i` of a stage is computed as soon as chunk `j` of each table it reads is there, up to
     `chunks_in_flight` chunks at once, of any stages, a later stage's first. Every model call goes through one
-    `Window` per backend, so a server's queue is fed from all of them. Each part is written and marked once all its
-    chunks are, exactly as one stage after another would write it; each stage's manifest entry once its last part
-    is settled. Every
-    stage's settings are checked against the run before any work. Returns the stages' manifest entries."""
+    `Window` per backend, so a server's queue is fed from all of them; the windows and the chunks share one event
+    loop, in a thread of its own. Each part is written and marked once all its chunks are, exactly as one stage
+    after another would write it; each stage's manifest entry once its last part is settled. Every stage's settings
+    are checked against the run before any work. Returns the stages' manifest entries."""
     fingerprints = [stage_fingerprint(p.stage, p.settings, p.engine) for p in plan]
     previous = [begin(run, p.stage.name, list(p.stage.writes), f, force) for p, f in zip(plan, fingerprints)]
+    events = EventLoop("intgen-loop")
     windows: dict[int, Window] = {}
-    for p in plan:
-        if p.stage.uses_model and p.engine is not None and p.engine.backend is not None:
-            windows.setdefault(id(p.engine.backend), Window(p.engine.backend))
-    flow = Dataflow(run, plan, fingerprints, producers(stages), chunks_in_flight)
     entries: dict[str, dict[str, Any]] = {}
     try:
+        for p in plan:
+            if p.stage.uses_model and p.engine is not None and p.engine.backend is not None:
+                windows.setdefault(id(p.engine.backend), Window(p.engine.backend, loop=events.loop))
+        flow = Dataflow(run, plan, fingerprints, producers(stages), chunks_in_flight, events.loop)
         with PipelineProgress(progress) as shown:
             units = flow.count * chunks_per_part(run) if flow.chunked else flow.count
             bars = [shown.stage(p.stage.name, units, "chunks" if flow.chunked else "parts") for p in plan]
@@ -279,6 +282,7 @@ def run_stages(run: RunDir, plan: list[Planned], stages: list[Stage], *, grader:
     finally:
         for window in windows.values():
             window.close()
+        events.close()
     return entries
 
 
@@ -290,12 +294,14 @@ class Dataflow:
     is current but for its input, while that input is being computed again (it may come out the same), waits for
     its inputs to be settled and is decided then, as one stage after another would decide it.
 
-    Chunks run on `width` threads, a later stage's first, then by part and chunk; a failure stops new chunks, lets
+    At most `width` chunks are in flight, a later stage's first, then by part and chunk; each is a coroutine on
+    `loop` (the windows' event loop), so a chunk waiting for its answers holds no thread, and what blocks (grading,
+    a part's files) runs on `width` threads beside it. This thread only decides. A failure stops new chunks, lets
     the running ones finish (their calls are paid for) and the parts they complete be written, and is raised."""
 
     def __init__(self, run: RunDir, plan: list[Planned], fingerprints: list[dict[str, Any]],
-                 producer: dict[str, str], width: int) -> None:
-        self.run, self.plan, self.producer, self.width = run, plan, producer, max(1, width)
+                 producer: dict[str, str], width: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.run, self.plan, self.producer, self.width, self.loop = run, plan, producer, max(1, width), loop
         self.fingerprints = [digest(f) for f in fingerprints]
         self.made_by = {table: k for k, p in enumerate(plan) for table in p.stage.writes}
         self.needs = [sorted({self.made_by[t] for t in p.stage.reads if t in self.made_by}) for p in plan]
@@ -358,10 +364,11 @@ class Dataflow:
         self.complete: list[int] = [k for k in range(stages) if not self.count]
         stats = [CallStats() for _ in range(stages)]
         self.ready: list[tuple[int, int, int]] = []  # a heap of chunks: a later stage's first, then by part, chunk
-        self.jobs: queue.SimpleQueue[tuple[str, int, int, int] | None] = queue.SimpleQueue()
-        done: queue.SimpleQueue[tuple[str, int, int, int, Any, CallStats, BaseException | None]] = queue.SimpleQueue()
-        workers = start_workers(lambda job, part_stats: self.work(job, answerer, part_stats), self.jobs, done,
-                                self.width)
+        self.answerer = answerer
+        self.done: queue.SimpleQueue[tuple[str, int, int, int, Any, CallStats, BaseException | None]] = \
+            queue.SimpleQueue()
+        self.in_flight: set[Future[Any]] = set()
+        self.blocking = ThreadPoolExecutor(self.width, thread_name_prefix="intgen-part")
         self.failure: BaseException | None = None
         self.running = 0
         try:
@@ -374,13 +381,12 @@ class Dataflow:
                 self.complete = []
                 while self.ready and self.running < self.width and self.failure is None:
                     order, index, j = heapq.heappop(self.ready)
-                    self.jobs.put(("chunk", -order, index, j))
-                    self.running += 1
+                    self.start(("chunk", -order, index, j))
                 if self.complete:
                     continue
                 if not self.running:
                     break
-                kind, k, index, j, result, part_stats, exc = done.get()
+                kind, k, index, j, result, part_stats, exc = self.done.get()
                 self.running -= 1
                 stats[k].add(part_stats)
                 if exc is not None:
@@ -392,26 +398,45 @@ class Dataflow:
             if self.failure is not None:
                 raise self.failure
         finally:
-            for _ in workers:
-                self.jobs.put(None)
+            for future in list(self.in_flight):  # interrupted: nothing more is sent
+                future.cancel()
+            self.blocking.shutdown(wait=False, cancel_futures=True)
 
-    def work(self, job: tuple[str, int, int, int], answerer: Callable[[int, int, int, CallStats], Answerer],
-             part_stats: CallStats) -> Any:
-        """One job on a worker thread: a chunk computed (its rows, those the next stages read as they would read
-        them back from the part's file), or a part written."""
+    def start(self, job: tuple[str, int, int, int]) -> None:
+        """Start a job on the event loop; `done` hears of it, failed or not."""
+        part_stats = CallStats()
+        future = asyncio.run_coroutine_threadsafe(self.work(job, part_stats), self.loop)
+        self.in_flight.add(future)
+        self.running += 1
+
+        def told(future: Future[Any]) -> None:
+            self.in_flight.discard(future)
+            exc = CancelledError() if future.cancelled() else future.exception()
+            self.done.put((*job, None if exc is not None else future.result(), part_stats, exc))
+
+        future.add_done_callback(told)
+
+    async def work(self, job: tuple[str, int, int, int], part_stats: CallStats) -> Any:
+        """One job: a chunk computed (its rows, those the next stages read as they would read them back from the
+        part's file), or a part written (on a thread: it blocks)."""
         kind, k, index, j = job
         stage, settings = self.plan[k].stage, self.plan[k].settings
         if kind == "write":
-            record = self.records[k][index] or {"fingerprint": self.fingerprints[k],
-                                                "input": input_digest(self.run, stage, index, self.producer)}
-            write_computed(self.run, stage, index, self.handed_on[k][index], record)
+            await self.loop.run_in_executor(self.blocking, self.write, k, index)
             return None
-        rows = compute_chunk(stage, settings, self.chunk_input(k, index, j), answerer(k, index, j, part_stats),
-                             key=(index, j))
+        execute = self.answerer(k, index, j, part_stats)
+        execute.blocking = self.blocking
+        rows = await compute_chunk(stage, settings, self.chunk_input(k, index, j), execute, key=(index, j))
         for table, schema in stage.writes.items():
             if table in self.handed:  # as the next stages would read them back from the part's file
                 rows[table] = pl.DataFrame(rows[table], schema=schema).to_dicts()
         return rows
+
+    def write(self, k: int, index: int) -> None:
+        stage = self.plan[k].stage
+        record = self.records[k][index] or {"fingerprint": self.fingerprints[k],
+                                            "input": input_digest(self.run, stage, index, self.producer)}
+        write_computed(self.run, stage, index, self.handed_on[k][index], record)
 
     def consider(self, k: int, index: int) -> None:
         """Part `index` of stage k: each stage it reads has settled the part or is computing it."""
@@ -448,8 +473,7 @@ class Dataflow:
         if self.state[k][index] == "due" and all(piece is not None for piece in self.handed_on[k][index]) \
                 and all(self.state[n][index] == "settled" for n in self.needs[k]):
             self.state[k][index] = "writing"
-            self.jobs.put(("write", k, index, -1))  # beside the chunks in flight: it is short
-            self.running += 1
+            self.start(("write", k, index, -1))  # beside the chunks in flight: it is short
 
     def follow(self, k: int, index: int) -> None:
         """Something of part `index` of stage k is there: the stages that read it may go on."""
@@ -485,25 +509,6 @@ class Dataflow:
             for table, part in [key for key in self._read if key[1] == index]:
                 if not any(table in self.plan[k].stage.reads for k in busy):
                     del self._read[(table, part)]
-
-
-def start_workers(work: Callable[[tuple[str, int, int, int], CallStats], Any], jobs: queue.SimpleQueue[Any],
-                  done: queue.SimpleQueue[Any], width: int) -> list[threading.Thread]:
-    """`width` threads doing `work(job, stats)` for each job of `jobs` (None ends one) and telling `done` of each,
-    failed or not."""
-
-    def run() -> None:
-        while (job := jobs.get()) is not None:
-            part_stats = CallStats()
-            try:
-                done.put((*job, work(job, part_stats), part_stats, None))
-            except BaseException as exc:  # noqa: BLE001 - raised in the driver's thread
-                done.put((*job, None, part_stats, exc))
-
-    workers = [threading.Thread(target=run, name=f"intgen-part-{n}", daemon=True) for n in range(width)]
-    for worker in workers:
-        worker.start()
-    return workers
 
 
 def finish(run: RunDir, stage: Stage, settings: Any, fingerprint: dict[str, Any], previous: dict[str, Any],

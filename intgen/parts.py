@@ -1,25 +1,29 @@
-"""Computing one part of a stage: its stage's generator driven to its end, each ask answered (model calls through
-the call cache, a second turn as soon as its first is answered, grading in worker processes), and its tables
-written and marked finished. The executors (`intgen.driver` here, `intgen.ray_executor` on Ray actors) decide which
-parts, where and when; this is what each of them does with a part.
+"""Computing one part of a stage: its stage's generator driven to its end chunk by chunk, each chunk a coroutine on
+an event loop, each ask answered (model calls through the call cache, a second turn as soon as its first is
+answered, grading in worker processes), and its tables written and marked finished. The executors (`intgen.driver`
+here, `intgen.ray_executor` on Ray actors) decide which parts, where and when; this is what each of them does with
+a part.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
-from intgen.backends.base import Backend, Completion
+from intgen.backends.base import Completion
 from intgen.cache import CallCache
-from intgen.calls import CallStats, run_requests
+from intgen.calls import CallStats, arun_requests
 from intgen.grading import DEFAULT_TIMEOUT_S, grade_items
 from intgen.rundir import RunDir
-from intgen.stages import Answer, Ask, Chained, Grading, ModelCalls, Part, Rows, Stage, drive
+from intgen.stages import Answer, Ask, Chained, Grading, ModelCalls, Part, Rows, Stage, adrive
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,59 +43,59 @@ def read_part(run: RunDir, stage: Stage, index: int) -> Part:
 
 
 class Answerer:
-    """Answers a part's asks: model calls through the cache, grading in worker processes (here, or as Ray
-    tasks under the Ray executor: `grade`). `progress`: a `StageProgress`, or anything with `advance(n)`."""
+    """Answers a chunk's asks on an event loop, without a thread of its own: model calls through the cache on a
+    window's lane (`agenerate`), each chain's second turns as soon as its first is answered, grading (which
+    blocks) on `blocking`, an executor (None: the loop's default), in worker processes here or as Ray tasks
+    (`grade`). `progress`: a `StageProgress`, or anything with `expect` and `advance(n)`."""
 
-    def __init__(self, run: RunDir, backend: Backend | None, grader: Grader, stats: CallStats,
+    def __init__(self, run: RunDir, backend: Any, grader: Grader, stats: CallStats,
                  cache: CallCache | None = None, grade: Callable[..., list[Any]] = grade_items) -> None:
         self.run, self.backend, self.grader, self.stats = run, backend, grader, stats
         self.cache = cache if cache is not None else run.cache
         self.grade = grade
         self.progress: Any = None
+        self.blocking: Executor | None = None
 
-    def with_stats(self, stats: CallStats) -> Answerer:
-        """The same answerer counting its calls into `stats`."""
-        twin = copy.copy(self)
-        twin.stats = stats
-        return twin
-
-    def __call__(self, ask: Ask) -> Answer:
+    async def __call__(self, ask: Ask) -> Answer:
         # progress counts a model stage's samples, and a stage without a model's answers graded
         calls = isinstance(ask, (ModelCalls, Chained))
         counted = self.progress if calls is (self.backend is not None) else None
+        advance = counted.advance if counted is not None else None
         if calls and self.backend is None:
             raise RuntimeError("this stage asked for model calls but was given no backend")
         if isinstance(ask, ModelCalls):
-            return run_requests(self.backend, ask.requests, self.cache, self.stats,
-                                counted.advance if counted is not None else None)
+            return await arun_requests(self.backend, ask.requests, self.cache, self.stats, advance)
         if isinstance(ask, Chained):
-            return self.chained(ask, counted.advance if counted is not None else None)
+            return await self.chained(ask, advance)
         if isinstance(ask, Grading):
-            verdicts = self.grade(ask.items, workers=self.grader.workers, timeout=self.grader.timeout)
+            grade = functools.partial(self.grade, ask.items, workers=self.grader.workers, timeout=self.grader.timeout)
+            verdicts = await asyncio.get_running_loop().run_in_executor(self.blocking, grade)
             if counted is not None:
                 counted.advance(len(ask.items))
             return verdicts
         raise TypeError(f"unknown ask {type(ask).__name__}")
 
+    async def chained(self, ask: Chained, progress: Callable[[int], None] | None) -> Answer:
+        """Each first request and then its second turns, every chain side by side: a second turn goes out as soon
+        as its own first turn is answered. Every chain runs to its end (its calls are paid for) before a failure
+        is raised."""
 
-    def chained(self, ask: Chained, progress: Callable[[int], None] | None) -> Answer:
-        """Each first request and then its second turns, chain by chain side by side (a thread each, at most
-        CHAINS at once): every second turn goes out as soon as its own first turn is answered."""
-
-        def chain(k: int) -> tuple[list[Completion], list[list[Completion]], CallStats]:
-            stats = CallStats()
-            first = run_requests(self.backend, [ask.first[k]], self.cache, stats, progress)[0]
+        async def chain(k: int) -> tuple[list[Completion], list[list[Completion]]]:
+            first = (await arun_requests(self.backend, [ask.first[k]], self.cache, self.stats, progress))[0]
             then = ask.then(k, first)
-            return first, run_requests(self.backend, then, self.cache, stats, progress) if then else [], stats
+            return first, (await arun_requests(self.backend, then, self.cache, self.stats, progress)) if then else []
 
-        with ThreadPoolExecutor(min(CHAINS, max(1, len(ask.first))), thread_name_prefix="intgen-chain") as pool:
-            answers = list(pool.map(chain, range(len(ask.first))))
-        for _, _, stats in answers:
-            self.stats.add(stats)
-        return [(first, then) for first, then, _ in answers]
+        return await gather_all([chain(k) for k in range(len(ask.first))])  # type: ignore[return-value]
 
 
-CHAINS = 64  # chains of one part in flight at once (a part's first turns: one per problem)
+async def gather_all(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every coroutine's result, in order, once all are done; the first failure is raised only then."""
+    results = await asyncio.gather(*coroutines, return_exceptions=True)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
+    return results  # type: ignore[return-value]
+
 
 CHUNK = 16  # problems per chunk: what a stage computes at a time and hands on (a part is written when all its are)
 
@@ -126,12 +130,13 @@ def chunks_per_part(run: RunDir) -> int:
     return chunks_in(run, 0)
 
 
-def compute_chunk(stage: Stage, settings: Any, chunk: Part, execute: Answerer, key: Any = None) -> dict[str, Rows]:
+async def compute_chunk(stage: Stage, settings: Any, chunk: Part, execute: Answerer,
+                        key: Any = None) -> dict[str, Rows]:
     """A stage's rows for one chunk (its model calls and grading answered by `execute`); progress expects its work
     under `key` (default: its part)."""
     if execute.progress is not None and stage.work is not None:
         execute.progress.expect(chunk.index if key is None else key, stage.work(chunk, settings))
-    return drive(stage.compute(chunk, settings), execute)
+    return await adrive(stage.compute(chunk, settings), execute)
 
 
 def write_computed(run: RunDir, stage: Stage, index: int, outputs: list[dict[str, Rows]],
@@ -144,21 +149,13 @@ def write_computed(run: RunDir, stage: Stage, index: int, outputs: list[dict[str
     run.finish_part(stage.table, index, list(frames), record | {"failed": stage.failures(frames[stage.table])})
 
 
-def compute_part(run: RunDir, stage: Stage, settings: Any, index: int, execute: Answerer,
-                 record: dict[str, Any]) -> int:
+async def compute_part(run: RunDir, stage: Stage, settings: Any, index: int, execute: Answerer,
+                       record: dict[str, Any]) -> int:
     """Compute part `index` of a stage, its chunks side by side, and write it, marked finished; returns its units
     of work. Every chunk finishes (its calls are paid for) before a failure is raised."""
     pieces = chunks(read_part(run, stage, index))
     work = sum(stage.work(piece, settings) for piece in pieces) if stage.work is not None else 0
-
-    def compute(piece: Part) -> tuple[dict[str, Rows], CallStats]:
-        alone = execute.with_stats(CallStats())  # CallStats is not shared between threads
-        return compute_chunk(stage, settings, piece, alone), alone.stats
-
-    with ThreadPoolExecutor(len(pieces), thread_name_prefix="intgen-chunk") as pool:
-        futures = [pool.submit(compute, piece) for piece in pieces]
-    for future in futures:
-        if future.exception() is None:
-            execute.stats.add(future.result()[1])
-    write_computed(run, stage, index, [future.result()[0] for future in futures], record)
+    outputs = await gather_all([compute_chunk(stage, settings, piece, execute) for piece in pieces])
+    await asyncio.get_running_loop().run_in_executor(execute.blocking, write_computed, run, stage, index, outputs,
+                                                     record)
     return work

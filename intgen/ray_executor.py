@@ -80,33 +80,37 @@ class PartWorker:
 
         self.run = RunDir(run_path)
         self.stage, self.settings, self.grader = stage, settings, grader
-        from intgen.window import Window
+        from intgen.window import EventLoop, Window
 
         self.backend = make_backend(backend_config) if backend_config is not None else None
         self.token_counts = getattr(self.backend, "token_counts", None)
-        # one window per actor: a part's chained second turns go out beside its other calls, on one connection pool
-        self.window = Window(self.backend) if self.backend is not None else None
+        # one event loop and one window per actor: every part's chunks, and their chained second turns, are
+        # coroutines on it, sending beside each other on one connection pool
+        self.events = EventLoop("intgen-actor")
+        self.window = Window(self.backend, loop=self.events.loop) if self.backend is not None else None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        """The batch's parts side by side (one thread each, their chunks' calls through the actor's one window): one
-        part alone would leave the server idle at its end. Every part finishes before a failure is raised."""
-        from concurrent.futures import ThreadPoolExecutor
+        """The batch's parts side by side, their chunks' calls through the actor's one window: one part alone
+        would leave the server idle at its end. Every part finishes before a failure is raised."""
+        import asyncio
 
-        jobs = [(int(index), json.loads(str(record))) for index, record in zip(batch["index"], batch["record"])]
-        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="intgen-part") as pool:
-            futures = [pool.submit(self.compute, index, record) for index, record in jobs]
-        return {"done": [future.result() for future in futures]}
+        from intgen.parts import gather_all
 
-    def compute(self, index: int, record: dict[str, Any]) -> str:
+        jobs = [self.compute(int(index), json.loads(str(record)))
+                for index, record in zip(batch["index"], batch["record"])]
+        return {"done": asyncio.run_coroutine_threadsafe(gather_all(jobs), self.events.loop).result()}
+
+    async def compute(self, index: int, record: dict[str, Any]) -> str:
         from intgen.cache import CallCache
         from intgen.parts import Answerer, compute_part
 
         cache_path = part_cache_dir(self.run.path, self.stage.name) / f"part-{index:05d}.sqlite"
         cache = CallCache(cache_path, fallback=self.run.path / "cache.sqlite")
         stats = CallStats()
-        execute = Answerer(self.run, self.window, self.grader, stats, cache=cache, grade=grade_on_ray)
+        lane = self.window.lane((index,)) if self.window is not None else None
+        execute = Answerer(self.run, lane, self.grader, stats, cache=cache, grade=grade_on_ray)
         try:
-            work = compute_part(self.run, self.stage, self.settings, index, execute, record)
+            work = await compute_part(self.run, self.stage, self.settings, index, execute, record)
         finally:
             cache.close()
         return json.dumps({"index": index, "work": work, "stats": stats.to_dict(), "pid": os.getpid(),

@@ -1,8 +1,9 @@
 """One backend's window: the requests of every part and stage in flight go to it together.
 
 A GPU server decodes hundreds of sequences at once and queues what it cannot run yet; it is idle only when the
-client has nothing in flight. So the driver computes several parts (of several stages) at once, each in its own
-thread, and they all send through one `Window` per backend, which keeps the backend's queue full:
+client has nothing in flight. So the driver computes several chunks (of several parts and stages) at once, each a
+coroutine on one event loop, and they all send through one `Window` per backend, which keeps the backend's queue
+full:
 
 - a backend with an `answer(request)` coroutine (the HTTP backends) gets each request as a task on the window's
   event loop, with at most `size` samples in flight (its `window`; a request for n samples holds n of a server's
@@ -19,8 +20,9 @@ still sample (their requests wait behind the earlier parts'), and what is left a
 short continuations: the server drains once, at the very end.
 
 A `Window` speaks the backend protocol itself (`generate` from any thread, answers in order, `on_done` as each
-arrives, on the window's thread), so `calls.run_requests` and the stages see no difference. It does not close the
-backend: whoever made the backend does.
+arrives, on the window's thread), so `calls.run_requests` and the stages see no difference; `agenerate` is the same
+awaited on the window's loop (`calls.arun_requests`: the driver's chunks). It does not close the backend: whoever
+made the backend does.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ SYNC_BATCH = 1024  # at most this many samples in one batch to an in-process eng
 
 
 class Window:
-    def __init__(self, backend: Backend, size: int | None = None) -> None:
+    def __init__(self, backend: Backend, size: int | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """`loop`: an event loop running in another thread (`EventLoop`), shared with other windows and with the
+        driver's chunks; by default the window runs its own."""
         self.backend = backend
         self.kind, self.model = backend.kind, backend.model
         self.supports_continuation = backend.supports_continuation
@@ -48,14 +53,14 @@ class Window:
         self._closed = False
         self._order = itertools.count()  # first come, first served within one priority
         self._waiting: list[Any] = []  # a heap: (priority, order, ...)
-        if self.streams:
-            self._loop = asyncio.new_event_loop()
-            self._in_flight = 0
-            self._thread = threading.Thread(target=self._loop.run_forever, name="intgen-window", daemon=True)
-        else:
+        self._own_loop = EventLoop() if self.streams and loop is None else None
+        self._loop = loop or (self._own_loop.loop if self._own_loop is not None else None)
+        self._in_flight = 0
+        self._thread: threading.Thread | None = None
+        if not self.streams:
             self._wake = threading.Condition()
             self._thread = threading.Thread(target=self._batches, name="intgen-window", daemon=True)
-        self._thread.start()
+            self._thread.start()
 
     @property
     def reply_settings(self) -> dict[str, Any]:
@@ -76,20 +81,35 @@ class Window:
         if not requests:
             return []
         if self.streams:  # one hand-off to the loop and one back, however many requests (each wakes a thread)
-            return asyncio.run_coroutine_threadsafe(self._answer_all(requests, on_done, priority), self._loop).result()
+            return asyncio.run_coroutine_threadsafe(self.agenerate(requests, on_done, priority), self._loop).result()
         futures = [self.submit(request, on_done, index, priority) for index, request in enumerate(requests)]
         return [future.result() for future in futures]
 
-    async def _answer_all(self, requests: list[Request], on_done: OnDone | None,
-                          priority: tuple[int, ...]) -> list[list[Completion]]:
-        tasks = [asyncio.ensure_future(self._answer(request, on_done, index, priority))
-                 for index, request in enumerate(requests)]
+    async def agenerate(self, requests: list[Request], on_done: OnDone | None = None,
+                        priority: tuple[int, ...] = ()) -> list[list[Completion]]:
+        """`generate` awaited on the loop this window shares (`loop`); `on_done` is called on that loop too."""
+        if not requests:
+            return []
+        if self.streams:
+            answers = [self._answer(request, on_done, index, priority) for index, request in enumerate(requests)]
+        else:
+            answers = [self._awaited(self.submit(request, None, index, priority), on_done, index)
+                       for index, request in enumerate(requests)]
+        tasks = [asyncio.ensure_future(answer) for answer in answers]
         await asyncio.wait(tasks)  # a failed request cancels none of the others: they are paid for, cached as they come
         failures = [task.exception() for task in tasks]  # each one read, so asyncio logs none as never retrieved
         first = next((failure for failure in failures if failure is not None), None)
         if first is not None:
             raise first
         return [task.result() for task in tasks]
+
+    @staticmethod
+    async def _awaited(future: Future[list[Completion]], on_done: OnDone | None, index: int) -> list[Completion]:
+        """An in-process engine's answer, told to `on_done` on the awaiting loop (not the engine's thread)."""
+        completions = await asyncio.wrap_future(future)
+        if on_done is not None:
+            on_done(index, completions)
+        return completions
 
     def submit(self, request: Request, on_done: OnDone | None = None, index: int = 0,
                priority: tuple[int, ...] = ()) -> Future[list[Completion]]:
@@ -172,13 +192,13 @@ class Window:
             closing = getattr(self.backend, "aclose", None)
             if callable(closing):
                 asyncio.run_coroutine_threadsafe(closing(), self._loop).result(timeout=30)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)
-            self._loop.close()
+            if self._own_loop is not None:
+                self._own_loop.close()
         else:
             with self._wake:
                 self._wake.notify_all()
-            self._thread.join(timeout=30)
+            if self._thread is not None:
+                self._thread.join(timeout=30)
 
 
 class Lane:
@@ -193,5 +213,23 @@ class Lane:
     def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
         return self.window.generate(requests, on_done, self.priority)
 
+    async def agenerate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
+        return await self.window.agenerate(requests, on_done, self.priority)
+
     def close(self) -> None:
         pass
+
+
+class EventLoop:
+    """An asyncio event loop running in a thread of its own, until `close`."""
+
+    def __init__(self, name: str = "intgen-window") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.loop.close()

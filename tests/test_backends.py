@@ -473,3 +473,57 @@ def test_a_window_ask_waits_for_all_its_requests_and_raises_the_first_failure() 
         assert window.generate(asks[1:]) == [[Completion("slow", "stop")], [Completion("fine", "stop")]]
     finally:
         window.close()
+
+
+@pytest.mark.parametrize("streams", [True, False], ids=["streaming", "in-process engine"])
+def test_a_window_awaited_on_a_shared_loop_tells_each_answer_on_that_loop(streams: bool) -> None:
+    """The driver's chunks await a window on the loop it shares (no thread of their own): answers come in order,
+    `on_done` runs on the loop's thread (not an in-process engine's), and a failure is raised once the others
+    are answered."""
+    import asyncio
+    import threading
+
+    from intgen.backends.base import Completion
+    from intgen.window import EventLoop, Window
+
+    def reply(text: str) -> list[Completion]:
+        if text == "bad":
+            raise ValueError("a bad request")
+        return [Completion(text, "stop")]
+
+    class Streaming:
+        kind, model, supports_continuation, reply_settings, window = "stub", "stub", False, {}, 8
+
+        async def answer(self, request):  # noqa: ANN001, ANN202
+            await asyncio.sleep(0.1 if request.messages[-1][1] == "slow" else 0)
+            return reply(request.messages[-1][1])
+
+    class InProcess:
+        kind, model, supports_continuation, reply_settings = "stub", "stub", False, {}
+
+        def generate(self, requests, on_done=None):  # noqa: ANN001, ANN202
+            return [reply(r.messages[-1][1]) for r in requests]
+
+    events = EventLoop("test-loop")
+    window = Window(Streaming() if streams else InProcess(), loop=events.loop)
+    told: list[tuple[int, str]] = []
+
+    def on_done(index: int, completions: list) -> None:
+        told.append((index, threading.current_thread().name))
+
+    def ask(*texts: str) -> list[list[Completion]]:
+        asks = [make_request([{"role": "user", "content": text}], Sampling()) for text in texts]
+        return asyncio.run_coroutine_threadsafe(window.agenerate(asks, on_done), events.loop).result(timeout=10)
+
+    try:
+        assert ask("slow", "fine") == [[Completion("slow", "stop")], [Completion("fine", "stop")]]
+        assert sorted(told) == [(0, "test-loop"), (1, "test-loop")]
+        if streams:  # an in-process engine's batch fails whole: its requests are one call
+            told.clear()
+            with pytest.raises(ValueError, match="a bad request"):
+                ask("bad", "slow")
+            assert told == [(1, "test-loop")]
+        assert ask() == []
+    finally:
+        window.close()
+        events.close()

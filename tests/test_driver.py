@@ -452,3 +452,47 @@ def test_a_run_whose_verify_parts_predate_the_top_up_columns_still_exports(tmp_p
     after = tables(tmp_path / "run")
     for name in after:
         assert after[name].equals(before[name]), name
+
+
+def test_chained_asks_finish_every_chain_before_a_failure_is_raised(tmp_path: Path) -> None:
+    """A chunk's chains are coroutines side by side: a second turn goes out as soon as its own first turn is
+    answered, and one chain's failure is raised only once the others are done (their calls are paid for)."""
+    import asyncio
+
+    from intgen.backends.base import Completion, Sampling, make_request
+    from intgen.cache import CallCache
+    from intgen.calls import CallStats
+    from intgen.parts import Answerer, Grader
+    from intgen.stages import Chained
+    from intgen.window import EventLoop, Window
+
+    sent: list[str] = []
+
+    class Streaming:
+        kind, model, supports_continuation, reply_settings, window = "stub", "stub", False, {}, 8
+
+        async def answer(self, request):  # noqa: ANN001, ANN202
+            text = request.messages[-1][1]
+            sent.append(text)
+            await asyncio.sleep(0.2 if text == "slow" else 0)
+            if text == "bad second":
+                raise ValueError("a bad request")
+            return [Completion(text, "stop")]
+
+    def ask(text: str) -> object:
+        return make_request([{"role": "user", "content": text}], Sampling())
+
+    chains = Chained([ask("bad"), ask("slow")], lambda k, first: [ask(first[0].text + " second")])
+    events, cache = EventLoop("test-loop"), CallCache(tmp_path / "cache.sqlite")
+    window = Window(Streaming(), loop=events.loop)
+    execute = Answerer(None, window.lane((0,)), Grader(), CallStats(), cache=cache)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(ValueError, match="a bad request"):
+            asyncio.run_coroutine_threadsafe(execute(chains), events.loop).result(timeout=10)
+        # the fast chain's second turn went out before the slow chain's first was answered; the slow chain ran on
+        assert sent == ["bad", "slow", "bad second", "slow second"]
+        assert execute.stats.requests_sent == 4
+    finally:
+        window.close()
+        events.close()
+        cache.close()

@@ -11,7 +11,7 @@ cache, atomic writes, the manifest, progress. A stage can be tested alone by dri
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +113,16 @@ def drive(compute: Compute, answer: Callable[[Ask], Answer]) -> dict[str, Rows]:
         ask = next(compute)
         while True:
             ask = compute.send(answer(ask))
+    except StopIteration as done:
+        return done.value
+
+
+async def adrive(compute: Compute, answer: Callable[[Ask], Awaitable[Answer]]) -> dict[str, Rows]:
+    """`drive` on an event loop: each ask answered by awaiting `answer(ask)`."""
+    try:
+        ask = next(compute)
+        while True:
+            ask = compute.send(await answer(ask))
     except StopIteration as done:
         return done.value
 
