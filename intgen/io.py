@@ -400,7 +400,8 @@ def read_problems(
             duplicates += given is None or not _another_attempt(rows[pid], record, given, where, first_at[pid])
         elif limit is None or len(rows) < limit:
             rows[record["problem_id"]] = record | ({GIVEN_ATTEMPTS: [given]} if given else {})
-            first_at[record["problem_id"]] = where
+            if attempts:  # (only there: a map of every problem costs ~100 bytes each while loading)
+                first_at[record["problem_id"]] = where
         elif given is None:
             break  # with attempts, the rest of the file may hold more attempts at the problems kept
     if not rows:
