@@ -126,7 +126,7 @@ _SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="intgen-spawner")
 
 def _spawn(target: str, memory_limit: int | None) -> _Worker:
     """A worker started from one long-lived thread: Linux's parent-death signal fires when the *thread* that
-    started a process ends, and pools are used from the driver's part threads, which come and go."""
+    started a process ends, and pools are used from the driver's executor threads, which come and go."""
     return _SPAWNER.submit(_Worker, target, memory_limit).result()
 
 
