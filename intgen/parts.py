@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import polars as pl
 
@@ -22,8 +22,7 @@ from intgen.calls import CallStats, arun_requests
 from intgen.grading import DEFAULT_TIMEOUT_S, grade_items
 from intgen.rundir import RunDir
 from intgen.stages import Answer, Ask, Chained, Grading, ModelCalls, Part, Rows, Stage, adrive
-
-T = TypeVar("T")
+from intgen.window import gather_all
 
 
 @dataclass(frozen=True)
@@ -70,8 +69,8 @@ class Answerer:
         if isinstance(ask, Grading):
             grade = functools.partial(self.grade, ask.items, workers=self.grader.workers, timeout=self.grader.timeout)
             verdicts = await asyncio.get_running_loop().run_in_executor(self.blocking, grade)
-            if counted is not None:
-                counted.advance(len(ask.items))
+            if advance is not None:
+                advance(len(ask.items))
             return verdicts
         raise TypeError(f"unknown ask {type(ask).__name__}")
 
@@ -86,15 +85,6 @@ class Answerer:
             return first, (await arun_requests(self.backend, then, self.cache, self.stats, progress)) if then else []
 
         return await gather_all([chain(k) for k in range(len(ask.first))])  # type: ignore[return-value]
-
-
-async def gather_all(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
-    """Every coroutine's result, in order, once all are done; the first failure is raised only then."""
-    results = await asyncio.gather(*coroutines, return_exceptions=True)
-    failed = next((r for r in results if isinstance(r, BaseException)), None)
-    if failed is not None:
-        raise failed
-    return results  # type: ignore[return-value]
 
 
 CHUNK = 16  # problems per chunk: what a stage computes at a time and hands on (a part is written when all its are)

@@ -94,7 +94,7 @@ class PartWorker:
         would leave the server idle at its end. Every part finishes before a failure is raised."""
         import asyncio
 
-        from intgen.parts import gather_all
+        from intgen.window import gather_all
 
         jobs = [self.compute(int(index), json.loads(str(record)))
                 for index, record in zip(batch["index"], batch["record"])]

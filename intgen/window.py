@@ -31,10 +31,13 @@ import asyncio
 import heapq
 import itertools
 import threading
+from collections.abc import Coroutine
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 from intgen.backends.base import Backend, Completion, OnDone, Request
+
+T = TypeVar("T")
 
 SYNC_BATCH = 1024  # at most this many samples in one batch to an in-process engine
 
@@ -95,13 +98,7 @@ class Window:
         else:
             answers = [self._awaited(self.submit(request, None, index, priority), on_done, index)
                        for index, request in enumerate(requests)]
-        tasks = [asyncio.ensure_future(answer) for answer in answers]
-        await asyncio.wait(tasks)  # a failed request cancels none of the others: they are paid for, cached as they come
-        failures = [task.exception() for task in tasks]  # each one read, so asyncio logs none as never retrieved
-        first = next((failure for failure in failures if failure is not None), None)
-        if first is not None:
-            raise first
-        return [task.result() for task in tasks]
+        return await gather_all(answers)  # a failed request cancels none of the others: they are paid for, cached
 
     @staticmethod
     async def _awaited(future: Future[list[Completion]], on_done: OnDone | None, index: int) -> list[Completion]:
@@ -202,7 +199,8 @@ class Window:
 
 
 class Lane:
-    """One part's view of a window: the backend protocol, its requests sent at the part's priority."""
+    """One chunk's view of a window: `agenerate` (what `calls.arun_requests` awaits), its requests sent at the
+    chunk's priority."""
 
     def __init__(self, window: Window, priority: tuple[int, ...]) -> None:
         self.window, self.priority = window, priority
@@ -210,14 +208,21 @@ class Lane:
         self.supports_continuation, self.token_counts = window.supports_continuation, window.token_counts
         self.reply_settings = window.reply_settings
 
-    def generate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
-        return self.window.generate(requests, on_done, self.priority)
-
     async def agenerate(self, requests: list[Request], on_done: OnDone | None = None) -> list[list[Completion]]:
         return await self.window.agenerate(requests, on_done, self.priority)
 
     def close(self) -> None:
         pass
+
+
+async def gather_all(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every coroutine's result, in order, once all are done; the first failure is raised only then (each one
+    read, so asyncio logs none as never retrieved)."""
+    results = await asyncio.gather(*coroutines, return_exceptions=True)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
+    return results  # type: ignore[return-value]
 
 
 class EventLoop:
