@@ -16,8 +16,9 @@ stage has work.
 For each setting it runs `intgen build-dataset` on `--problems` GSM8K problems (K=4, P=2, M=8, otherwise the
 defaults) and prints, from the engines' own records: the busy share (slot-seconds used / (slots x the time
 from the first request to the last answer), summed over the engines), the wall time against the ideal (all
-slot-seconds packed into the slots), the prefix-cache hit rate (cached prompt tokens / prompt tokens), and the
-share of the first engine's slots in use over each tenth of its time, in all and by kind of request.
+slot-seconds packed into the slots), the prefix-cache hit rate (cached prompt tokens / prompt tokens; then by kind of
+request), each engine's last answer and busy seconds, and the share of the first engine's slots in use over each
+tenth of its time, in all and by kind of request.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Engine:
         self.first: float | None = None
         self.last = 0.0
         self.prompt_tokens = self.cached_tokens = self.sequences = 0
+        self.tokens_by_kind: dict[str, list[int]] = {kind: [0, 0] for kind in LENGTHS}  # [prompt, cached]
 
     def cached_prefix(self, prompt: str) -> int:
         """Tokens of `prompt` its cache holds (whole leading blocks), and the prompt's blocks into the cache."""
@@ -116,7 +118,7 @@ class Engine:
     def stats(self) -> dict:
         return {"busy": self.busy, "first": self.first, "last": self.last, "prompt_tokens": self.prompt_tokens,
                 "cached_tokens": self.cached_tokens, "sequences": self.sequences, "occupancy": self.occupancy(),
-                "by_kind": {kind: self.occupancy(kind=kind) for kind in LENGTHS}}
+                "by_kind": {kind: self.occupancy(kind=kind) for kind in LENGTHS}, "tokens_by_kind": self.tokens_by_kind}
 
 
 async def reply(engine: Engine, script, body: dict) -> dict:
@@ -131,6 +133,8 @@ async def reply(engine: Engine, script, body: dict) -> dict:
     lengths = [drawn_length(kind, f"{prompt}|{body.get('seed')}|{i}", cap) for i in range(len(answer["choices"]))]
     engine.prompt_tokens += prompt_tokens
     engine.cached_tokens += cached
+    engine.tokens_by_kind[kind][0] += prompt_tokens
+    engine.tokens_by_kind[kind][1] += cached
     engine.sequences += len(lengths)
     # each choice is one sequence; the first pays the prefill, the others share its cached prefix
     await asyncio.gather(*(engine.run(prompt_tokens, cached if i == 0 else prompt_tokens, length, kind)
@@ -199,6 +203,10 @@ def measure(args: argparse.Namespace, slots: int, servers: int, problems: Path, 
             "ideal_s": busy / capacity, "command_wall_s": wall,
             "prefix_hit_rate": sum(s["cached_tokens"] for s in stats) / max(1, sum(s["prompt_tokens"] for s in stats)),
             "sequences": sum(s["sequences"] for s in stats), "kept": kept,
+            "hits_by_kind": {kind: (sum(s["tokens_by_kind"][kind][1] for s in stats),
+                                    sum(s["tokens_by_kind"][kind][0] for s in stats)) for kind in LENGTHS},
+            "ends": [round(s["last"] - first, 1) for s in stats],
+            "busies": [round(s["busy"] / slots, 1) for s in stats],
             "occupancy": stats[0]["occupancy"], "by_kind": stats[0]["by_kind"]}
 
 
@@ -208,7 +216,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=7000.0, help="decode tokens a second, per sequence")
     parser.add_argument("--prefill-rate", type=float, default=200000.0, help="prefill tokens a second, per sequence")
     parser.add_argument("--cache-blocks", type=int, default=200000, help="prefix-cache capacity in 64-token blocks")
-    parser.add_argument("--slots", type=int, nargs="+", default=[128, 256], help="engine slots, one server each")
+    parser.add_argument("--slots", type=int, nargs="*", default=[128, 256], help="engine slots, one server each")
     parser.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4],
                         help="servers side by side (128 slots in all, split among them)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
@@ -238,6 +246,15 @@ def main() -> None:
         print(f"{r['slots']:>6} {r['servers']:>7} {r['settings']:<10} {r['busy_share']:>10.3f} "
               f"{r['engine_wall_s']:>10.1f}s {r['ideal_s']:>6.1f}s {r['prefix_hit_rate']:>11.3f} {r['sequences']:>9} "
               f"{r['kept']:>5}")
+    print("each server's last answer and its slot-seconds over its slots (s, from the first request):")
+    for r in rows:
+        print(f"  {r['slots']}x{r['servers']}: ends {r['ends']}  busy {r['busies']}")
+    print("prefix hits by kind of request (cached / prompt tokens, and the kind's share of all prompt tokens):")
+    for r in rows:
+        total = max(1, sum(prompt for _, prompt in r["hits_by_kind"].values()))
+        shares = (f"{kind} {cached / max(1, prompt):.3f} ({prompt / total:.2f})"
+                  for kind, (cached, prompt) in r["hits_by_kind"].items())
+        print(f"  {r['slots']}x{r['servers']}: " + "  ".join(shares))
     print("slots in use over each tenth of the first server's time (all kinds; then by kind of request):")
     for r in rows:
         kinds = "  ".join(f"{kind} {' '.join(f'{x:.2f}' for x in shares)}" for kind, shares in r["by_kind"].items())

@@ -425,24 +425,41 @@ def test_requests_sharing_a_prefix_go_to_one_server_unless_it_holds_more_than_it
     continuation = make_request([{"role": "user", "content": "Solve: 2+3"},
                                  {"role": "assistant", "content": "First, 2+3 is"}], continue_final=True)
     assert attempt.affinity() == continuation.affinity()  # the problem's prefix
-    home = pool.pick(attempt.affinity())
-    assert all(pool.pick(continuation.affinity()) is home for _ in range(5))
+
+    def pick(key: str | None = None) -> Server:  # a call picked and over
+        server = pool.pick(key)
+        if key is not None:
+            pool.release(key)
+        return server
+
+    home = pick(attempt.affinity())
+    assert all(pick(continuation.affinity()) is home for _ in range(5))
     # keys spread over the servers (rendezvous hashing)
-    spread = Counter(pool.pick(f"problem {i}").url for i in range(2000))
+    spread = Counter(pick(f"problem {i}").url for i in range(2000))
     assert len(spread) == 4 and min(spread.values()) > 350, spread
     # bounded load: a home server holding more than 1.25 times the mean in flight passes the call on
     home.in_flight = 10
-    other = pool.pick(attempt.affinity())
+    other = pick(attempt.affinity())
     assert other is not home
     for server in servers:  # every server as busy: the call goes home
         server.in_flight = 2
-    assert pool.pick(attempt.affinity()) is home
+    assert pick(attempt.affinity()) is home
+    # a key's calls in flight hold it where they went: a burst sharing a prefix is not split by the bound
+    key = "problem burst"
+    first = pool.pick(key)
+    first.in_flight += 4  # over 1.25 times the mean, under 2 times
+    assert pool.pick(key) is first
+    pool.release(key)
+    pool.release(key)  # none of the key in flight: placed afresh, and the loaded server passes it on
+    assert pool.pick(key) is not first
+    pool.release(key)
+    first.in_flight -= 4
     # no key: the fewest in flight; a resting server is passed over
     for server, load in zip(servers, (3, 1, 2, 5)):
         server.in_flight = load
-    assert pool.pick() is servers[1]
+    assert pick() is servers[1]
     pool.failed(servers[1])
-    assert pool.pick() is servers[2] and pool.pick(attempt.affinity()) is not servers[1]
+    assert pick() is servers[2] and pick(attempt.affinity()) is not servers[1]
 
 
 def test_a_window_ask_waits_for_all_its_requests_and_raises_the_first_failure() -> None:

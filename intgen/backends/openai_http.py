@@ -184,17 +184,21 @@ class Server:
 
 class ServerPool:
     """Several servers of one model (8 `vllm serve` processes, or replicas behind no router). A call with an
-    affinity key (requests that share a long prompt prefix share it: `Request.affinity`) goes to the server that
-    key ranks first (rendezvous hashing), unless that server already holds more than its share of the calls in
-    flight (bounded load: at most `1 + slack` times the mean), then to the next in the key's order: so one
-    server's prefix cache serves the prefix, and no server is left idle. A call without a key goes to the server
-    with the fewest in flight. A server whose call fails (a dropped connection, a timeout, a 5xx or 429) rests for
-    `rest_s` (doubling while it keeps failing, at most `max_rest_s`) and is then tried again. When every server
-    rests, the one back soonest is used."""
+    affinity key (requests that share a long prompt prefix share it: `Request.affinity`) goes where the key's
+    other calls in flight went (a problem's critiques, sent together, share one server's cache of its first turn),
+    unless that server holds more than `1 + sticky_slack` times the mean in flight; a key with none in flight goes
+    to the server it ranks first (rendezvous hashing), unless that server holds more than `1 + slack` times the
+    mean (bounded load), then to the next in the key's order: so one server's prefix cache serves the prefix, and
+    no server is left idle. Load counts samples (a request for n holds n of a server's sequences). A call without
+    a key goes to the server with the fewest in flight. A server whose call fails (a dropped connection, a
+    timeout, a 5xx or 429) rests for `rest_s` (doubling while it keeps failing, at most `max_rest_s`) and is then
+    tried again. When every server rests, the one back soonest is used."""
 
     def __init__(self, servers: list[Server], rest_s: float = 5.0, max_rest_s: float = 120.0,
-                 slack: float = 0.25) -> None:
+                 slack: float = 0.25, sticky_slack: float = 1.0) -> None:
         self.servers, self.rest_s, self.max_rest_s, self.slack = servers, rest_s, max_rest_s, slack
+        self.sticky_slack = sticky_slack
+        self.placed: dict[str, tuple[Server, int]] = {}  # key -> its server and its calls in flight there
 
     def pick(self, key: str | None = None) -> Server:
         now = time.monotonic()
@@ -203,10 +207,25 @@ class ServerPool:
             return min(self.servers, key=lambda s: s.resting_until)
         if key is None or len(ready) == 1:
             return min(ready, key=lambda s: s.in_flight)
-        bound = math.ceil((1 + self.slack) * (sum(s.in_flight for s in ready) + 1) / len(ready))
-        ranked = sorted(ready, key=lambda s: hashlib.blake2b(f"{key}|{s.url}".encode(), digest_size=8).digest(),
-                        reverse=True)
-        return next(s for s in ranked if s.in_flight < bound)
+        mean = (sum(s.in_flight for s in ready) + 1) / len(ready)
+        server, calls = self.placed.get(key, (None, 0))
+        if server is None or server.resting_until > now or server.in_flight >= (1 + self.sticky_slack) * mean:
+            bound = math.ceil((1 + self.slack) * mean)
+            ranked = sorted(ready, key=lambda s: hashlib.blake2b(f"{key}|{s.url}".encode(), digest_size=8).digest(),
+                            reverse=True)
+            server = next(s for s in ranked if s.in_flight < bound)
+        self.placed[key] = (server, calls + 1)
+        return server
+
+    def release(self, key: str) -> None:
+        """One call of `key` is over."""
+        server, calls = self.placed.get(key, (None, 0))
+        if server is None:  # picked with no choice to make (one server ready)
+            return
+        if calls > 1:
+            self.placed[key] = (server, calls - 1)
+        else:
+            del self.placed[key]
 
     def failed(self, server: Server) -> None:
         server.failures += 1
@@ -375,8 +394,9 @@ class OpenAIBackend:
 
     async def _call_one(self, pool: ServerPool, request: Request) -> list[Completion]:
         """One try, on the server the pool picks for the request's prompt prefix."""
-        server = pool.pick(request.affinity())
-        server.in_flight += 1
+        key = request.affinity()
+        server = pool.pick(key)
+        server.in_flight += request.n  # samples: what the server decodes
         try:
             completions = await self._watched(server, request)
         except BaseException as exc:
@@ -384,7 +404,8 @@ class OpenAIBackend:
                 pool.failed(server)
             raise
         finally:
-            server.in_flight -= 1
+            server.in_flight -= request.n
+            pool.release(key)
         pool.succeeded(server)
         return completions
 
