@@ -201,6 +201,13 @@ class ServerPool:
         self.placed: dict[str, tuple[Server, int]] = {}  # key -> its server and its calls in flight there
 
     def pick(self, key: str | None = None) -> Server:
+        """The server for one call; a call picked with a key is `release`d when it is over."""
+        server = self._choose(key)
+        if key is not None:
+            self.placed[key] = (server, self.placed.get(key, (server, 0))[1] + 1)
+        return server
+
+    def _choose(self, key: str | None) -> Server:
         now = time.monotonic()
         ready = [s for s in self.servers if s.resting_until <= now]
         if not ready:
@@ -208,20 +215,17 @@ class ServerPool:
         if key is None or len(ready) == 1:
             return min(ready, key=lambda s: s.in_flight)
         mean = (sum(s.in_flight for s in ready) + 1) / len(ready)
-        server, calls = self.placed.get(key, (None, 0))
-        if server is None or server.resting_until > now or server.in_flight >= (1 + self.sticky_slack) * mean:
-            bound = math.ceil((1 + self.slack) * mean)
-            ranked = sorted(ready, key=lambda s: hashlib.blake2b(f"{key}|{s.url}".encode(), digest_size=8).digest(),
-                            reverse=True)
-            server = next(s for s in ranked if s.in_flight < bound)
-        self.placed[key] = (server, calls + 1)
-        return server
+        held = self.placed.get(key, (None, 0))[0]  # where the key's calls in flight went
+        if held is not None and held.resting_until <= now and held.in_flight < (1 + self.sticky_slack) * mean:
+            return held
+        bound = math.ceil((1 + self.slack) * mean)
+        ranked = sorted(ready, key=lambda s: hashlib.blake2b(f"{key}|{s.url}".encode(), digest_size=8).digest(),
+                        reverse=True)
+        return next(s for s in ranked if s.in_flight < bound)
 
     def release(self, key: str) -> None:
         """One call of `key` is over."""
-        server, calls = self.placed.get(key, (None, 0))
-        if server is None:  # picked with no choice to make (one server ready)
-            return
+        server, calls = self.placed[key]
         if calls > 1:
             self.placed[key] = (server, calls - 1)
         else:
