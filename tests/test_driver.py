@@ -402,11 +402,11 @@ def test_the_preference_and_prm_configs_load_and_follow_their_definitions(tmp_pa
     for pair in pairs:
         row = by_id[pair["proposal_id"]]
         steps = steps_at(attempts[row["attempt_id"]], row["step_ends"])
-        before, wrong = "".join(steps[: row["error_step"] - 1]), steps[row["error_step"] - 1]
+        before, wrong = "".join(steps[: row["error_step"] - 1]), steps[row["error_step"] - 1].rstrip()
         assert [m["role"] for m in pair["prompt"]][-2:] == ["user", "assistant"]
         assert pair["prompt"][-1]["content"] == before == pair["initial_reason_steps"]
         assert pair["chosen"] == [{"role": "assistant", "content": row["intervention"].strip()}]
-        assert pair["rejected"] == [{"role": "assistant", "content": wrong}]
+        assert pair["rejected"] == [{"role": "assistant", "content": wrong}] and wrong and not wrong[-1].isspace()
         assert pair["full_chosen"] == before + row["intervention"].strip() and pair["full_rejected"] == before + wrong
         assert (pair["chosen_successes"], pair["rejected_successes"]) == (row["successes"], row["baseline_successes"])
         assert pair["chosen_success_rate"] == row["success_rate"]

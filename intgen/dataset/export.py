@@ -32,7 +32,7 @@ from intgen.plan import MODEL_STAGES, STAGE_NAMES, STAGES
 from intgen.resources import Prompt
 from intgen.rundir import RunDir, file_digest
 from intgen.stages.sample import solve_messages
-from intgen.stages.verify import LIFT_COLUMNS, VERIFY_SCHEMA, Condition, continuation_prefix, intervened_text
+from intgen.stages.verify import LIFT_COLUMNS, VERIFY_SCHEMA, intervened_text
 from intgen.steps import join_steps, steps_at
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def step_tables(interventions: pl.LazyFrame, problems: pl.LazyFrame, samples: pl
         if row["lift"] is None or row["lift"] <= 0:  # no original-step baseline, or not beaten
             continue
         messages = solve_messages(row["problem"], solve.text, system_prompt)
-        wrong = steps[error - 1]
+        wrong = steps[error - 1].rstrip()  # without the separator the next step followed: chosen has none either
         # both arms' continuations that decided the pair (with --top-up, the first M and the N more), so that
         # lift and lift_p follow from the row's own counts
         chosen = (row["successes"] + (row["top_up_successes"] or 0),
@@ -136,7 +136,7 @@ def step_tables(interventions: pl.LazyFrame, problems: pl.LazyFrame, samples: pl
             "rejected": [{"role": "assistant", "content": wrong}],
             "initial_reason_steps": before,
             "full_chosen": intervened_text(steps, error, row["intervention"]),
-            "full_rejected": continuation_prefix(steps, error, row["intervention"], Condition.original_step),
+            "full_rejected": before + wrong,
             "answer": row["answer"], "problem_id": row["problem_id"], "attempt_id": row["attempt_id"],
             "proposal_id": row["proposal_id"], "error_step": error,
             "chosen_successes": chosen[0], "chosen_continuations": chosen[1],
