@@ -1,6 +1,6 @@
 """How busy intgen keeps a GPU server: the pipeline against simulated continuous-batching engines.
 
-    python bench/engine.py [--problems 256] [--rate 7000] [--slots 128 256] [--servers 1 2 4]
+    python bench/engine.py [--problems 256] [--rate 7000] [--slots 128 256] [--servers 1 2 4] [--build-args "..."]
 
 Each engine is its own process behind the OpenAI API on 127.0.0.1, as vLLM or SGLang would be: it decodes up to
 `slots` sequences at once (one per choice of a request); a sequence holds its slot for its prefill (the prompt
@@ -15,10 +15,12 @@ stage has work.
 
 For each setting it runs `intgen build-dataset` on `--problems` GSM8K problems (K=4, P=2, M=8, otherwise the
 defaults) and prints, from the engines' own records: the busy share (slot-seconds used / (slots x the time
-from the first request to the last answer), summed over the engines), the wall time against the ideal (all
-slot-seconds packed into the slots), the prefix-cache hit rate (cached prompt tokens / prompt tokens; then by kind of
-request), each engine's last answer and busy seconds, and the share of the first engine's slots in use over each
-tenth of its time, in all and by kind of request.
+from the first request to the last answer), summed over the engines); the packed share (the same sequences packed
+into the slots with no gap, each taking the next free slot in the order they started: no client delay, no stage
+waiting on another, only the final drain that a scheduler not knowing lengths in advance is left with); the wall
+time against the ideal (all slot-seconds packed into the slots), the prefix-cache hit rate (cached prompt tokens /
+prompt tokens; then by kind of request), each engine's last answer and busy seconds, and the share of the first
+engine's slots in use over each tenth of its time, in all and by kind of request.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import heapq
 import json
 import math
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -115,9 +119,18 @@ class Engine:
                 used[b] += max(0.0, min(end, high) - max(start, low))
         return [round(u / (width * self.size), 2) for u in used]
 
+    def packed_span(self) -> float:
+        """The time its sequences would take packed into the slots with no gap, each taken as a slot frees in the
+        order they started: what a scheduler that cannot know lengths in advance reaches on the same work."""
+        ends = [0.0] * self.size
+        for start, end, _ in sorted(self.spans):
+            heapq.heappush(ends, heapq.heappop(ends) + (end - start))
+        return max(ends)
+
     def stats(self) -> dict:
-        return {"busy": self.busy, "first": self.first, "last": self.last, "prompt_tokens": self.prompt_tokens,
-                "cached_tokens": self.cached_tokens, "sequences": self.sequences, "occupancy": self.occupancy(),
+        return {"packed_span": self.packed_span(), "busy": self.busy, "first": self.first, "last": self.last,
+                "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens, "sequences": self.sequences,
+                "occupancy": self.occupancy(),
                 "by_kind": {kind: self.occupancy(kind=kind) for kind in LENGTHS}, "tokens_by_kind": self.tokens_by_kind}
 
 
@@ -200,6 +213,7 @@ def measure(args: argparse.Namespace, slots: int, servers: int, problems: Path, 
     capacity = slots * servers
     return {"slots": slots, "servers": servers, "settings": " ".join(extra) or "defaults",
             "busy_share": busy / (capacity * (last - first)), "engine_wall_s": last - first,
+            "packed_share": busy / (capacity * max(s["packed_span"] for s in stats)),
             "ideal_s": busy / capacity, "command_wall_s": wall,
             "prefix_hit_rate": sum(s["cached_tokens"] for s in stats) / max(1, sum(s["prompt_tokens"] for s in stats)),
             "sequences": sum(s["sequences"] for s in stats), "kept": kept,
@@ -219,6 +233,8 @@ def main() -> None:
     parser.add_argument("--slots", type=int, nargs="*", default=[128, 256], help="engine slots, one server each")
     parser.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4],
                         help="servers side by side (128 slots in all, split among them)")
+    parser.add_argument("--build-args", default="", help="more options for every build-dataset run, e.g. "
+                        "'--concurrency 64' (a window of twice the slots of four 32-slot servers)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--engine-slots", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--problem-file", help=argparse.SUPPRESS)
@@ -233,19 +249,20 @@ def main() -> None:
         problems = folder / "gsm8k.jsonl"
         lines = (REPO / "intgen/evalsets/gsm8k/test.jsonl").read_text(encoding="utf-8").splitlines()
         problems.write_text("\n".join(lines[: args.problems]) + "\n", encoding="utf-8")
+        extra = shlex.split(args.build_args)
         for slots in args.slots:
-            rows.append(measure(args, slots, 1, problems, folder, []))
+            rows.append(measure(args, slots, 1, problems, folder, extra))
         for servers in args.servers:
             if servers > 1:
-                rows.append(measure(args, 128 // servers, servers, problems, folder, []))
+                rows.append(measure(args, 128 // servers, servers, problems, folder, extra))
     print(f"{args.problems} GSM8K problems, K=4 P=2 M=8, decode {args.rate:.0f} tokens/s per sequence")
-    print(f"{'slots':>6} {'servers':>7} {'settings':<10} {'busy share':>10} {'engine wall':>11} {'ideal':>7} "
-          f"{'prefix hits':>11} {'sequences':>9} {'kept':>5}")
+    print(f"{'slots':>6} {'servers':>7} {'settings':<10} {'busy share':>10} {'packed':>6} {'engine wall':>11} "
+          f"{'ideal':>7} {'prefix hits':>11} {'sequences':>9} {'kept':>5}")
     for r in rows:
         # three decimals: the acceptance is a threshold (busy >= 0.95; hits within 10% of one server's)
         print(f"{r['slots']:>6} {r['servers']:>7} {r['settings']:<10} {r['busy_share']:>10.3f} "
-              f"{r['engine_wall_s']:>10.1f}s {r['ideal_s']:>6.1f}s {r['prefix_hit_rate']:>11.3f} {r['sequences']:>9} "
-              f"{r['kept']:>5}")
+              f"{r['packed_share']:>6.3f} {r['engine_wall_s']:>10.1f}s {r['ideal_s']:>6.1f}s "
+              f"{r['prefix_hit_rate']:>11.3f} {r['sequences']:>9} {r['kept']:>5}")
     print("each server's last answer and its slot-seconds over its slots (s, from the first request):")
     for r in rows:
         print(f"  {r['slots']}x{r['servers']}: ends {r['ends']}  busy {r['busies']}")
