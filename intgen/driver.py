@@ -88,6 +88,9 @@ def write_input(run: RunDir, table: str, frame: pl.DataFrame, id_column: str, ba
         written = run.part_marker(table, index) is not None
         if not written or not _same_rows(run, table, index, rows):
             changed += written
+            # the old marker goes first: a kill between the file and its new marker must leave none, or the next
+            # run would find the new rows under the old marker's digest, and no stage after it would follow
+            run.marker_path(table, index).unlink(missing_ok=True)
             run.write_part(table, index, rows)
             run.finish_part(table, index, [table], {"failed": {}})
         count += 1

@@ -176,6 +176,36 @@ def test_a_kill_with_chunks_in_flight_resumes_without_paying_twice(tmp_path: Pat
     assert tables(tmp_path / "run")["sft"].equals(tables(tmp_path / "whole")["sft"])
 
 
+def test_a_kill_between_a_corrected_input_part_and_its_marker_is_followed_on_the_rerun(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the answer of example-01 corrected from 12 to 13 (the same size on disk), and the run killed after the
+    # problems part is written but before its marker: the rerun must still regrade against 13
+    problems = tmp_path / "problems.jsonl"
+    lines = EXAMPLE_PROBLEMS.read_text().splitlines(keepends=True)
+    problems.write_text("".join(lines))
+    config = RunConfig(**(CONFIG.to_dict() | {"problems": str(problems)}))
+    build(tmp_path / "run", MemoryBackend(script()), config)
+    assert '"answer": "12"' in lines[0]
+    problems.write_text("".join([lines[0].replace('"answer": "12"', '"answer": "13"')] + lines[1:]))
+    finish_part = RunDir.finish_part
+
+    def killed_before_the_problems_marker(run: RunDir, table: str, *args, **kwargs) -> None:
+        if table == "problems":
+            raise Killed("killed between the problems part and its marker")
+        finish_part(run, table, *args, **kwargs)
+
+    monkeypatch.setattr(RunDir, "finish_part", killed_before_the_problems_marker)
+    with pytest.raises(Killed):
+        build(tmp_path / "run", MemoryBackend(script()), config)
+    monkeypatch.setattr(RunDir, "finish_part", finish_part)
+    build(tmp_path / "run", MemoryBackend(script()), config)
+    build(tmp_path / "fresh", MemoryBackend(script()), config)
+    assert pl.read_parquet(tmp_path / "run" / "problems")["answer"][0] == "13"
+    for name, frame in stage_tables(tmp_path / "fresh").items():  # (the run's attempts came from its cache)
+        assert frame.drop("cached", strict=False).equals(stage_tables(tmp_path / "run")[name].drop(
+            "cached", strict=False)), name
+
+
 def test_a_run_made_with_other_parts_names_the_batch_size_that_goes_on_with_it(tmp_path: Path) -> None:
     build(tmp_path / "run", MemoryBackend(script()))  # parts of 2
     with pytest.raises(StageConfigChanged, match=r"parts hold 2 problems each, not 4: pass --batch-size 2"):
