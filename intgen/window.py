@@ -125,7 +125,13 @@ class Window:
         if self._waiting or self._in_flight + units > self.size:  # wait for room, the smallest priority first
             turn = self._loop.create_future()
             heapq.heappush(self._waiting, (priority, next(self._order), units, turn))
-            await turn
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():  # cancelled once given room it will not use: hand it on
+                    self._in_flight -= units
+                    self._pass_on()
+                raise
         else:
             self._in_flight += units
         try:

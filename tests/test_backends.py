@@ -462,6 +462,33 @@ def test_requests_sharing_a_prefix_go_to_one_server_unless_it_holds_more_than_it
     assert pick() is servers[2] and pick(attempt.affinity()) is not servers[1]
 
 
+@pytest.mark.slow  # servers
+@pytest.mark.parametrize("status", [401, 404])
+def test_a_server_that_refuses_what_the_others_serve_rests_and_its_calls_go_to_them(status: int) -> None:
+    """One replica of several serving another model name (404) or holding another key (401): about itself, not the
+    request. Its calls are retried on the others, so no row fails (prefix affinity would send the same problems to
+    it on every rerun); with that server alone the call fails at once, not retried."""
+    def answer(path: str, body: dict) -> tuple[int, dict]:
+        reply = {"role": "assistant", "content": "So the answer is 12."}
+        return 200, {"choices": [{"index": 0, "message": reply, "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 9, "completion_tokens": 5}}
+
+    refusing = JsonServer(lambda path, body: (status, {"error": {"message": "The model `m` does not exist."}}))
+    serving = JsonServer(answer)
+    requests = [make_request([{"role": "user", "content": f"What is {k} + 12 - {k}?"}], Sampling(max_tokens=8))
+                for k in range(12)]
+    try:
+        pooled = OpenAIBackend("m", base_url=f"{refusing.url}/v1,{serving.url}/v1", backoff_initial_s=0.01)
+        answers = pooled.generate(requests)
+        alone = OpenAIBackend("m", base_url=f"{refusing.url}/v1", backoff_initial_s=0.01).generate(requests[:1])
+    finally:
+        refusing.stop()
+        serving.stop()
+    assert refusing.requests and all(a[0].error is None and a[0].text == "So the answer is 12." for a in answers)
+    assert len(serving.requests) == 12
+    assert alone[0][0].error.startswith(f"http_{status}") and len(refusing.requests) <= 12 + 1
+
+
 def test_a_window_ask_waits_for_all_its_requests_and_raises_the_first_failure() -> None:
     """One hand-off per ask: a failed request is raised only once the others are answered (their answers reach
     `on_done`, where the cache takes them), and an empty ask is answered at once."""
@@ -490,6 +517,37 @@ def test_a_window_ask_waits_for_all_its_requests_and_raises_the_first_failure() 
         assert window.generate(asks[1:]) == [[Completion("slow", "stop")], [Completion("fine", "stop")]]
     finally:
         window.close()
+
+
+def test_a_request_cancelled_once_given_room_hands_the_room_on() -> None:
+    """A waiting request cancelled between being given room and taking it (the room goes to it as another
+    request ends) gives the room back: the window does not shrink for good."""
+    import asyncio
+
+    from intgen.backends.base import Completion
+    from intgen.window import Window
+
+    class Streaming:
+        kind, model, supports_continuation, reply_settings, window = "stub", "stub", False, {}, 1
+
+        async def answer(self, request):  # noqa: ANN001, ANN202
+            await asyncio.sleep(0.01)
+            return [Completion(request.messages[-1][1], "stop")]
+
+    def ask(text: str):  # noqa: ANN202
+        return make_request([{"role": "user", "content": text}], Sampling())
+
+    async def scenario() -> list[list[Completion]]:
+        window = Window(Streaming(), loop=asyncio.get_running_loop())
+        # the first request's answer is told after its room went to the second, before the second took it
+        first = asyncio.ensure_future(window.agenerate([ask("first")], lambda index, completions: second.cancel()))
+        second = asyncio.ensure_future(window.agenerate([ask("second")]))
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        return await asyncio.wait_for(window.agenerate([ask("third")]), timeout=5)
+
+    assert asyncio.run(scenario()) == [[Completion("third", "stop")]]
 
 
 @pytest.mark.parametrize("streams", [True, False], ids=["streaming", "in-process engine"])
@@ -544,3 +602,27 @@ def test_a_window_awaited_on_a_shared_loop_tells_each_answer_on_that_loop(stream
     finally:
         window.close()
         events.close()
+
+
+@pytest.mark.parametrize(("reasons", "expected"), [
+    (["stop", "length"], ["stop", "length"]),
+    (["stop", "abort"], ["error"]),  # an aborted sample: partial text, the request a failed call
+    (["error"], ["error"]),  # vLLM's retryable internal error
+    (["repetition"], ["repetition"]),  # not known: kept, neither finished nor truncated
+])
+def test_vllm_outputs_become_completions_by_their_finish_reason(reasons: list[str], expected: list[str]) -> None:
+    """In-process vLLM's RequestOutput (its fields as vLLM names them) read without vLLM installed."""
+    from types import SimpleNamespace
+
+    from intgen.backends.vllm_engine import _completions
+
+    output = SimpleNamespace(prompt_token_ids=[1, 2, 3], num_cached_tokens=2, outputs=[
+        SimpleNamespace(text=f"partial {k}", finish_reason=reason, token_ids=[7] * (k + 1))
+        for k, reason in enumerate(reasons)])
+    completions = _completions(output)
+    assert [c.finish_reason for c in completions] == expected
+    if expected == ["error"]:
+        assert completions[0].text == "" and completions[0].error
+    else:
+        assert completions[0].prompt_tokens == 3 and completions[0].cached_prompt_tokens == 2
+        assert [c.completion_tokens for c in completions] == list(range(1, len(reasons) + 1))

@@ -152,6 +152,15 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, StatusError) and (exc.status >= 500 or exc.status in (408, 409, 429))
 
 
+# What one server of several says about itself, not about the request (a replica serving another model name, or
+# holding another key): the server rests and the call goes to another. With one server they fail the call at once.
+SERVER_STATUSES = (401, 403, 404)
+
+
+def _server_fault(pool: ServerPool, exc: BaseException) -> bool:
+    return len(pool.servers) > 1 and isinstance(exc, StatusError) and exc.status in SERVER_STATUSES
+
+
 def env_proxy(url: str) -> str | None:
     """The proxy the environment names for a server (HTTP_PROXY/HTTPS_PROXY, unless NO_PROXY covers it), as the
     `openai` client would use. Read once per server: aiohttp's `trust_env` reads it (and ~/.netrc) on every request."""
@@ -394,7 +403,8 @@ class OpenAIBackend:
         return self.max_model_len
 
     async def _try(self, pool: ServerPool, request: Request) -> list[Completion]:
-        return await retrying(lambda: self._call_one(pool, request), _retryable, self.max_tries, self.wait)
+        return await retrying(lambda: self._call_one(pool, request),
+                              lambda exc: _retryable(exc) or _server_fault(pool, exc), self.max_tries, self.wait)
 
     async def _call_one(self, pool: ServerPool, request: Request) -> list[Completion]:
         """One try, on the server the pool picks for the request's prompt prefix."""
@@ -404,7 +414,7 @@ class OpenAIBackend:
         try:
             completions = await self._watched(server, request)
         except BaseException as exc:
-            if _retryable(exc):
+            if _retryable(exc) or _server_fault(pool, exc):
                 pool.failed(server)
             raise
         finally:

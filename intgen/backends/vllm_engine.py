@@ -16,7 +16,7 @@ import itertools
 import threading
 from typing import Any
 
-from intgen.backends.base import LENGTH, STOP, TOO_LONG, Completion, OnDone, Request, error_completion
+from intgen.backends.base import TOO_LONG, Completion, OnDone, Request, error_completion, finish_reason
 from intgen.extras import need
 
 WINDOW = 1024  # samples in flight by default: the engine schedules them itself (its max_num_seqs, its KV cache)
@@ -104,12 +104,17 @@ class VLLMBackend:
 
 
 def _completions(output: Any) -> list[Completion]:
-    """One request's outputs; vLLM counts every sample's tokens itself."""
+    """One request's outputs; vLLM counts every sample's tokens itself. An aborted sample or the engine's own
+    error (vLLM's finish reasons "abort" and "error") leaves partial text: the request is a failed call, never
+    cached, as the HTTP backends take `finish_reason: "error"`; a reason intgen does not know is kept and warned of."""
+    failed = next((o.finish_reason for o in output.outputs if o.finish_reason in ("abort", "error")), None)
+    if failed is not None:
+        return [error_completion(f'engine: finish_reason "{failed}"')]
     prompt_tokens = len(output.prompt_token_ids or [])
     cached = getattr(output, "num_cached_tokens", None) or 0  # served by the engine's prefix cache
     return [
-        Completion(o.text, LENGTH if o.finish_reason == "length" else STOP, prompt_tokens if k == 0 else 0,
-                   len(o.token_ids), cached_prompt_tokens=cached if k == 0 else 0)
+        Completion(o.text, finish_reason(o.finish_reason), prompt_tokens if k == 0 else 0, len(o.token_ids),
+                   cached_prompt_tokens=cached if k == 0 else 0)
         for k, o in enumerate(output.outputs)
     ]
 
