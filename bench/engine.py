@@ -14,13 +14,15 @@ at a known step, proposals that name it, continuations that reach the answer aft
 stage has work.
 
 For each setting it runs `intgen build-dataset` on `--problems` GSM8K problems (K=4, P=2, M=8, otherwise the
-defaults) and prints, from the engines' own records: the busy share (slot-seconds used / (slots x the time
-from the first request to the last answer), summed over the engines); the packed share (the same sequences packed
-into the slots with no gap, each taking the next free slot in the order they started: no client delay, no stage
-waiting on another, only the final drain that a scheduler not knowing lengths in advance is left with); the wall
-time against the ideal (all slot-seconds packed into the slots), the prefix-cache hit rate (cached prompt tokens /
-prompt tokens; then by kind of request), each engine's last answer and busy seconds, and the share of the first
-engine's slots in use over each tenth of its time, in all and by kind of request.
+defaults) and prints, from the engines' own records: the busy share (the sequences' work in slot-seconds, their
+prefill and decode time, / (slots x the time from the first request to the last answer), summed over the engines;
+the engine's own wake-up lag lengthens that time and is never counted as work, so the share errs low); the packed
+share (the same sequences packed into the slots with no gap, each taking the next free slot in the order they
+started: no client delay, no stage waiting on another, only the final drain that a scheduler not knowing lengths in
+advance is left with); the wall time against the ideal (all slot-seconds packed into the slots), the prefix-cache
+hit rate (cached prompt tokens / prompt tokens; then by kind of request), each engine's last answer and busy
+seconds, and the share of the first engine's slots in use over each tenth of its time, in all and by kind of
+request.
 """
 
 from __future__ import annotations
@@ -69,9 +71,10 @@ class Engine:
         self.slots = asyncio.Semaphore(slots)
         self.rate, self.prefill_rate, self.cache_blocks = rate, prefill_rate, cache_blocks
         self.cache: OrderedDict[str, None] = OrderedDict()
-        self.busy = 0.0  # slot-seconds
+        self.busy = 0.0  # slot-seconds of work: each sequence's own prefill and decode time, not the time its sleep
+        # took (the loop's wake-up lag would count as busy; a sequence that ends late makes the span longer instead)
         self.size = slots
-        self.spans: list[tuple[float, float, str]] = []  # (start, end, kind) of every sequence
+        self.spans: list[tuple[float, float, str, float]] = []  # (start, end, kind, work) of every sequence
         self.first: float | None = None
         self.last = 0.0
         self.prompt_tokens = self.cached_tokens = self.sequences = 0
@@ -98,10 +101,11 @@ class Engine:
         async with self.slots:
             started = time.monotonic()
             self.first = started if self.first is None else self.first
-            await asyncio.sleep((prompt_tokens - cached) / self.prefill_rate + completion / self.rate)
+            work = (prompt_tokens - cached) / self.prefill_rate + completion / self.rate
+            await asyncio.sleep(work)
             ended = time.monotonic()
-            self.busy += ended - started
-            self.spans.append((started, ended, kind))
+            self.busy += work
+            self.spans.append((started, ended, kind, work))
             self.last = max(self.last, ended)
 
     def occupancy(self, buckets: int = 10, kind: str | None = None) -> list[float]:
@@ -111,7 +115,7 @@ class Engine:
             return []
         width = (self.last - self.first) / buckets
         used = [0.0] * buckets
-        for start, end, of in self.spans:
+        for start, end, of, _ in self.spans:
             if kind is not None and of != kind:
                 continue
             for b in range(int((start - self.first) / width), min(buckets, int((end - self.first) / width) + 1)):
@@ -123,12 +127,13 @@ class Engine:
         """The time its sequences would take packed into the slots with no gap, each taken as a slot frees in the
         order they started: what a scheduler that cannot know lengths in advance reaches on the same work."""
         ends = [0.0] * self.size
-        for start, end, _ in sorted(self.spans):
-            heapq.heappush(ends, heapq.heappop(ends) + (end - start))
+        for _, _, _, work in sorted(self.spans):
+            heapq.heappush(ends, heapq.heappop(ends) + work)
         return max(ends)
 
     def stats(self) -> dict:
         return {"packed_span": self.packed_span(), "busy": self.busy, "first": self.first, "last": self.last,
+                "held": sum(end - start for start, end, _, _ in self.spans),
                 "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens, "sequences": self.sequences,
                 "occupancy": self.occupancy(),
                 "by_kind": {kind: self.occupancy(kind=kind) for kind in LENGTHS}, "tokens_by_kind": self.tokens_by_kind}
@@ -221,6 +226,7 @@ def measure(args: argparse.Namespace, slots: int, servers: int, problems: Path, 
                                     sum(s["tokens_by_kind"][kind][0] for s in stats)) for kind in LENGTHS},
             "ends": [round(s["last"] - first, 1) for s in stats],
             "busies": [round(s["busy"] / slots, 1) for s in stats],
+            "lag": sum(s["held"] for s in stats) / max(busy, 1e-9),  # slot time held per second of work
             "occupancy": stats[0]["occupancy"], "by_kind": stats[0]["by_kind"]}
 
 
@@ -265,7 +271,8 @@ def main() -> None:
               f"{r['prefix_hit_rate']:>11.3f} {r['sequences']:>9} {r['kept']:>5}")
     print("each server's last answer and its slot-seconds over its slots (s, from the first request):")
     for r in rows:
-        print(f"  {r['slots']}x{r['servers']}: ends {r['ends']}  busy {r['busies']}")
+        print(f"  {r['slots']}x{r['servers']}: ends {r['ends']}  busy {r['busies']}  slot time held per second of "
+              f"work {r['lag']:.4f} (the engine's own wake-up lag)")
     print("prefix hits by kind of request (cached / prompt tokens, and the kind's share of all prompt tokens):")
     for r in rows:
         total = max(1, sum(prompt for _, prompt in r["hits_by_kind"].values()))
