@@ -146,19 +146,16 @@ def choice_text(choice: dict[str, Any], completions: bool) -> tuple[str, Any]:
     return content, finish
 
 
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, (*CONNECTION_ERRORS, BadReply)):
-        return True
-    return isinstance(exc, StatusError) and (exc.status >= 500 or exc.status in (408, 409, 429))
-
-
 # What one server of several says about itself, not about the request (a replica serving another model name, or
 # holding another key): the server rests and the call goes to another. With one server they fail the call at once.
 SERVER_STATUSES = (401, 403, 404)
 
 
-def _server_fault(pool: ServerPool, exc: BaseException) -> bool:
-    return len(pool.servers) > 1 and isinstance(exc, StatusError) and exc.status in SERVER_STATUSES
+def _retryable(exc: BaseException, servers: int) -> bool:
+    if isinstance(exc, (*CONNECTION_ERRORS, BadReply)):
+        return True
+    return isinstance(exc, StatusError) and (exc.status >= 500 or exc.status in (408, 409, 429)
+                                             or (servers > 1 and exc.status in SERVER_STATUSES))
 
 
 def env_proxy(url: str) -> str | None:
@@ -404,7 +401,7 @@ class OpenAIBackend:
 
     async def _try(self, pool: ServerPool, request: Request) -> list[Completion]:
         return await retrying(lambda: self._call_one(pool, request),
-                              lambda exc: _retryable(exc) or _server_fault(pool, exc), self.max_tries, self.wait)
+                              lambda exc: _retryable(exc, len(pool.servers)), self.max_tries, self.wait)
 
     async def _call_one(self, pool: ServerPool, request: Request) -> list[Completion]:
         """One try, on the server the pool picks for the request's prompt prefix."""
@@ -414,7 +411,7 @@ class OpenAIBackend:
         try:
             completions = await self._watched(server, request)
         except BaseException as exc:
-            if _retryable(exc) or _server_fault(pool, exc):
+            if _retryable(exc, len(pool.servers)):
                 pool.failed(server)
             raise
         finally:
